@@ -1,0 +1,69 @@
+"""Where Ray comes from: an embedded local instance, or an existing cluster."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import ray
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this job (unreachable, too small)."""
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    embedded: bool  # we started it, so we stop it
+    address: str
+    total_cpus: float
+    start_s: float  # seconds spent starting or joining Ray
+
+    def shutdown(self) -> None:
+        if ray.is_initialized() and self.embedded:
+            ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an address nothing listens on; Ray itself retries for minutes."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ClusterError(f"address={address!r}: expected HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"address={address!r}: cannot connect within {timeout_s:.0f} s ({e.strerror or e})") from None
+
+
+def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool = False) -> Runtime:
+    """Join ``address``, reuse a Ray already initialised in this process, or
+    start an embedded instance with this machine's CPUs."""
+    t0 = time.perf_counter()
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    # Ray would otherwise warn on every start about things users cannot act on.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if ray.is_initialized():
+        embedded = False
+    elif address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as e:  # ConnectionError, TimeoutError, RuntimeError, ...
+            raise ClusterError(f"address={address!r}: cannot join the Ray cluster ({type(e).__name__}: {e})") from None
+        embedded = False
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **quiet)
+        embedded = True
+    return Runtime(
+        embedded=embedded,
+        address=ray.get_runtime_context().gcs_address,
+        total_cpus=float(ray.cluster_resources().get("CPU", 0)),
+        start_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,230 @@
+"""JobSpec: one validated, keyword-only description of a job.
+
+Everything that can be checked without starting a process is checked when a
+JobSpec is built, and every error names the field, the value and what is
+allowed, on one line.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from strategies import STRATEGIES, OptimConfig, Strategy
+from workloads import WORKLOADS, Workload
+
+
+class ConfigError(ValueError):
+    """Invalid job input: reported on one line, exit code 2, before any worker starts."""
+
+
+def format_validation_error(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # raised by a model validator: the message names its fields
+            parts.append(prefix + msg)
+            continue
+        field = f"{prefix}{loc}"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown key")
+        elif err["type"] == "missing":
+            parts.append(f"{field}: required")
+        else:
+            parts.append(f"{field}={err['input']!r}: {msg}")
+    return "; ".join(parts)
+
+
+class Component(BaseModel):
+    """A registered name plus its options (``{name: ddp, bucket_mb: 10}``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ClusterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto); none: embedded Ray")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement-group strategy for the workers")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker; default: 1 on a cluster, this machine's CPUs / workers embedded"
+    )
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (NCCL when > 0)")
+    dashboard: bool = Field(False, description="start Ray's dashboard with an embedded instance")
+    collective_timeout_s: float = Field(300, gt=0, description="torch.distributed process-group timeout")
+    placement_timeout_s: float = Field(60, gt=0, description="how long to wait for the workers to be placed")
+
+
+_TOP_KEYS = (
+    "workload", "strategy", "workers", "steps", "batch_size", "grad_accum", "seed",
+    "storage", "run_id", "optim", "cluster", "scenario",
+)
+
+
+class JobSpec(BaseModel):
+    """A training job. ``workload`` and ``strategy`` take a name or ``{name, **options}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload: Component = Field(description="registered workload name and its options")
+    strategy: Component = Field(description="registered strategy name and its options")
+    workers: int = Field(1, ge=1, description="ranks, one Ray actor each")
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int | None = Field(
+        None, ge=1, description="global samples per step; default: workload micro_batch x workers x grad_accum"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
+    seed: int = Field(0, description="seeds model init and data order")
+    storage: str = Field("./runs", description="folder or fsspec URL under which the run folder is written")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
+    scenario: str = Field("local", description="network scenario (local: no simulated delay)")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(f"invalid job spec: {format_validation_error(e)}") from None
+
+    @field_validator("workload", "strategy", mode="before")
+    @classmethod
+    def _name_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("scenario")
+    @classmethod
+    def _known_scenario(cls, v: str) -> str:
+        if v != "local":
+            raise ValueError(f"unknown scenario {v!r} (available: local)")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "JobSpec":
+        if self.run_id is None:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.run_id = f"{self.workload.name}-{self.strategy.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+        workload = self.build_workload()
+        strategy_cls = STRATEGIES.get(self.strategy.name)
+        self.strategy_options()
+        strategy_cls.check_job(workers=self.workers, workload=workload)
+        per_step = self.workers * self.grad_accum
+        if self.batch_size is not None and self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size}: must be divisible by workers({self.workers}) x "
+                f"grad_accum({self.grad_accum}) = {per_step}"
+            )
+        return self
+
+    # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
+    def build_workload(self) -> Workload:
+        cls = WORKLOADS.get(self.workload.name)
+        try:
+            return cls(**self.workload.options)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, "workload.")) from None
+
+    def strategy_cls(self) -> type[Strategy]:
+        return STRATEGIES.get(self.strategy.name)
+
+    def strategy_options(self) -> BaseModel:
+        try:
+            return self.strategy_cls().Options(**self.strategy.options)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, "strategy.")) from None
+
+    @property
+    def global_batch(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return self.build_workload().micro_batch * self.workers * self.grad_accum
+
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // (self.workers * self.grad_accum)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. strategy.bucket_mb=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_spec(
+    *, config: str | None = None, overrides: list[str] = (), **fields: Any
+) -> JobSpec:
+    """Merge a YAML/TOML file, then ``fields`` (CLI flags; None means unset), then ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if config:
+        data = read_config_file(config)
+    for k, v in fields.items():
+        if v is None:
+            continue
+        if k in ("workload", "strategy") and isinstance(data.get(k), dict):
+            data[k] = {**data[k], "name": v}
+        else:
+            data[k] = v
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            cur = node.get(p)
+            if isinstance(cur, str) and p in ("workload", "strategy"):
+                cur = {"name": cur}
+            if cur is None:
+                cur = {}
+            if not isinstance(cur, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+            node[p] = cur
+            node = cur
+        node[path[-1]] = value
+    for key in ("workload", "strategy"):
+        if key not in data:
+            raise ConfigError(f"invalid job spec: {key}: required (give --{key} NAME or set it in --config)")
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"invalid job spec: {unknown[0]}: unknown key (allowed: {', '.join(_TOP_KEYS)})")
+    return JobSpec(**data)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"--config {path!r}: cannot read ({e.strerror or e})") from None
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(raw.decode())
+        else:
+            data = yaml.safe_load(raw)
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--config {path!r}: malformed ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

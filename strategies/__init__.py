@@ -1,0 +1,7 @@
+"""How one training step is parallelised across ranks, and the strategy registry."""
+from strategies.base import NoOptions, OptimConfig, StepStats, Strategy, StrategyContext
+from strategies.registry import STRATEGIES, register_strategy
+
+from strategies import ddp as _ddp, single as _single  # noqa: F401,E401  (register built-ins)
+
+__all__ = ["NoOptions", "OptimConfig", "STRATEGIES", "StepStats", "Strategy", "StrategyContext", "register_strategy"]

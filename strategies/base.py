@@ -1,0 +1,111 @@
+"""The Strategy protocol: how one training step is parallelised across ranks.
+
+A strategy owns the model replica (or shard), the optimizer and the LR
+schedule on its rank, and turns one step's micro-batches into an update. It
+talks to other ranks only through ``cluster.Comm`` (or torch wrappers whose
+communication is routed through it) and never to Ray.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, ContextManager
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cluster import Comm
+from workloads import Batch, Workload
+
+
+class OptimConfig(BaseModel):
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of lr")
+    schedule: str = Field("cosine", pattern="^(cosine|constant)$", description="cosine | constant after warm-up")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(kw_only=True)
+class StrategyContext:
+    rank: int
+    world: int
+    device: torch.device
+    comm: Comm
+    optim: OptimConfig
+    total_steps: int
+
+
+@dataclass(kw_only=True)
+class StepStats:
+    loss: float  # mean over this rank's samples of the step
+    samples: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def check_job(cls, *, workers: int, workload: Workload) -> None:
+        """Raise ValueError, naming the field, if this strategy cannot run the job."""
+
+    @abstractmethod
+    def setup(self, workload: Workload, ctx: StrategyContext) -> None: ...
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[Batch]) -> StepStats: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def run_micro_batches(
+    model: nn.Module,
+    workload: Workload,
+    micro_batches: list[Batch],
+    *,
+    device: torch.device,
+    no_sync: Callable[[], ContextManager] = nullcontext,
+) -> tuple[float, dict[str, float], float]:
+    """Forward and backward over the micro-batches, gradients averaged over them.
+
+    ``no_sync`` wraps every backward but the last (DDP's accumulation).
+    Returns (mean loss, per-sample-weighted extra metrics, perf_counter when
+    the last backward returned).
+    """
+    n = len(micro_batches)
+    total, extra, samples = 0.0, {}, 0
+    for i, mb in enumerate(micro_batches):
+        mb = tuple(t.to(device, non_blocking=True) for t in mb)
+        with no_sync() if i < n - 1 else nullcontext():
+            out = model(mb[0])
+            loss = workload.loss(out, mb)
+            (loss / n).backward()
+        total += loss.item()
+        k = mb[0].shape[0]
+        samples += k
+        for name, v in workload.step_metrics(out.detach(), mb).items():
+            extra[name] = extra.get(name, 0.0) + v * k
+    return total / n, {k: v / samples for k, v in extra.items()}, time.perf_counter()

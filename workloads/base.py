@@ -1,0 +1,69 @@
+"""The Workload protocol: what every strategy needs from a model and its data.
+
+A workload is a pydantic model: its typed fields are its options (listed by
+``polytrain workloads`` and set with ``--set workload.NAME=VALUE``), its
+methods build what is trained. It is pure description, so the driver can
+validate it before any worker starts and ship it to every rank.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from workloads.data import Batch, SampleSource
+
+
+class Workload(BaseModel, ABC):
+    """Subclass, declare options as typed fields, implement the four methods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    micro_batch: int = Field(8, ge=1, description="samples per rank in one micro-batch")
+    data: str | None = Field(None, description="URL of the Parquet shards; default: generated and cached")
+
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The model as ordered blocks; running them in order is the forward pass.
+
+        Pipeline strategies cut the model between blocks, so each block takes
+        the previous block's output as its only input.
+        """
+
+    @abstractmethod
+    def source(self) -> SampleSource:
+        """Random access to every sample; called on each rank (and once on the
+        driver, to create or check the data before workers start)."""
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean loss of one micro-batch."""
+
+    def model(self) -> nn.Sequential:
+        return nn.Sequential(*self.blocks())
+
+    def step_metrics(self, output: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """Extra per-step metrics (e.g. accuracy); summed over micro-batches
+        by sample count. Default: none."""
+        return {}
+
+    def tokens_per_sample(self) -> int:
+        return 0
+
+    @classmethod
+    def options_table(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) of every option."""
+        return [
+            (n, _type_name(f.annotation), f.default, f.description or "")
+            for n, f in cls.model_fields.items()
+        ]
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -1,0 +1,133 @@
+"""Parquet shards through fsspec, and a resumable, world-size-independent loader.
+
+The sample stream is a property of the data and the seed alone: epoch e visits
+all samples in the order ``permutation(seed, e)``; global step s takes the next
+``global_batch`` samples of it; rank r of world w takes the r-th contiguous
+slice of that global batch. So ranks are disjoint, a 1-rank reference sees the
+same global batch as a w-rank run, and the cursor (epoch, position) is the same
+on every rank and survives a change of world size.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+Batch = tuple[torch.Tensor, ...]
+COMMIT_MARKER = "_COMMITTED"
+
+
+class SampleSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def gather(self, indices: np.ndarray) -> Batch: ...
+
+
+@dataclass
+class DataCursor:
+    epoch: int = 0
+    position: int = 0  # samples of this epoch's permutation already consumed
+
+
+class ShardedLoader:
+    """Yields this rank's slice of each global batch; its cursor is saveable."""
+
+    def __init__(self, source: SampleSource, *, rank: int, world: int, global_batch: int, seed: int):
+        if global_batch % world:
+            raise ValueError(f"global_batch({global_batch}) is not divisible by world({world})")
+        if global_batch > len(source):
+            raise ValueError(f"global_batch({global_batch}) is larger than the dataset ({len(source)} samples)")
+        self.source, self.rank, self.world = source, rank, world
+        self.global_batch, self.seed = global_batch, seed
+        self.cursor = DataCursor()
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(len(self.source)), epoch
+        return self._perm
+
+    def next_global_indices(self) -> np.ndarray:
+        """Advance the cursor by one global batch and return its sample indices."""
+        c = self.cursor
+        if c.position + self.global_batch > len(self.source):  # drop the ragged tail
+            c.epoch, c.position = c.epoch + 1, 0
+        idx = self._permutation(c.epoch)[c.position : c.position + self.global_batch]
+        c.position += self.global_batch
+        return idx
+
+    def next_batch(self) -> Batch:
+        idx = self.next_global_indices()
+        per_rank = self.global_batch // self.world
+        return self.source.gather(idx[self.rank * per_rank : (self.rank + 1) * per_rank])
+
+    def state_dict(self) -> dict:
+        return asdict(self.cursor)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = DataCursor(**state)
+
+
+def split_micro(batch: Batch, n: int) -> list[Batch]:
+    """Split a rank's batch into n equal micro-batches (for accumulation)."""
+    size = batch[0].shape[0]
+    if size % n:
+        raise ValueError(f"batch of {size} samples cannot be split into {n} equal micro-batches")
+    return [tuple(t[i * size // n : (i + 1) * size // n] for t in batch) for i in range(n)]
+
+
+# --- Parquet shards -------------------------------------------------------------------------
+
+
+def is_committed(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(f"{path.rstrip('/')}/{COMMIT_MARKER}")
+
+
+def ensure_shards(url: str, make_tables: Callable[[], list[pa.Table]]) -> str:
+    """Write generated shards to ``url`` unless a committed copy is there.
+
+    Deterministic generators make racing writers harmless; on a local disk the
+    shards are written to a private folder and renamed into place, so a reader
+    never sees half a dataset.
+    """
+    if is_committed(url):
+        return url
+    fs, path = fsspec.core.url_to_fs(url)
+    local = isinstance(fs, LocalFileSystem)
+    target = f"{path.rstrip('/')}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if local else path
+    fs.makedirs(target, exist_ok=True)
+    for i, table in enumerate(make_tables()):
+        with fs.open(f"{target}/part-{i:05d}.parquet", "wb") as f:
+            pq.write_table(table, f)
+    fs.pipe_file(f"{target}/{COMMIT_MARKER}", b"")
+    if local:
+        try:
+            os.rename(target, path)
+        except OSError:  # another process won the race with identical content
+            fs.rm(target, recursive=True)
+    return url
+
+
+def read_column(url: str, column: str) -> pa.ChunkedArray:
+    """Read one column of every Parquet shard under ``url`` (sorted by file name)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data={url!r}: no such file or folder")
+    files = sorted(p for p in (fs.find(path) if fs.isdir(path) else [path]) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"data={url!r}: no .parquet files there")
+    ds = pads.dataset(files, filesystem=fs, format="parquet")
+    if column not in ds.schema.names:
+        raise ValueError(f"data={url!r}: no {column!r} column (columns: {', '.join(ds.schema.names)})")
+    return ds.to_table(columns=[column])[column]
