@@ -8,7 +8,7 @@ validate it before any worker starts and ship it to every rank.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,15 +55,3 @@ class Workload(BaseModel, ABC):
 
     def tokens_per_sample(self) -> int:
         return 0
-
-    @classmethod
-    def options_table(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, description) of every option."""
-        return [
-            (n, _type_name(f.annotation), f.default, f.description or "")
-            for n, f in cls.model_fields.items()
-        ]
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

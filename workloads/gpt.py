@@ -104,7 +104,7 @@ class TokenWindows:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-def generate_corpus(*, seed: int, n_docs: int, n_words: int = 512, successors: int = 6) -> list[bytes]:
+def generate_corpus(*, seed: int, n_docs: int, n_words: int = 128, successors: int = 4) -> list[bytes]:
     """A toy language with real structure: a fixed vocabulary of pronounceable
     words, a sparse Zipf-weighted Markov chain between them, and sentences.
     A byte-level model can learn spelling and word order, so the loss falls far
@@ -149,7 +149,7 @@ class GptTiny(Workload):
     n_docs: int = Field(2048, ge=16, description="documents in the generated corpus")
     data_seed: int = Field(1234, description="seed of the generated corpus")
 
-    corpus_version: ClassVar[int] = 1
+    corpus_version: ClassVar[int] = 2
 
     def model_post_init(self, _context) -> None:
         if self.d_model % self.n_heads:

@@ -1,0 +1,158 @@
+"""run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.metrics import MetricsLog
+from orchestrator.progress import Progress
+from orchestrator.storage import RunFolder
+
+
+class RunFailed(RuntimeError):
+    """The job started but did not finish (exit code 1)."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    url: str
+    steps: int
+    wall_s: float
+    final_loss: float
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return RunFolder.from_url(self.url).read_table("metrics.parquet")
+
+    @property
+    def events(self) -> pd.DataFrame:
+        return RunFolder.from_url(self.url).read_table("events.parquet")
+
+
+def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
+    if spec.cluster.cpus_per_worker:
+        return spec.cluster.cpus_per_worker
+    return min(1.0, total_cpus / spec.workers) if embedded else 1.0
+
+
+def _failure_message(rank: int, err: BaseException) -> str:
+    import ray
+
+    cause = getattr(err, "cause", None)
+    if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
+        return f"rank {rank} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    if isinstance(err, ray.exceptions.RayActorError):
+        return f"rank {rank} failed: its worker process died ({type(err).__name__})"
+    return f"rank {rank} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
+    """Run a job to the end. Raises ConfigError for bad input (before any worker
+    starts) and RunFailed if a worker fails; the run folder keeps what was written."""
+    from cluster import runtime as ray_runtime
+    from cluster.worker_group import WorkerGroup
+
+    t_start = time.perf_counter()
+    if spec.cluster.address:  # fail fast, before anything is written
+        ray_runtime.check_reachable(spec.cluster.address)
+    out = Progress(spec.steps, enabled=progress, stream=stream or sys.stderr)
+    try:
+        t0 = time.perf_counter()
+        n_samples = len(spec.build_workload().source())  # creates or checks the data before any worker
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if spec.global_batch > n_samples:
+        raise ConfigError(f"batch_size={spec.global_batch}: larger than the dataset ({n_samples} samples)")
+    data_s = time.perf_counter() - t0
+    folder = RunFolder(spec.storage, spec.run_id)
+    folder.create(spec.to_yaml())
+    log = MetricsLog(folder, run_id=spec.run_id, workload=spec.workload.name,
+                     strategy=spec.strategy.name, scenario=spec.scenario)
+    log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
+
+    runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard)
+    log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
+    group = None
+    try:
+        cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
+        if not runtime.embedded and spec.workers * cpus > runtime.total_cpus:
+            raise ConfigError(
+                f"workers={spec.workers}: needs {spec.workers * cpus:g} CPUs at cluster.cpus_per_worker={cpus:g}, "
+                f"the cluster has {runtime.total_cpus:g}"
+            )
+        if runtime.embedded and spec.workers > runtime.total_cpus:
+            out.note(f"note: {spec.workers} workers on {runtime.total_cpus:g} CPUs: {cpus:.2g} CPU and 1 thread "
+                     f"each (a simulated cluster on one machine)")
+        group = WorkerGroup(
+            spec.workers, cpus_per_worker=cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
+            placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
+        )
+        group.start()
+        for phase, secs in group.phases.items():
+            log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
+        out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
+                 f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
+        final_loss = _supervise(spec, group, log, out, t_start)
+    except KeyboardInterrupt:
+        log.event("interrupted", detail="Ctrl-C")
+        raise
+    finally:
+        out.close()
+        if group is not None:
+            group.shutdown()
+        runtime.shutdown()
+        log.flush()
+    wall = time.perf_counter() - t_start
+    log.event("finished", seconds=wall)
+    log.flush()
+    return RunResult(run_id=spec.run_id, url=folder.url, steps=spec.steps, wall_s=wall, final_loss=final_loss)
+
+
+def _supervise(spec: JobSpec, group, log: MetricsLog, out: Progress, t_start: float) -> float:
+    """Collect reports until every rank returns; the first failure ends the run."""
+    import ray
+
+    from orchestrator.trainer import train_worker
+
+    pending = dict(zip(group.run_async(train_worker, spec), range(spec.workers)))
+    per_step: dict[int, list[dict]] = {}
+    final_loss = float("nan")
+
+    def absorb(rows: list[dict]) -> None:
+        nonlocal final_loss
+        for row in rows:
+            if "event" in row:
+                log.event("phase:worker_setup", rank=row["rank"], seconds=row["setup_s"],
+                          detail=f"rendezvous {row['rendezvous_s']:.2f}s")
+                continue
+            log.add_row(row)
+            got = per_step.setdefault(row["step"], [])
+            got.append(row)
+            if len(got) == spec.workers:  # every rank finished this step
+                step = row["step"]
+                final_loss = sum(r["loss"] * r["samples"] for r in got) / sum(r["samples"] for r in got)
+                if step == 1:
+                    log.event("phase:first_step", step=1, seconds=time.perf_counter() - t_start)
+                out.update(step, final_loss, sum(r["tokens"] for r in got))
+                del per_step[step]
+
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+        for ref in done:
+            rank = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as e:  # RayTaskError, RayActorError
+                absorb(group.poll())
+                msg = _failure_message(rank, e)
+                log.event("failed", rank=rank, detail=msg)
+                raise RunFailed(msg) from None
+        absorb(group.poll())
+        log.maybe_flush()
+    absorb(group.poll())
+    return final_loss

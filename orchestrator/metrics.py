@@ -1,0 +1,84 @@
+"""Per-(step, rank) metrics and run events, kept on the driver and written as Parquet.
+
+Both files are rewritten whole every few seconds (small: steps x ranks rows),
+each write atomic, so a failure mid-run loses nothing already flushed.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from orchestrator.storage import RunFolder
+
+METRIC_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("workload", pa.string()),
+    ("strategy", pa.string()),
+    ("scenario", pa.string()),
+    ("step", pa.int64()),
+    ("rank", pa.int64()),
+    ("loss", pa.float64()),
+    ("step_time_s", pa.float64()),  # wall time of the step on this rank
+    ("compute_s", pa.float64()),  # step_time_s - idle_s
+    ("comm_s", pa.float64()),  # time collectives were in flight (overlapped or not)
+    ("idle_s", pa.float64()),  # waiting for data, or for communication no compute hid
+    ("bytes_sent", pa.int64()),
+    ("bytes_received", pa.int64()),
+    ("samples", pa.int64()),
+    ("tokens", pa.int64()),
+    ("peak_mem_bytes", pa.int64()),
+    ("wall_time", pa.float64()),  # unix time at the end of the step
+])
+METRIC_COLUMNS = METRIC_SCHEMA.names
+
+EVENT_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("wall_time", pa.float64()),
+    ("kind", pa.string()),
+    ("rank", pa.int64()),  # -1: the driver / the whole group
+    ("step", pa.int64()),
+    ("seconds", pa.float64()),  # duration, for phases
+    ("detail", pa.string()),
+])
+
+
+class MetricsLog:
+    def __init__(self, folder: RunFolder, *, run_id: str, workload: str, strategy: str, scenario: str,
+                 flush_every_s: float = 5.0):
+        self.folder = folder
+        self.const = {"run_id": run_id, "workload": workload, "strategy": strategy, "scenario": scenario}
+        self.rows: list[dict] = []
+        self.events: list[dict] = []
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
+        self._dirty = False
+
+    def add_row(self, row: dict) -> None:
+        self.rows.append({**self.const, **row})
+        self._dirty = True
+
+    def event(self, kind: str, *, rank: int = -1, step: int = -1, seconds: float = float("nan"), detail: str = "") -> None:
+        self.events.append({
+            "run_id": self.const["run_id"], "wall_time": time.time(), "kind": kind,
+            "rank": rank, "step": step, "seconds": seconds, "detail": detail,
+        })
+        self._dirty = True
+
+    def maybe_flush(self) -> None:
+        if self._dirty and time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.folder.write_table("metrics.parquet", self.metrics_table())
+        self.folder.write_table("events.parquet", pa.Table.from_pylist(self.events, schema=EVENT_SCHEMA))
+        self._last_flush, self._dirty = time.monotonic(), False
+
+    def metrics_table(self) -> pa.Table:
+        """Required columns first, typed; strategy or workload extras after them."""
+        extras = sorted({k for r in self.rows for k in r} - set(METRIC_COLUMNS))
+        rows = sorted(self.rows, key=lambda r: (r["step"], r["rank"]))
+        table = pa.Table.from_pylist(rows, schema=METRIC_SCHEMA)
+        for name in extras:
+            table = table.append_column(name, pa.array([r.get(name) for r in rows], type=pa.float64()))
+        return table

@@ -1,0 +1,63 @@
+"""polytrain run end to end on Ray: exit code, run folder, metric rows and columns."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator import JobSpec, run
+from orchestrator.metrics import METRIC_COLUMNS
+
+
+def _check_metrics(df: pd.DataFrame, *, steps: int, workers: int, strategy: str) -> None:
+    assert list(df.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
+    assert len(df) == steps * workers
+    assert sorted(set(zip(df.step, df["rank"]))) == [(s, r) for s in range(1, steps + 1) for r in range(workers)]
+    assert (df.strategy == strategy).all() and (df.scenario == "local").all()
+    assert df.loss.notna().all() and (df.step_time_s > 0).all() and (df.compute_s > 0).all()
+    assert (df.samples == 8).all() and (df.tokens == 8 * 128).all()
+    if workers > 1:  # every gradient all-reduced once per step
+        assert (df.bytes_sent > 0).all() and (df.comm_s > 0).all()
+
+
+def test_python_api_ddp_two_workers(ray_address, tmp_path):
+    spec = JobSpec(workload="gpt-tiny", strategy="ddp", workers=2, steps=3, storage=str(tmp_path))
+    result = run(spec, progress=False)
+    df = result.metrics
+    _check_metrics(df, steps=3, workers=2, strategy="ddp")
+    params = 3_323_392  # gpt-tiny's default shape
+    assert (df.bytes_sent == params * 4).all()  # ring all-reduce at 2 ranks: 2 (n-1)/n x 4 bytes
+    saved = yaml.safe_load(open(os.path.join(result.url, "spec.yaml")))
+    assert JobSpec(**saved) == spec
+    phases = set(result.events.kind)
+    assert {"phase:data", "phase:ray_start", "phase:placement", "phase:actors", "phase:worker_setup",
+            "phase:first_step", "finished"} <= phases
+
+
+def test_memory_storage(ray_address):
+    result = run(JobSpec(workload="gpt-tiny", strategy="single", steps=2, storage="memory://polytrain-e2e"),
+                 progress=False)
+    assert result.url.startswith("memory://")
+    _check_metrics(result.metrics, steps=2, workers=1, strategy="single")
+
+
+def test_cli_joins_a_cluster(ray_address, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--workload", "gpt-tiny", "--strategy", "ddp",
+         "--workers", "2", "--steps", "2", "--storage", str(tmp_path), "--run-id", "cli", "--address", ray_address],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "run folder:" in proc.stdout and "step 2/2" in proc.stderr
+    _check_metrics(pd.read_parquet(tmp_path / "cli" / "metrics.parquet"), steps=2, workers=2, strategy="ddp")
+
+
+def test_too_many_workers_for_the_cluster_is_an_error(ray_address, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    rc = main(["run", "--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "6", "--steps", "1",
+               "--storage", str(tmp_path), "--address", ray_address])
+    assert rc == 2
+    assert "workers=6: needs 6 CPUs at cluster.cpus_per_worker=1, the cluster has 4" in capsys.readouterr().err
