@@ -1,0 +1,102 @@
+"""polytrain's DDP overhead against plain torchrun and Ray Train's TorchTrainer.
+
+The same gpt-tiny DDP job (2 workers, 40 steps, micro-batch 8 per rank, one
+thread per worker) three ways, each launched as a fresh process, as a user
+would. Prints per launcher: median step time (rank 0, steps 6..N so warm-up
+is excluded), time from launch to the end of the first step, total wall time.
+
+    python benchmarks/ddp_overhead.py [--steps 40] [--workers 2] [--repeat 1]
+
+Ray Train needs `pip install "ray[train]"`; it is skipped if it does not import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WARMUP = 5
+
+
+def _run(cmd: list[str], env_extra: dict | None = None) -> float:
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def bench_polytrain(steps: int, workers: int, tmp: str) -> dict:
+    launched = time.time()
+    wall = _run([sys.executable, "-m", "orchestrator.cli", "run", "--workload", "gpt-tiny", "--strategy", "ddp",
+                 "--workers", str(workers), "--steps", str(steps), "--storage", tmp, "--run-id", "bench", "--quiet"])
+    df = pd.read_parquet(os.path.join(tmp, "bench", "metrics.parquet"))
+    r0 = df[df["rank"] == 0].sort_values("step")
+    return {"median_step_s": statistics.median(r0.step_time_s[WARMUP:]),
+            "first_step_s": r0.wall_time.iloc[0] - launched, "wall_s": wall}
+
+
+def _from_json(path: str, wall: float) -> dict:
+    d = json.load(open(path))
+    return {"median_step_s": statistics.median(d["step_times"][WARMUP:]),
+            "first_step_s": d["first_step_wall"] - d["launched"], "wall_s": wall}
+
+
+def bench_torchrun(steps: int, workers: int, tmp: str) -> dict:
+    out = os.path.join(tmp, "torchrun.json")
+    wall = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+                 os.path.join(ROOT, "benchmarks", "_baseline.py"), "--steps", str(steps), "--out", out,
+                 "--launched", repr(time.time())])
+    return _from_json(out, wall)
+
+
+def bench_ray_train(steps: int, workers: int, tmp: str) -> dict | None:
+    try:
+        import ray.train.torch  # noqa: F401
+    except ImportError:
+        return None
+    out = os.path.join(tmp, "raytrain.json")
+    code = (f"from benchmarks._baseline import ray_train_main; import time; "
+            f"ray_train_main({steps}, {out!r}, {time.time()!r}, {workers})")
+    wall = _run([sys.executable, "-c", code], {"RAY_TRAIN_V2_ENABLED": "1"})
+    return _from_json(out, wall)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="runs per launcher; figures are medians over runs")
+    a = p.parse_args()
+    results: dict[str, list[dict]] = {}
+    for _ in range(a.repeat):
+        for name, fn in (("torchrun", bench_torchrun), ("polytrain", bench_polytrain), ("ray-train", bench_ray_train)):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = fn(a.steps, a.workers, tmp)
+            if r:
+                results.setdefault(name, []).append(r)
+    print(f"gpt-tiny ddp, {a.workers} workers, {a.steps} steps, {os.cpu_count()} CPUs, medians of {a.repeat} run(s)")
+    print(f"{'launcher':<10} {'median step s':>14} {'launch->1st step s':>19} {'total wall s':>13}")
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
+    for name, m in med.items():
+        print(f"{name:<10} {m['median_step_s']:>14.4f} {m['first_step_s']:>19.2f} {m['wall_s']:>13.2f}")
+    if "torchrun" in med:
+        t, pt = med["torchrun"], med["polytrain"]
+        print(f"polytrain / torchrun median step: {pt['median_step_s'] / t['median_step_s']:.3f}x (target <= 1.03)")
+        print(f"polytrain - torchrun first step: {pt['first_step_s'] - t['first_step_s']:+.2f} s (target <= 5)")
+    if "ray-train" in med:
+        print(f"polytrain / ray-train first step: {pt['first_step_s'] / med['ray-train']['first_step_s']:.2f}x "
+              f"(target < 0.5)")
+    if "ray-train" not in med:
+        print("ray-train: skipped (pip install 'ray[train]')")
+
+
+if __name__ == "__main__":
+    main()
