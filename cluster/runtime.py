@@ -15,16 +15,24 @@ class ClusterError(RuntimeError):
     """The cluster cannot run this job (unreachable, too small)."""
 
 
+_embedded_here = False  # this process started the local Ray it is connected to
+
+
 @dataclass(kw_only=True)
 class Runtime:
-    embedded: bool  # we started it, so we stop it
+    embedded: bool  # a local Ray started by polytrain: more workers than CPUs is allowed
+    owned: bool  # this Runtime started or joined Ray, so it lets go of it
     address: str
     total_cpus: float
     start_s: float  # seconds spent starting or joining Ray
 
     def shutdown(self) -> None:
-        if ray.is_initialized() and self.embedded:
+        """Stop an embedded Ray, or disconnect from a cluster; a Ray someone else
+        initialised in this process is left alone."""
+        global _embedded_here
+        if self.owned and ray.is_initialized():
             ray.shutdown()
+            _embedded_here = False
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -42,15 +50,22 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"address={address!r}: cannot connect within {timeout_s:.0f} s ({e.strerror or e})") from None
 
 
-def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool = False) -> Runtime:
+def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool = False,
+          py_modules: list[str] = ()) -> Runtime:
     """Join ``address``, reuse a Ray already initialised in this process, or
-    start an embedded instance with this machine's CPUs."""
+    start an embedded instance with this machine's CPUs. ``py_modules`` (local
+    files or package folders) are uploaded for every worker of this job; Ray
+    takes local ones only here, at the job level."""
+    global _embedded_here
     t0 = time.perf_counter()
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    if py_modules:
+        quiet["runtime_env"] = {"py_modules": list(py_modules)}
     # Ray would otherwise warn on every start about things users cannot act on.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if ray.is_initialized():
-        embedded = False
+    owned = not ray.is_initialized()
+    if not owned:
+        embedded = _embedded_here
     elif address:
         check_reachable(address)
         try:
@@ -60,9 +75,10 @@ def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool
         embedded = False
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **quiet)
-        embedded = True
+        embedded = _embedded_here = True
     return Runtime(
         embedded=embedded,
+        owned=owned,
         address=ray.get_runtime_context().gcs_address,
         total_cpus=float(ray.cluster_resources().get("CPU", 0)),
         start_s=time.perf_counter() - t0,

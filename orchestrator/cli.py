@@ -58,11 +58,18 @@ def cmd_workloads() -> int:
 
 def cmd_strategies() -> int:
     from strategies import STRATEGIES
+    from workloads import WORKLOADS
 
+    workloads = {n: WORKLOADS.get(n) for n in WORKLOADS.names()}
     for name in STRATEGIES.names():
         cls = STRATEGIES.get(name)
         print(f"{name:<14} {(cls.__doc__ or '').strip().splitlines()[0]}")
         print(*_options_lines(cls.Options), sep="\n")
+        why_not = {w: cls.unsupported(wcls) for w, wcls in workloads.items()}
+        print(f"      trains: {', '.join(w for w, why in why_not.items() if not why) or '-'}")
+        for w, why in why_not.items():
+            if why:
+                print(f"      not {w}: {why}")
     return EXIT_OK
 
 

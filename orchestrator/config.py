@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from strategies import STRATEGIES, OptimConfig, Strategy
 from workloads import WORKLOADS, Workload
+from workloads.plugins import canonical_ref, is_ref, local_sources
 
 
 class ConfigError(ValueError):
@@ -80,7 +81,8 @@ class JobSpec(BaseModel):
     workers: int = Field(1, ge=1, description="ranks, one Ray actor each")
     steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int | None = Field(
-        None, ge=1, description="global samples per step; default: workload micro_batch x workers x grad_accum"
+        None, ge=1, description="global samples per step; default (resolved when built): "
+        "workload micro_batch x workers x grad_accum"
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
     seed: int = Field(0, description="seeds model init and data order")
@@ -99,7 +101,10 @@ class JobSpec(BaseModel):
     @field_validator("workload", "strategy", mode="before")
     @classmethod
     def _name_shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+        v = {"name": v} if isinstance(v, str) else v
+        if isinstance(v, dict) and isinstance(v.get("name"), str):
+            v = {**v, "name": canonical_ref(v["name"])}  # a relative file path works from any cwd
+        return v
 
     @field_validator("scenario")
     @classmethod
@@ -118,7 +123,9 @@ class JobSpec(BaseModel):
         self.strategy_options()
         strategy_cls.check_job(workers=self.workers, workload=workload)
         per_step = self.workers * self.grad_accum
-        if self.batch_size is not None and self.batch_size % per_step:
+        if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
+            self.batch_size = workload.micro_batch * per_step
+        if self.batch_size % per_step:
             raise ValueError(
                 f"batch_size={self.batch_size}: must be divisible by workers({self.workers}) x "
                 f"grad_accum({self.grad_accum}) = {per_step}"
@@ -144,13 +151,16 @@ class JobSpec(BaseModel):
 
     @property
     def global_batch(self) -> int:
-        if self.batch_size is not None:
-            return self.batch_size
-        return self.build_workload().micro_batch * self.workers * self.grad_accum
+        return self.batch_size
 
     @property
     def micro_batch(self) -> int:
         return self.global_batch // (self.workers * self.grad_accum)
+
+    def worker_sources(self) -> list[str]:
+        """Local files or packages the workers need to import this job's plugins."""
+        refs = [c.name for c in (self.workload, self.strategy) if is_ref(c.name)]
+        return sorted({p for ref in refs for p in local_sources(ref)})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -24,6 +24,7 @@ class RunResult:
     steps: int
     wall_s: float
     final_loss: float
+    checkpoint: str | None = None  # URL of the last committed checkpoint, when the job wrote any
 
     @property
     def metrics(self) -> pd.DataFrame:
@@ -56,6 +57,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     starts) and RunFailed if a worker fails; the run folder keeps what was written."""
     from cluster import runtime as ray_runtime
     from cluster.worker_group import WorkerGroup
+    from orchestrator.trainer import pack_job, train_worker
 
     t_start = time.perf_counter()
     if spec.cluster.address:  # fail fast, before anything is written
@@ -63,7 +65,8 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     out = Progress(spec.steps, enabled=progress, stream=stream or sys.stderr)
     try:
         t0 = time.perf_counter()
-        n_samples = len(spec.build_workload().source())  # creates or checks the data before any worker
+        workload = spec.build_workload()
+        n_samples = len(workload.source())  # creates or checks the data before any worker
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if spec.global_batch > n_samples:
@@ -75,7 +78,8 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
                      strategy=spec.strategy.name, scenario=spec.scenario)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
 
-    runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard)
+    runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
+                                py_modules=spec.worker_sources())
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     group = None
     try:
@@ -97,7 +101,8 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
             log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        final_loss = _supervise(spec, group, log, out, t_start)
+        refs = group.run_async(train_worker, spec, pack_job(workload, spec.strategy_cls()))
+        final_loss = _supervise(spec, refs, group, log, out, t_start)
     except KeyboardInterrupt:
         log.event("interrupted", detail="Ctrl-C")
         raise
@@ -113,13 +118,11 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     return RunResult(run_id=spec.run_id, url=folder.url, steps=spec.steps, wall_s=wall, final_loss=final_loss)
 
 
-def _supervise(spec: JobSpec, group, log: MetricsLog, out: Progress, t_start: float) -> float:
+def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress, t_start: float) -> float:
     """Collect reports until every rank returns; the first failure ends the run."""
     import ray
 
-    from orchestrator.trainer import train_worker
-
-    pending = dict(zip(group.run_async(train_worker, spec), range(spec.workers)))
+    pending = dict(zip(refs, range(spec.workers)))
     per_step: dict[int, list[dict]] = {}
     final_loss = float("nan")
 
@@ -138,7 +141,8 @@ def _supervise(spec: JobSpec, group, log: MetricsLog, out: Progress, t_start: fl
                 final_loss = sum(r["loss"] * r["samples"] for r in got) / sum(r["samples"] for r in got)
                 if step == 1:
                     log.event("phase:first_step", step=1, seconds=time.perf_counter() - t_start)
-                out.update(step, final_loss, sum(r["tokens"] for r in got))
+                out.update(step, final_loss, tokens=sum(r["tokens"] for r in got),
+                           samples=sum(r["samples"] for r in got))
                 del per_step[step]
 
     while pending:

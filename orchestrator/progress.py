@@ -20,23 +20,25 @@ class Progress:
         self._last_plain = 0.0
         self._start: float | None = None
         self._start_step = 0
-        self._tokens = 0
+        self._units = 0
 
-    def update(self, step: int, loss: float, tokens: int) -> None:
-        """Called once per completed step (all ranks reported); tokens: the step's total."""
+    def update(self, step: int, loss: float, *, tokens: int, samples: int) -> None:
+        """Called once per completed step (all ranks reported), with the step's totals.
+        Throughput is in tokens for token models, in samples otherwise."""
         if not self.enabled:
             return
         now = time.monotonic()
         if self._start is None:  # time from the first step's end: excludes start-up
             self._start, self._start_step = now, step
         else:
-            self._tokens += tokens
+            self._units += tokens or samples
         elapsed = now - self._start
         done = step - self._start_step
-        tok_s = self._tokens / elapsed if elapsed > 0 else 0.0
+        rate = self._units / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / done if done else float("nan")
         eta_s = _fmt_duration(eta) if eta == eta else "?"
-        line = f"step {step}/{self.total}  loss {loss:.4f}  {tok_s:,.0f} tok/s  ETA {eta_s}"
+        unit = "tok/s" if tokens else "samples/s"
+        line = f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} {unit}  ETA {eta_s}"
         if self.live:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()

@@ -10,8 +10,9 @@ import torch
 from cluster import Comm
 from cluster.dist import destroy_process_group, init_process_group, pick_device
 from orchestrator.config import JobSpec
-from strategies import Strategy, StrategyContext
-from workloads import ShardedLoader, split_micro
+from strategies import STRATEGIES, Strategy, StrategyContext
+from workloads import WORKLOADS, ShardedLoader, Workload, split_micro
+from workloads.plugins import is_ref
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -24,12 +25,14 @@ class RankTrainer:
     """Builds one rank's strategy and loader and runs steps. Usable without Ray:
     tests drive it in plain processes against the single-process reference."""
 
-    def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device):
+    def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
+                 workload: Workload | None = None, strategy_cls: type[Strategy] | None = None):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
-        self.workload = spec.build_workload()
+        self.workload = workload if workload is not None else spec.build_workload()
+        strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
         torch.manual_seed(spec.seed)  # same initial weights on every rank
-        self.strategy: Strategy = spec.strategy_cls()(spec.strategy_options())
+        self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
         self.strategy.setup(
             self.workload,
             StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim, total_steps=spec.steps),
@@ -73,8 +76,27 @@ class RankTrainer:
             report(self.train_step())
 
 
-def train_worker(ctx, spec: JobSpec) -> dict:
+def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:
+    """The driver's resolved workload and strategy, as bytes. Classes from a
+    script or notebook travel by value; classes from files or modules by
+    reference, which ``unpack_job`` can only resolve once their module is imported."""
+    import ray.cloudpickle as cloudpickle
+
+    return cloudpickle.dumps((workload, strategy_cls))
+
+
+def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]:
+    import pickle
+
+    for component in (spec.workload, spec.strategy):
+        if is_ref(component.name):  # import the user's file or module first
+            (WORKLOADS if component is spec.workload else STRATEGIES).get(component.name)
+    return pickle.loads(payload)
+
+
+def train_worker(ctx, spec: JobSpec, payload: bytes) -> dict:
     """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext)."""
+    workload, strategy_cls = unpack_job(spec, payload)
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
     if ctx.world > 1:
@@ -84,7 +106,8 @@ def train_worker(ctx, spec: JobSpec) -> dict:
         )
     t1 = time.perf_counter()
     try:
-        trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device)
+        trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device,
+                              workload=workload, strategy_cls=strategy_cls)
         t2 = time.perf_counter()
         ctx.report({"event": "worker_ready", "rank": ctx.rank, "rendezvous_s": t1 - t0, "setup_s": t2 - t1})
         trainer.run(ctx.report)

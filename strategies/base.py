@@ -60,13 +60,24 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # Workload capabilities this strategy needs, with why (shown by `polytrain strategies`).
+    requires: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
 
     @classmethod
+    def unsupported(cls, workload_cls: type[Workload]) -> str | None:
+        """Why this strategy cannot train that workload, or None if it can."""
+        missing = [why for cap, why in cls.requires.items() if cap not in workload_cls.capabilities()]
+        return "; ".join(missing) or None
+
+    @classmethod
     def check_job(cls, *, workers: int, workload: Workload) -> None:
         """Raise ValueError, naming the field, if this strategy cannot run the job."""
+        why = cls.unsupported(type(workload))
+        if why:
+            raise ValueError(f"strategy={cls.name!r} cannot train workload={workload.name!r}: {why}")
 
     @abstractmethod
     def setup(self, workload: Workload, ctx: StrategyContext) -> None: ...

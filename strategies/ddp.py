@@ -5,6 +5,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.parallel import DistributedDataParallel
 
 from cluster import Comm
+from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.registry import register_strategy
 from strategies.single import Replicated
 
@@ -14,6 +15,10 @@ class DDPOptions(BaseModel):
 
     bucket_mb: float = Field(25.0, gt=0, description="gradient bucket size in MiB (DDP bucket_cap_mb)")
     static_graph: bool = Field(False, description="tell DDP the graph never changes (enables some optimisations)")
+    sync_bn: bool = Field(
+        True, description="batch norm over the global batch (matches single); false: per-rank statistics, "
+        "running stats broadcast from rank 0 (torch DDP's default)"
+    )
 
 
 def allreduce_mean_hook(comm: Comm, bucket):  # DDP rejects a string annotation on `bucket`
@@ -29,12 +34,18 @@ class DDP(Replicated):
 
     def wrap(self, module):
         ctx = self.ctx
-        # DDP broadcasts rank 0's parameters and buffers at construction: replicas start equal.
+        sync_bn = self.options.sync_bn and has_batchnorm(module)
+        if sync_bn:
+            convert_sync_batchnorm(module, ctx.comm)
+        # DDP broadcasts rank 0's parameters and buffers at construction: replicas start
+        # equal. With synchronized batch norm the running stats stay equal without the
+        # per-step buffer broadcast.
         ddp = DistributedDataParallel(
             module,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             bucket_cap_mb=self.options.bucket_mb,
             static_graph=self.options.static_graph,
+            broadcast_buffers=not sync_bn,
         )
         ddp.register_comm_hook(ctx.comm, allreduce_mean_hook)
         return ddp

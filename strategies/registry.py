@@ -1,4 +1,5 @@
+from strategies.base import Strategy
 from workloads.registry import Registry
 
-STRATEGIES: Registry = Registry("strategy", "polytrain.strategies")
+STRATEGIES: Registry = Registry("strategy", "polytrain.strategies", Strategy)
 register_strategy = STRATEGIES.register

@@ -57,5 +57,6 @@ class Single(Replicated):
 
     @classmethod
     def check_job(cls, *, workers: int, workload: Workload) -> None:
+        super().check_job(workers=workers, workload=workload)
         if workers != 1:
             raise ValueError(f"workers={workers}: strategy 'single' runs exactly 1 worker")

@@ -1,11 +1,11 @@
 """What is trained: models as ordered blocks, data, losses, and their registry."""
 from workloads.base import Workload
-from workloads.data import Batch, DataCursor, SampleSource, ShardedLoader, split_micro
+from workloads.data import Batch, DataCursor, SampleSource, ShardedLoader, TensorSource, split_micro
 from workloads.registry import WORKLOADS, Registry, UnknownName, register_workload
 
-from workloads import gpt as _gpt  # noqa: F401  (registers the built-in workloads)
+from workloads import gpt as _gpt, mlp as _mlp, vision as _vision  # noqa: F401,E401  (register built-ins)
 
 __all__ = [
-    "Batch", "DataCursor", "Registry", "SampleSource", "ShardedLoader", "UnknownName",
+    "Batch", "DataCursor", "Registry", "SampleSource", "ShardedLoader", "TensorSource", "UnknownName",
     "WORKLOADS", "Workload", "register_workload", "split_micro",
 ]

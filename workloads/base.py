@@ -54,4 +54,19 @@ class Workload(BaseModel, ABC):
         return {}
 
     def tokens_per_sample(self) -> int:
+        """Tokens in one sample, for the ``tokens`` metric (0: not a token model)."""
         return 0
+
+    def attention_layers(self, blocks: list[nn.Module]) -> list[nn.Module] | None:
+        """Optional hook for sequence parallelism: the modules whose ``attention``
+        attribute, a function ``(q, k, v) -> out`` on (batch, heads, seq, head_dim)
+        tensors, a strategy may replace. None: the workload has no such hook."""
+        return None
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        """What this workload offers strategies beyond the four required methods."""
+        caps = {"blocks"}
+        if cls.attention_layers is not Workload.attention_layers:
+            caps.add("attention")
+        return frozenset(caps)

@@ -32,6 +32,22 @@ class SampleSource(Protocol):
     def gather(self, indices: np.ndarray) -> Batch: ...
 
 
+class TensorSource:
+    """Samples held as tensors with a common first dimension (data made in code)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+            raise ValueError(f"TensorSource needs tensors with one first dimension, got {[tuple(t.shape) for t in tensors]}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def gather(self, indices: np.ndarray) -> Batch:
+        idx = torch.from_numpy(np.asarray(indices))
+        return tuple(t[idx] for t in self.tensors)
+
+
 @dataclass
 class DataCursor:
     epoch: int = 0
