@@ -7,6 +7,9 @@ is excluded), time from launch to the end of the first step, total wall time.
 
     python benchmarks/ddp_overhead.py [--steps 40] [--workers 2] [--repeat 1]
 
+Then, for each built-in workload, polytrain's ddp alone: step time, bytes sent
+per rank per step, and time in communication (communication- vs compute-bound).
+
 Ray Train needs `pip install "ray[train]"`; it is skipped if it does not import.
 """
 from __future__ import annotations
@@ -69,6 +72,20 @@ def bench_ray_train(steps: int, workers: int, tmp: str) -> dict | None:
     return _from_json(out, wall)
 
 
+def per_workload(steps: int, workers: int) -> None:
+    from orchestrator import JobSpec, compare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [JobSpec(workload=w, strategy="ddp", workers=workers, steps=steps, storage=tmp)
+                 for w in ("gpt-tiny", "mlp-wide", "resnet-tiny")]
+        summary = compare(specs, progress=False).summary
+    print(f"\npolytrain ddp per workload ({workers} workers, {steps} steps, steps 4+)")
+    print(f"{'workload':<12} {'median step s':>14} {'MB sent/step':>13} {'comm s/step':>12} {'idle s/step':>12}")
+    for r in summary.itertuples():
+        print(f"{r.workload:<12} {r.median_step_s:>14.4f} {r.bytes_sent_per_step / 1e6:>13.2f} "
+              f"{r.comm_s_per_step:>12.4f} {r.idle_s_per_step:>12.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
@@ -96,6 +113,7 @@ def main() -> None:
               f"(target < 0.5)")
     if "ray-train" not in med:
         print("ray-train: skipped (pip install 'ray[train]')")
+    per_workload(a.steps, a.workers)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 
 
+# How often the driver collects reports. ray.wait returns at once when a rank ends
+# or fails, so this bounds only progress-line latency; on a small machine every
+# poll takes CPU from the workers.
+POLL_S = 1.0
+
+
 class RunFailed(RuntimeError):
     """The job started but did not finish (exit code 1)."""
 
@@ -146,7 +152,7 @@ def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress,
                 del per_step[step]
 
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
         for ref in done:
             rank = pending.pop(ref)
             try:
