@@ -3,6 +3,8 @@
 Only the collective layer is imported here; ``cluster.runtime`` and
 ``cluster.worker_group`` import Ray, so the driver imports them explicitly.
 """
-from cluster.comm import Comm, CommStats, broadcast_bytes, ring_allreduce_bytes
+from cluster.comm import (
+    Comm, CommStats, all_gather_bytes, broadcast_bytes, reduce_scatter_bytes, ring_allreduce_bytes,
+)
 
-__all__ = ["Comm", "CommStats", "broadcast_bytes", "ring_allreduce_bytes"]
+__all__ = ["Comm", "CommStats", "all_gather_bytes", "broadcast_bytes", "reduce_scatter_bytes", "ring_allreduce_bytes"]

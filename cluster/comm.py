@@ -14,10 +14,25 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def ring_allreduce_bytes(nbytes: int, world: int) -> int:
     """Bytes each rank sends (and receives) in a ring all-reduce:
     reduce-scatter then all-gather, each (world-1) chunks of nbytes/world."""
     return 0 if world <= 1 else 2 * (world - 1) * nbytes // world
+
+
+def all_gather_bytes(shard_nbytes: int, world: int) -> int:
+    """Bytes each rank sends (and receives) in a ring all-gather of one shard per rank."""
+    return 0 if world <= 1 else (world - 1) * shard_nbytes
+
+
+def reduce_scatter_bytes(input_nbytes: int, world: int) -> int:
+    """Bytes each rank sends (and receives) in a ring reduce-scatter of a full-size input."""
+    return 0 if world <= 1 else (world - 1) * input_nbytes // world
 
 
 def broadcast_bytes(nbytes: int, world: int, *, is_root: bool) -> tuple[int, int]:
@@ -109,6 +124,32 @@ class Comm:
 
         return work.get_future().then(done)
 
+    def _run(self, call, sent: int, received: int, async_op: bool):
+        """Run ``call(async_op)`` accounted: a blocking call counts as waiting; an
+        async one returns a Work whose wait() is timed and whose completion ends
+        the in-flight interval."""
+        start = self._begin(sent, received)
+        if not async_op:
+            call(False)
+            self.add_wait(self._end() - start)
+            return None
+        work = call(True)
+        work.get_future().then(lambda _: self._end())
+        return _TimedWork(work, self)
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
+        """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""
+        nbytes = all_gather_bytes(input.numel() * input.element_size(), self.world)
+        call = lambda a: _all_gather_single(output, input, group=self.group, async_op=a)  # noqa: E731
+        return self._run(call, nbytes, nbytes, async_op)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, *, op=dist.ReduceOp.SUM,
+                              async_op: bool = False):
+        """``input`` reduced over ranks; this rank keeps its slice in ``output`` (FSDP's gradients)."""
+        nbytes = reduce_scatter_bytes(input.numel() * input.element_size(), self.world)
+        call = lambda a: _reduce_scatter_single(output, input, op=op, group=self.group, async_op=a)  # noqa: E731
+        return self._run(call, nbytes, nbytes, async_op)
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world == 1:
             return tensor
@@ -117,3 +158,23 @@ class Comm:
         dist.broadcast(tensor, src=src, group=self.group)
         self.add_wait(self._end() - start)
         return tensor
+
+
+class _TimedWork(dist.Work):
+    """A backend Work whose wait() is counted as time blocked on communication."""
+
+    def __init__(self, work: dist.Work, comm: Comm):
+        super().__init__()
+        self._work, self._comm = work, comm
+
+    def wait(self, timeout=None) -> bool:
+        t0 = time.perf_counter()
+        done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._comm.add_wait(time.perf_counter() - t0)
+        return done
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+    def get_future(self) -> torch.futures.Future:
+        return self._work.get_future()

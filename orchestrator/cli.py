@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="optimizer steps (default 100)")
     r.add_argument("--storage", help="folder or fsspec URL for run folders (default ./runs)")
     r.add_argument("--run-id", dest="run_id", help="run folder name (default: generated)")
+    r.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, metavar="N",
+                   help="write a sharded checkpoint every N steps (default: never)")
+    r.add_argument("--resume", metavar="latest|URL",
+                   help="continue from this run's newest committed checkpoint, or from a checkpoint URL")
     r.add_argument("--config", help="YAML or TOML job spec")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any spec field, e.g. strategy.bucket_mb=10, optim.lr=3e-3, workload.d_model=128")
@@ -83,10 +87,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(
         config=args.config, overrides=overrides, workload=args.workload, strategy=args.strategy,
         workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     result = run(spec, progress=not args.quiet)
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s, final loss {result.final_loss:.4f}\n"
-          f"run folder: {result.url}")
+          f"run folder: {result.url}" + (f"\nlast checkpoint: {result.checkpoint}" if result.checkpoint else ""))
     return EXIT_OK
 
 

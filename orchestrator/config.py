@@ -7,6 +7,7 @@ allowed, on one line.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from typing import Any, Literal
 
@@ -67,7 +68,7 @@ class ClusterSpec(BaseModel):
 
 _TOP_KEYS = (
     "workload", "strategy", "workers", "steps", "batch_size", "grad_accum", "seed",
-    "storage", "run_id", "optim", "cluster", "scenario",
+    "storage", "run_id", "optim", "cluster", "scenario", "checkpoint_every", "keep_checkpoints", "resume",
 )
 
 
@@ -89,6 +90,9 @@ class JobSpec(BaseModel):
     storage: str = Field("./runs", description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
     scenario: str = Field("local", description="network scenario (local: no simulated delay)")
+    checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
+    keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints to keep (oldest deleted first)")
+    resume: str | None = Field(None, description="'latest' (this run's newest committed checkpoint) or a checkpoint URL")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
@@ -106,6 +110,12 @@ class JobSpec(BaseModel):
             v = {**v, "name": canonical_ref(v["name"])}  # a relative file path works from any cwd
         return v
 
+    @field_validator("storage")
+    @classmethod
+    def _absolute_storage(cls, v: str) -> str:
+        # resolved on the driver: workers write checkpoints here from their own cwd
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+
     @field_validator("scenario")
     @classmethod
     def _known_scenario(cls, v: str) -> str:
@@ -122,6 +132,9 @@ class JobSpec(BaseModel):
         strategy_cls = STRATEGIES.get(self.strategy.name)
         self.strategy_options()
         strategy_cls.check_job(workers=self.workers, workload=workload)
+        if self.storage.startswith("memory://") and (self.checkpoint_every or self.resume):
+            raise ValueError(f"storage={self.storage!r}: checkpoints are written by the workers, which cannot see "
+                             f"this process's memory:// filesystem; use a path or a shared URL (s3://, ...)")
         per_step = self.workers * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.metrics import MetricsLog
 from orchestrator.progress import Progress
@@ -79,9 +80,28 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
         raise ConfigError(f"batch_size={spec.global_batch}: larger than the dataset ({n_samples} samples)")
     data_s = time.perf_counter() - t0
     folder = RunFolder(spec.storage, spec.run_id)
+    strategy_cls = spec.strategy_cls()
+    ckpt_meta = {"workload": spec.workload.name, "workload_options": spec.workload.options,
+                 "strategy": spec.strategy.name, "format": strategy_cls.checkpoint_format,
+                 "shapes": checkpoint.model_shapes(workload)}
+    resume_url, resumed_step, notes = None, 0, []
+    if spec.resume:
+        try:
+            resume_url, meta, notes = checkpoint.resolve(spec.resume, run_url=folder.url,
+                                                         fmt=ckpt_meta["format"], shapes=ckpt_meta["shapes"])
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        resumed_step = meta["step"]
     folder.create(spec.to_yaml())
     log = MetricsLog(folder, run_id=spec.run_id, workload=spec.workload.name,
                      strategy=spec.strategy.name, scenario=spec.scenario)
+    if resume_url:
+        log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
+        for note in notes:
+            out.note(f"note: {note}")
+            log.event("resume_fallback", detail=note)
+        out.note(f"resuming from {resume_url} (step {resumed_step})")
+        log.event("resume", step=resumed_step, detail=resume_url)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
 
     runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
@@ -107,8 +127,8 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
             log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        refs = group.run_async(train_worker, spec, pack_job(workload, spec.strategy_cls()))
-        final_loss = _supervise(spec, refs, group, log, out, t_start)
+        refs = group.run_async(train_worker, spec, pack_job(workload, strategy_cls), folder.url, resume_url, ckpt_meta)
+        final_loss, last_checkpoint = _supervise(spec, refs, group, log, out, t_start, first_step=resumed_step + 1)
     except KeyboardInterrupt:
         log.event("interrupted", detail="Ctrl-C")
         raise
@@ -121,23 +141,28 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     wall = time.perf_counter() - t_start
     log.event("finished", seconds=wall)
     log.flush()
-    return RunResult(run_id=spec.run_id, url=folder.url, steps=spec.steps, wall_s=wall, final_loss=final_loss)
+    return RunResult(run_id=spec.run_id, url=folder.url, steps=spec.steps, wall_s=wall, final_loss=final_loss,
+                     checkpoint=last_checkpoint or (checkpoint.committed(folder.url) or [(0, None)])[0][1])
 
 
-def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress, t_start: float) -> float:
-    """Collect reports until every rank returns; the first failure ends the run."""
+def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress, t_start: float,
+               first_step: int) -> tuple[float, str | None]:
+    """Collect reports until every rank returns; the first failure ends the run.
+    Returns the final loss and the newest checkpoint written."""
     import ray
 
     pending = dict(zip(refs, range(spec.workers)))
     per_step: dict[int, list[dict]] = {}
-    final_loss = float("nan")
+    final_loss, last_checkpoint = float("nan"), None
 
     def absorb(rows: list[dict]) -> None:
-        nonlocal final_loss
+        nonlocal final_loss, last_checkpoint
         for row in rows:
             if "event" in row:
-                log.event("phase:worker_setup", rank=row["rank"], seconds=row["setup_s"],
-                          detail=f"rendezvous {row['rendezvous_s']:.2f}s")
+                log.event(row["event"], rank=row["rank"], step=row.get("step", -1),
+                          seconds=row.get("seconds", float("nan")), detail=row.get("detail", ""))
+                if row["event"] == "checkpoint":
+                    last_checkpoint = row["detail"]
                 continue
             log.add_row(row)
             got = per_step.setdefault(row["step"], [])
@@ -145,8 +170,8 @@ def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress,
             if len(got) == spec.workers:  # every rank finished this step
                 step = row["step"]
                 final_loss = sum(r["loss"] * r["samples"] for r in got) / sum(r["samples"] for r in got)
-                if step == 1:
-                    log.event("phase:first_step", step=1, seconds=time.perf_counter() - t_start)
+                if step == first_step:
+                    log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start)
                 out.update(step, final_loss, tokens=sum(r["tokens"] for r in got),
                            samples=sum(r["samples"] for r in got))
                 del per_step[step]
@@ -165,4 +190,4 @@ def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress,
         absorb(group.poll())
         log.maybe_flush()
     absorb(group.poll())
-    return final_loss
+    return final_loss, last_checkpoint

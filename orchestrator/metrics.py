@@ -54,6 +54,15 @@ class MetricsLog:
         self._last_flush = time.monotonic()
         self._dirty = False
 
+    def keep_history(self, *, up_to_step: int) -> None:
+        """Resuming in this run folder: keep its metric rows up to the checkpoint's
+        step (later ones are redone) and all its events."""
+        if self.folder.exists("metrics.parquet"):
+            old = self.folder.read_table("metrics.parquet")
+            self.rows = [r for r in old.to_dict("records") if r["step"] <= up_to_step]
+        if self.folder.exists("events.parquet"):
+            self.events = self.folder.read_table("events.parquet").to_dict("records")
+
     def add_row(self, row: dict) -> None:
         self.rows.append({**self.const, **row})
         self._dirty = True

@@ -14,7 +14,7 @@ from orchestrator.config import ConfigError
 
 class RunFolder:
     def __init__(self, storage: str, run_id: str):
-        if "://" not in storage:
+        if "://" not in storage:  # JobSpec already made it absolute; from_url passes URLs through
             storage = os.path.abspath(os.path.expanduser(storage))
         self.url = f"{storage.rstrip('/')}/{run_id}"
         self.fs, self.path = fsspec.core.url_to_fs(self.url)

@@ -9,6 +9,7 @@ import torch
 
 from cluster import Comm
 from cluster.dist import destroy_process_group, init_process_group, pick_device
+from orchestrator.checkpoint import Checkpointer, restore
 from orchestrator.config import JobSpec
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_micro
@@ -69,11 +70,18 @@ class RankTrainer:
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "wall_time": time.time(),
             **stats.extra,
+            **self.strategy.memory_bytes(),
         }
 
-    def run(self, report: Callable[[dict], None]) -> None:
+    def run(self, report: Callable[[dict], None], checkpointer: Checkpointer | None = None) -> None:
         while self.step < self.spec.steps:
             report(self.train_step())
+            if checkpointer is not None and checkpointer.due(self.step):
+                t0 = time.perf_counter()
+                url = checkpointer.save(self)
+                if self.rank == 0:
+                    report({"event": "checkpoint", "rank": 0, "step": self.step,
+                            "seconds": time.perf_counter() - t0, "detail": url})
 
 
 def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:
@@ -94,8 +102,12 @@ def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]
     return pickle.loads(payload)
 
 
-def train_worker(ctx, spec: JobSpec, payload: bytes) -> dict:
-    """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext)."""
+def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, resume_url: str | None,
+                 ckpt_meta: dict) -> dict:
+    """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext).
+
+    ``resume_url`` is a checkpoint the driver has already checked; ``ckpt_meta``
+    describes this job in every checkpoint it writes."""
     workload, strategy_cls = unpack_job(spec, payload)
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
@@ -108,9 +120,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes) -> dict:
     try:
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device,
                               workload=workload, strategy_cls=strategy_cls)
+        if resume_url:
+            restore(trainer, resume_url)
         t2 = time.perf_counter()
-        ctx.report({"event": "worker_ready", "rank": ctx.rank, "rendezvous_s": t1 - t0, "setup_s": t2 - t1})
-        trainer.run(ctx.report)
+        ctx.report({"event": "phase:worker_setup", "rank": ctx.rank, "step": trainer.step, "seconds": t2 - t1,
+                    "detail": f"rendezvous {t1 - t0:.2f}s" + (f", restored {resume_url}" if resume_url else "")})
+        checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
+                                    rank=ctx.rank, world=ctx.world, meta=ckpt_meta)
+        trainer.run(ctx.report, checkpointer)
         return {"rank": ctx.rank, "steps": trainer.step}
     finally:
         destroy_process_group()

@@ -62,6 +62,8 @@ class Strategy(ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
     # Workload capabilities this strategy needs, with why (shown by `polytrain strategies`).
     requires: ClassVar[dict[str, str]] = {}
+    # What save_checkpoint writes; checkpoints load across strategies of one format.
+    checkpoint_format: ClassVar[str] = "dcp"
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
@@ -86,10 +88,19 @@ class Strategy(ABC):
     def train_step(self, micro_batches: list[Batch]) -> StepStats: ...
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def save_checkpoint(self, url: str) -> None:
+        """Collective (every rank calls it): write this strategy's model, optimizer
+        and LR-schedule state under the folder ``url`` (a path or fsspec URL)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, url: str) -> None:
+        """Collective: restore what ``save_checkpoint`` wrote, possibly from a
+        different strategy's or world size's checkpoint where the format allows."""
+
+    @abstractmethod
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds: ``param_bytes``, ``grad_bytes``, ``optim_bytes``,
+        measured once gradients and optimizer state exist (empty before)."""
 
 
 def run_micro_batches(

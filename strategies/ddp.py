@@ -1,6 +1,8 @@
 """ddp: torch DistributedDataParallel, its all-reduce routed through cluster.Comm."""
 from __future__ import annotations
 
+import inspect
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,6 +21,11 @@ class DDPOptions(BaseModel):
         True, description="batch norm over the global batch (matches single); false: per-rank statistics, "
         "running stats broadcast from rank 0 (torch DDP's default)"
     )
+
+
+# torch >= 2.12 renamed DDP's per-forward buffer broadcast.
+_BUFFER_SYNC_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in
+                    inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 
 def allreduce_mean_hook(comm: Comm, bucket):  # DDP rejects a string annotation on `bucket`
@@ -45,7 +52,7 @@ class DDP(Replicated):
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             bucket_cap_mb=self.options.bucket_mb,
             static_graph=self.options.static_graph,
-            broadcast_buffers=not sync_bn,
+            **{_BUFFER_SYNC_ARG: not sync_bn},
         )
         ddp.register_comm_hook(ctx.comm, allreduce_mean_hook)
         return ddp

@@ -7,8 +7,9 @@ differ only in how gradients are combined during backward.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import ContextManager
 
+from strategies.checkpoint import held_bytes, load_state, save_state
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.optim import build_optimizer, clip_and_step
 from strategies.registry import register_strategy
@@ -21,6 +22,7 @@ class Replicated(Strategy):
         self.module = workload.model().to(ctx.device)
         self.model = self.wrap(self.module)
         self.opt, self.sched = build_optimizer(self.module, ctx.optim, ctx.total_steps)
+        self._held: dict[str, int] | None = None
 
     def wrap(self, module):
         """The model the step calls (a DDP wrapper, say); default: the module itself."""
@@ -38,17 +40,21 @@ class Replicated(Strategy):
             self.model, self.workload, micro_batches, device=self.ctx.device, no_sync=self.no_sync
         )
         self.after_backward(t_backward)
+        if self._held is None and self.opt.state:  # second step: gradients and optimizer state both exist
+            self._held = held_bytes(self.module, self.opt)
         extra["lr"] = self.opt.param_groups[0]["lr"]
         extra["grad_norm"] = clip_and_step(self.module, self.opt, self.sched, self.ctx.optim)
         return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optim": self.opt.state_dict(), "sched": self.sched.state_dict()}
+    def save_checkpoint(self, url: str) -> None:
+        save_state(url, self.module, self.opt, {"sched": self.sched.state_dict()})
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optim"])
-        self.sched.load_state_dict(state["sched"])
+    def load_checkpoint(self, url: str) -> None:
+        extra = load_state(url, self.module, self.opt, {"sched": self.sched.state_dict()})
+        self.sched.load_state_dict(extra["sched"])
+
+    def memory_bytes(self) -> dict[str, int]:
+        return self._held or {}  # measured at the second step
 
 
 @register_strategy("single")

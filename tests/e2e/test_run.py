@@ -61,3 +61,25 @@ def test_too_many_workers_for_the_cluster_is_an_error(ray_address, tmp_path, cap
                "--storage", str(tmp_path), "--address", ray_address])
     assert rc == 2
     assert "workers=6: needs 6 CPUs at cluster.cpus_per_worker=1, the cluster has 4" in capsys.readouterr().err
+
+
+def test_checkpoint_then_resume_latest_in_the_same_run(ray_address, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    common = ["--workload", "gpt-tiny", "--strategy", "fsdp", "--workers", "2", "--storage", str(tmp_path),
+              "--run-id", "ck", "--address", ray_address, "--quiet", "--set", "workload.d_model=64",
+              "--checkpoint-every", "2"]
+    assert main(["run", *common, "--steps", "4"]) == 0
+    assert "last checkpoint:" in capsys.readouterr().out
+    assert main(["run", *common, "--steps", "6", "--resume", "latest"]) == 0
+    err = capsys.readouterr().err
+    df = pd.read_parquet(tmp_path / "ck" / "metrics.parquet")
+    assert sorted(set(df.step)) == [1, 2, 3, 4, 5, 6] and len(df) == 12  # history kept, nothing twice
+    assert {"param_bytes", "grad_bytes", "optim_bytes"} <= set(df.columns)
+    assert df[df.step >= 2].param_bytes.notna().all()
+    events = pd.read_parquet(tmp_path / "ck" / "events.parquet")
+    assert (events.kind == "resume").sum() == 1 and events[events.kind == "resume"].step.iloc[0] == 4
+    assert sorted(os.listdir(tmp_path / "ck" / "checkpoints")) == ["step_4", "step_6"]  # keep 2
+    # an explicit URL that is not there: one line, exit 2
+    assert main(["run", *common, "--steps", "6", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
