@@ -87,7 +87,8 @@ class JobSpec(BaseModel):
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
     seed: int = Field(0, description="seeds model init and data order")
-    storage: str = Field("./runs", description="folder or fsspec URL under which the run folder is written")
+    storage: str = Field("./runs", validate_default=True,
+                         description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
     scenario: str = Field("local", description="network scenario (local: no simulated delay)")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")

@@ -48,6 +48,34 @@ def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
     return min(1.0, total_cpus / spec.workers) if embedded else 1.0
 
 
+FAILURE_GRACE_S = 3.0
+
+# Messages of errors that are the echo of another rank's death, not a cause.
+_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
+                 "gloo", "nccl", "timed out", "socket")
+
+
+def _failures(done: list, pending: dict) -> list[tuple[int, str]]:
+    """(rank, message) for each finished ref that raised; pops every finished ref."""
+    import ray
+
+    out = []
+    for ref in done:
+        rank = pending.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as e:  # RayTaskError, RayActorError
+            out.append((rank, _failure_message(rank, e)))
+    return out
+
+
+def _root_cause(failures: list[tuple[int, str]]) -> tuple[int, str]:
+    for rank, msg in failures:
+        if not any(p in msg.lower() for p in _PEER_FAILURE):
+            return rank, msg
+    return failures[0]
+
+
 def _failure_message(rank: int, err: BaseException) -> str:
     import ray
 
@@ -173,20 +201,23 @@ def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress,
                 if step == first_step:
                     log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start)
                 out.update(step, final_loss, tokens=sum(r["tokens"] for r in got),
-                           samples=sum(r["samples"] for r in got))
+                           samples=sum(r["samples"] for r in got), ended=max(r["wall_time"] for r in got))
                 del per_step[step]
 
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-        for ref in done:
-            rank = pending.pop(ref)
-            try:
-                ray.get(ref)
-            except Exception as e:  # RayTaskError, RayActorError
-                absorb(group.poll())
-                msg = _failure_message(rank, e)
-                log.event("failed", rank=rank, detail=msg)
-                raise RunFailed(msg) from None
+        failures = _failures(done, pending)
+        if failures:
+            # A rank's error makes its peers' collectives fail a moment later; give
+            # them a moment to report so the root cause, not the echo, is named.
+            if pending:
+                more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
+                failures += _failures(more, pending)
+            absorb(group.poll())
+            rank, msg = _root_cause(failures)
+            for r, m in failures:
+                log.event("failed", rank=r, detail=m)
+            raise RunFailed(msg)
         absorb(group.poll())
         log.maybe_flush()
     absorb(group.poll())

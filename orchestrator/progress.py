@@ -22,17 +22,19 @@ class Progress:
         self._start_step = 0
         self._units = 0
 
-    def update(self, step: int, loss: float, *, tokens: int, samples: int) -> None:
-        """Called once per completed step (all ranks reported), with the step's totals.
-        Throughput is in tokens for token models, in samples otherwise."""
+    def update(self, step: int, loss: float, *, tokens: int, samples: int, ended: float) -> None:
+        """Called once per completed step (all ranks reported), with the step's totals
+        and when its slowest rank finished it (unix time: reports arrive in batches,
+        so rates use the workers' clocks). Throughput is in tokens for token models,
+        in samples otherwise."""
         if not self.enabled:
             return
         now = time.monotonic()
-        if self._start is None:  # time from the first step's end: excludes start-up
-            self._start, self._start_step = now, step
+        if self._start is None:  # from the first step's end: excludes start-up
+            self._start, self._start_step = ended, step
         else:
             self._units += tokens or samples
-        elapsed = now - self._start
+        elapsed = ended - self._start
         done = step - self._start_step
         rate = self._units / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / done if done else float("nan")

@@ -14,12 +14,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
 def _writer(url: str):
-    if _is_local(url):
+    if is_local(url):
         return dcp.FileSystemWriter(url.removeprefix("file://"))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
@@ -27,7 +27,7 @@ def _writer(url: str):
 
 
 def _reader(url: str):
-    if _is_local(url):
+    if is_local(url):
         return dcp.FileSystemReader(url.removeprefix("file://"))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 

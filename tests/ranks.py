@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import traceback
+import uuid
 from typing import Any, Callable
 
 import torch
@@ -35,7 +36,7 @@ def run_ranks(fn: Callable[..., Any], world: int, tmp_path, *args: Any, timeout_
     """fn(rank, world, *args) on each rank; returns the results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    store = os.path.join(str(tmp_path), f"store-{os.getpid()}-{id(fn)}")
+    store = os.path.join(str(tmp_path), f"store-{uuid.uuid4().hex}")  # fresh per call: a reused FileStore hangs
     procs = [ctx.Process(target=_entry, args=(r, world, store, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

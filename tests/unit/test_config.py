@@ -18,7 +18,7 @@ BASE = ["--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "2", "--step
 
 @pytest.mark.parametrize("args, expected", [
     (["--workload", "gpt-tinny", "--strategy", "ddp"], "workload='gpt-tinny' is not registered; did you mean 'gpt-tiny'"),
-    (["--workload", "gpt-tiny", "--strategy", "dpp"], "strategy='dpp' is not registered; did you mean 'ddp'?"),
+    (["--workload", "gpt-tiny", "--strategy", "dpp"], "strategy='dpp' is not registered; did you mean 'ddp'"),
     (["--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "0"], "workers=0: Input should be greater than or equal to 1"),
     ([*BASE, "--set", "batch_size=15"], "batch_size=15: must be divisible by workers(2) x grad_accum(1) = 2"),
     ([*BASE, "--set", "grad_accum=3", "--set", "batch_size=16"], "batch_size=16: must be divisible by workers(2) x grad_accum(3) = 6"),
