@@ -111,11 +111,11 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, resume_url: s
     workload, strategy_cls = unpack_job(spec, payload)
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
-    if ctx.world > 1:
-        init_process_group(
-            rank=ctx.rank, world=ctx.world, init_method=ctx.init_method,
-            device=device, timeout_s=spec.cluster.collective_timeout_s,
-        )
+    # always, even for one worker: ddp, fsdp and zero* need a process group at world size 1 too
+    init_process_group(
+        rank=ctx.rank, world=ctx.world, init_method=ctx.init_method,
+        device=device, timeout_s=spec.cluster.collective_timeout_s,
+    )
     t1 = time.perf_counter()
     try:
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device,

@@ -32,3 +32,13 @@ def test_worker_failure_exits_1_and_keeps_what_was_written(ray_address, tmp_path
     assert set(df.step) == {1, 2}  # the steps before the failure, from both ranks
     events = pd.read_parquet(tmp_path / "f" / "events.parquet")
     assert "failed" in set(events.kind)
+
+
+def test_sharded_strategies_run_on_one_worker(ray_address, tmp_path):
+    """ddp/fsdp need a process group even at world size 1 (a benchmark once found they had none)."""
+    from orchestrator import run
+
+    for strategy in ("ddp", "fsdp"):
+        result = run(JobSpec(workload=MLP, strategy=strategy, workers=1, steps=2, batch_size=8,
+                             storage=str(tmp_path)), progress=False)
+        assert len(result.metrics) == 2 and (result.metrics.bytes_sent == 0).all()
