@@ -58,6 +58,7 @@ def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool
     takes local ones only here, at the job level."""
     global _embedded_here
     t0 = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own way to name a cluster
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
     if py_modules:
         quiet["runtime_env"] = {"py_modules": list(py_modules)}

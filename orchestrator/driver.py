@@ -17,7 +17,7 @@ from orchestrator.storage import RunFolder
 # How often the driver collects reports. ray.wait returns at once when a rank ends
 # or fails, so this bounds only progress-line latency; on a small machine every
 # poll takes CPU from the workers.
-POLL_S = 1.0
+POLL_S = 0.25
 
 
 class RunFailed(RuntimeError):

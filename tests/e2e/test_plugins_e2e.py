@@ -2,11 +2,11 @@
 docs example, whose workload class lives in a script's __main__."""
 import os
 import re
-import runpy
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from tests import plugin_sources as src
 
@@ -28,9 +28,16 @@ def test_cli_file_workload_on_ray(ray_address, tmp_path):
     assert len(df) == 6 and (df.tokens == 0).all() and (df.samples == 8).all()
 
 
-def test_docs_example_runs(ray_address, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["custom_workload.py", "--steps", "150", "--storage", str(tmp_path)])
-    runpy.run_path(os.path.join(ROOT, "docs", "examples", "custom_workload.py"), run_name="__main__")
-    out = capsys.readouterr().out
-    first, last = map(float, re.search(r"first step ([\d.]+), last step ([\d.]+)", out).groups())
-    assert last < first / 2, out  # y = sin(3x) is learnable: the MSE falls (measured 0.37 -> 0.04)
+@pytest.mark.slow
+def test_docs_example_runs(tmp_path):
+    """As a user runs it: a script whose workload class lives in its __main__, on
+    its own embedded Ray. (Joining the session's Ray after the other e2e tests
+    was seen to stall after step 1; not yet diagnosed, see the issue notes.)"""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "docs", "examples", "custom_workload.py"), "--steps", "150",
+         "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, last = map(float, re.search(r"first step ([\d.]+), last step ([\d.]+)", proc.stdout).groups())
+    assert last < first / 2, proc.stdout  # y = sin(3x) is learnable: the MSE falls (measured 0.37 -> 0.04)
