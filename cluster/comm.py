@@ -51,70 +51,122 @@ class CommStats:
     calls: int = 0
 
 
-class Comm:
-    """Collectives over a torch.distributed process group, with accounting.
+class _Ledger:
+    """Counters shared by a Comm and every sub-group Comm split from it: a rank's
+    traffic is one account whatever group it went through. Async completions
+    arrive on the backend's thread, hence the lock."""
 
-    Counters accumulate until ``take_stats()``; the training loop takes them
-    once a step. Async completions arrive on the backend's thread, hence the lock.
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stats = CommStats()
+        self.in_flight = 0
+        self.busy_since = 0.0
+
+
+class Comm:
+    """Collectives and point-to-point calls over a torch.distributed process
+    group, with accounting.
+
+    ``rank``/``world`` are this rank's place in ``group``; peers are named by
+    their rank in the group. Counters accumulate until ``take_stats()``; the
+    training loop takes them once a step.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, _ledger: _Ledger | None = None):
         self.group = group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self._lock = threading.Lock()
-        self._stats = CommStats()
-        self._in_flight = 0
-        self._busy_since = 0.0
+        self._ledger = _ledger or _Ledger()
         self.last_launch = 0.0  # perf_counter of the latest async launch
+
+    def split(self, groups: list[list[int]]) -> "Comm":
+        """Sub-groups (lists of ranks of this group, disjoint, covering it); every
+        rank calls this with the same list and gets the Comm of its own group,
+        charged to the same counters."""
+        flat = sorted(r for g in groups for r in g)
+        if flat != list(range(self.world)):
+            raise ValueError(f"groups={groups}: must partition ranks 0..{self.world - 1}")
+        mine = None
+        for g in groups:  # new_group is collective over the parent: create every group everywhere
+            to_global = [self.global_rank(r) for r in g]
+            pg = dist.new_group(to_global) if self.world > 1 else None
+            if self.rank in g:
+                mine = pg
+        return Comm(mine, _ledger=self._ledger)
+
+    def global_rank(self, rank: int) -> int:
+        """The default group's rank of this group's ``rank``."""
+        if self.group is None or not dist.is_initialized():
+            return rank
+        return dist.get_global_rank(self.group, rank)
 
     # -- accounting ------------------------------------------------------------------------
     def _begin(self, sent: int, received: int) -> float:
         now = time.perf_counter()
-        with self._lock:
-            s = self._stats
+        led = self._ledger
+        with led.lock:
+            s = led.stats
             s.bytes_sent += sent
             s.bytes_received += received
             s.calls += 1
-            if self._in_flight == 0:
-                self._busy_since = now
-            self._in_flight += 1
+            if led.in_flight == 0:
+                led.busy_since = now
+            led.in_flight += 1
         return now
 
     def _end(self) -> float:
         now = time.perf_counter()
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._stats.comm_s += now - self._busy_since
+        led = self._ledger
+        with led.lock:
+            led.in_flight -= 1
+            if led.in_flight == 0:
+                led.stats.comm_s += now - led.busy_since
         return now
 
     def take_stats(self) -> CommStats:
-        with self._lock:
-            stats, self._stats = self._stats, CommStats()
-            if self._in_flight:  # a call spans the boundary: split its time
+        led = self._ledger
+        with led.lock:
+            stats, led.stats = led.stats, CommStats()
+            if led.in_flight:  # a call spans the boundary: split its time
                 now = time.perf_counter()
-                stats.comm_s += now - self._busy_since
-                self._busy_since = now
+                stats.comm_s += now - led.busy_since
+                led.busy_since = now
         return stats
 
     def add_wait(self, seconds: float) -> None:
-        with self._lock:
-            self._stats.wait_s += seconds
+        with self._ledger.lock:
+            self._ledger.stats.wait_s += seconds
+
+    def charge(self, call, sent: int, received: int, *, async_op: bool = False):
+        """Run ``call(async_op)`` accounted. Blocking: the time counts as waiting
+        and the call's result is returned. Async: returns a Work whose wait() is
+        timed and whose completion ends the in-flight interval. Strategies that
+        call a library's own collectives (DeepSpeed) charge them through this."""
+        start = self._begin(sent, received)
+        if not async_op:
+            try:
+                return call(False)
+            finally:
+                self.add_wait(self._end() - start)
+        self.last_launch = start
+        work = call(True)
+        work.get_future().then(lambda _: self._end())
+        return _TimedWork(work, self)
 
     # -- collectives -----------------------------------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, async_op: bool = False):
+        """In place; blocking returns ``tensor``, async a Work."""
         if self.world == 1:
-            return tensor
-        nbytes = ring_allreduce_bytes(tensor.numel() * tensor.element_size(), self.world)
-        start = self._begin(nbytes, nbytes)
-        dist.all_reduce(tensor, op=op, group=self.group)
-        self.add_wait(self._end() - start)
-        return tensor
+            return _Done(tensor) if async_op else tensor
+        nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
+        work = self.charge(lambda a: dist.all_reduce(tensor, op=op, group=self.group, async_op=a),
+                           nbytes, nbytes, async_op=async_op)
+        return work if async_op else tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
-        """Sum-all-reduce without blocking; the future yields the reduced tensor."""
-        nbytes = ring_allreduce_bytes(tensor.numel() * tensor.element_size(), self.world)
+        """Sum-all-reduce without blocking; the future yields the reduced tensor
+        (the shape a DDP comm hook returns)."""
+        nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
         self.last_launch = self._begin(nbytes, nbytes)
         work = dist.all_reduce(tensor, group=self.group, async_op=True)
 
@@ -124,40 +176,85 @@ class Comm:
 
         return work.get_future().then(done)
 
-    def _run(self, call, sent: int, received: int, async_op: bool):
-        """Run ``call(async_op)`` accounted: a blocking call counts as waiting; an
-        async one returns a Work whose wait() is timed and whose completion ends
-        the in-flight interval."""
-        start = self._begin(sent, received)
-        if not async_op:
-            call(False)
-            self.add_wait(self._end() - start)
-            return None
-        work = call(True)
-        work.get_future().then(lambda _: self._end())
-        return _TimedWork(work, self)
-
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""
-        nbytes = all_gather_bytes(input.numel() * input.element_size(), self.world)
+        nbytes = all_gather_bytes(_nbytes(input), self.world)
         call = lambda a: _all_gather_single(output, input, group=self.group, async_op=a)  # noqa: E731
-        return self._run(call, nbytes, nbytes, async_op)
+        return self.charge(call, nbytes, nbytes, async_op=async_op)
+
+    def all_gather(self, input: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``input`` (same shape everywhere) stacked on a new first dim."""
+        out = input.new_empty((self.world, *input.shape))
+        if self.world == 1:
+            out[0] = input
+            return out
+        self.all_gather_single(out.view(-1), input.contiguous().view(-1))
+        return out
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, *, op=dist.ReduceOp.SUM,
                               async_op: bool = False):
         """``input`` reduced over ranks; this rank keeps its slice in ``output`` (FSDP's gradients)."""
-        nbytes = reduce_scatter_bytes(input.numel() * input.element_size(), self.world)
+        nbytes = reduce_scatter_bytes(_nbytes(input), self.world)
         call = lambda a: _reduce_scatter_single(output, input, op=op, group=self.group, async_op=a)  # noqa: E731
-        return self._run(call, nbytes, nbytes, async_op)
+        return self.charge(call, nbytes, nbytes, async_op=async_op)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
+        """Equal splits along dim 0: chunk j of ``input`` goes to rank j; chunk j
+        of ``output`` comes from rank j (Ulysses' head/sequence exchange)."""
+        if self.world == 1:
+            output.copy_(input)
+            return _Done(output) if async_op else None
+        nbytes = all_to_all_bytes(_nbytes(input), self.world)
+        call = lambda a: dist.all_to_all_single(output, input, group=self.group, async_op=a)  # noqa: E731
+        return self.charge(call, nbytes, nbytes, async_op=async_op)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world == 1:
             return tensor
-        sent, received = broadcast_bytes(tensor.numel() * tensor.element_size(), self.world, is_root=self.rank == src)
-        start = self._begin(sent, received)
-        dist.broadcast(tensor, src=src, group=self.group)
-        self.add_wait(self._end() - start)
+        sent, received = broadcast_bytes(_nbytes(tensor), self.world, is_root=self.rank == src)
+        self.charge(lambda a: dist.broadcast(tensor, src=self.global_rank(src), group=self.group, async_op=a),
+                    sent, received)
         return tensor
+
+    # -- point to point --------------------------------------------------------------------
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        self.charge(lambda a: dist.send(tensor, self.global_rank(peer), group=self.group), _nbytes(tensor), 0)
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        self.charge(lambda a: dist.recv(tensor, self.global_rank(peer), group=self.group), 0, _nbytes(tensor))
+        return tensor
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 *, async_op: bool = False):
+        """Post every send and receive of ``(tensor, peer)`` at once (no ordering
+        deadlock between neighbours); blocking unless ``async_op``, which returns
+        one Work that completes when all of them have."""
+        ops = [dist.P2POp(dist.isend, t, self.global_rank(p), self.group) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
+        if not ops:
+            return _Done(None) if async_op else None
+        sent = sum(_nbytes(t) for t, _ in sends)
+        received = sum(_nbytes(t) for t, _ in recvs)
+
+        def call(_async: bool):
+            works = dist.batch_isend_irecv(ops)
+            if not _async:
+                for w in works:
+                    w.wait()
+                return None
+            return _AllWork(works)
+
+        return self.charge(call, sent, received, async_op=async_op)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_to_all_bytes(input_nbytes: int, world: int) -> int:
+    """Bytes each rank sends (and receives) in an all-to-all with equal splits:
+    every chunk but its own."""
+    return 0 if world <= 1 else (world - 1) * input_nbytes // world
 
 
 class _TimedWork(dist.Work):
@@ -178,3 +275,41 @@ class _TimedWork(dist.Work):
 
     def get_future(self) -> torch.futures.Future:
         return self._work.get_future()
+
+
+class _AllWork(dist.Work):
+    """Several Works as one: done when all are."""
+
+    def __init__(self, works: list):
+        super().__init__()
+        self._works = works
+        self._future = torch.futures.collect_all([w.get_future() for w in works])
+
+    def wait(self, timeout=None) -> bool:
+        for w in self._works:
+            w.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def get_future(self) -> torch.futures.Future:
+        return self._future
+
+
+class _Done(dist.Work):
+    """An already finished Work (world size 1)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self._future = torch.futures.Future()
+        self._future.set_result(value)
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self._future

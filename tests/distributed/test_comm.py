@@ -30,3 +30,41 @@ def test_counted_bytes_equal_the_ring_formula(tmp_path, world):
         s = r["stats"]
         assert (s["bytes_sent"], s["bytes_received"]) == (ar + bsent, ar + brecv)
         assert s["calls"] == 3 and s["comm_s"] > 0 and s["wait_s"] > 0
+
+
+def every_call_counted(rank: int, world: int) -> dict:
+    """all_to_all, all_gather, point-to-point and a sub-group split, each counted."""
+    comm = Comm()
+    x = torch.arange(4.0 * world) + 100 * rank
+    a2a = torch.empty_like(x)
+    comm.all_to_all_single(a2a, x)
+    gathered = comm.all_gather(torch.tensor([float(rank)]))
+    right, left = (rank + 1) % world, (rank - 1) % world
+    got = torch.empty(3)
+    comm.exchange([(torch.full((3,), float(rank)), right)], [(got, left)])
+    pairs = comm.split([[r, r + 1] for r in range(0, world, 2)])
+    s = pairs.all_reduce(torch.tensor([float(rank)]))
+    if pairs.rank == 0:
+        pairs.send(torch.tensor([7.0]), 1)
+    else:
+        pairs.recv(p := torch.empty(1), 0)
+    stats = comm.take_stats()
+    return {"a2a": a2a.tolist(), "gathered": gathered.flatten().tolist(), "got": got.tolist(),
+            "pair_sum": s.item(), "pair": (pairs.rank, pairs.world), "stats": stats.__dict__}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_to_all_gather_p2p_and_subgroups_counted(tmp_path, world):
+    from cluster import all_gather_bytes, all_to_all_bytes
+
+    out = run_ranks(every_call_counted, world, tmp_path)
+    for rank, r in enumerate(out):
+        assert r["a2a"] == [float(4 * rank + i + 100 * j) for j in range(world) for i in range(4)]
+        assert r["gathered"] == list(map(float, range(world)))
+        assert r["got"] == [float((rank - 1) % world)] * 3
+        assert r["pair_sum"] == float(rank - rank % 2) * 2 + 1 and r["pair"] == (rank % 2, 2)
+        p2p_sent, p2p_recv = (4, 0) if rank % 2 == 0 else (0, 4)
+        sent = all_to_all_bytes(16 * world, world) + all_gather_bytes(4, world) + 12 + ring_allreduce_bytes(4, 2) + p2p_sent
+        received = sent - p2p_sent + p2p_recv
+        assert (r["stats"]["bytes_sent"], r["stats"]["bytes_received"]) == (sent, received)
+        assert r["stats"]["calls"] == 5
