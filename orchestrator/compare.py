@@ -12,6 +12,7 @@ import pandas as pd
 
 from orchestrator.config import JobSpec
 from orchestrator.driver import RunResult, run
+from orchestrator.metrics import samples_mean
 
 WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebuild)
 
@@ -26,7 +27,7 @@ def summarize(metrics: pd.DataFrame) -> dict:
         "run_id": metrics.run_id.iloc[0], "workload": metrics.workload.iloc[0],
         "strategy": metrics.strategy.iloc[0], "scenario": metrics.scenario.iloc[0],
         "workers": int(metrics["rank"].nunique()), "steps": int(metrics.step.max()),
-        "final_loss": float((last.loss * last.samples).sum() / last.samples.sum()),
+        "final_loss": samples_mean(last.loss, last.samples),
         "median_step_s": float(per_step.step_time_s.median()),
         "samples_per_s": float(per_step.samples.sum() / per_step.step_time_s.sum()),
         "tokens_per_s": float(per_step.tokens.sum() / per_step.step_time_s.sum()),
@@ -36,7 +37,7 @@ def summarize(metrics: pd.DataFrame) -> dict:
         "peak_mem_bytes": int(metrics.peak_mem_bytes.max()),
     }
     if "accuracy" in metrics:
-        row["final_accuracy"] = float((last.accuracy * last.samples).sum() / last.samples.sum())
+        row["final_accuracy"] = samples_mean(last.accuracy, last.samples)
     return row
 
 

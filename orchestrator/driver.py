@@ -9,7 +9,7 @@ import pandas as pd
 
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.metrics import MetricsLog
+from orchestrator.metrics import MetricsLog, samples_mean
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 
@@ -197,7 +197,7 @@ def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress,
             got.append(row)
             if len(got) == spec.workers:  # every rank finished this step
                 step = row["step"]
-                final_loss = sum(r["loss"] * r["samples"] for r in got) / sum(r["samples"] for r in got)
+                final_loss = samples_mean([r["loss"] for r in got], [r["samples"] for r in got])
                 if step == first_step:
                     log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start)
                 out.update(step, final_loss, tokens=sum(r["tokens"] for r in got),

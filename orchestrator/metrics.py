@@ -43,6 +43,15 @@ EVENT_SCHEMA = pa.schema([
 ])
 
 
+def samples_mean(values, samples) -> float:
+    """A step's loss (or accuracy) from its rows: samples-weighted over the ranks
+    that report samples (a pipeline's last stage, one shard of a sequence; see
+    strategies.StepStats); rows with no samples carry no loss."""
+    pairs = [(float(v), int(n)) for v, n in zip(values, samples) if n > 0]
+    total = sum(n for _, n in pairs)
+    return sum(l * n for l, n in pairs) / total if total else float("nan")
+
+
 class MetricsLog:
     def __init__(self, folder: RunFolder, *, run_id: str, workload: str, strategy: str, scenario: str,
                  flush_every_s: float = 5.0):

@@ -38,8 +38,9 @@ class RankTrainer:
             self.workload,
             StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim, total_steps=spec.steps),
         )
+        replica, replicas = self.strategy.data_shard()
         self.loader = ShardedLoader(
-            self.workload.source(), rank=rank, world=world, global_batch=spec.global_batch, seed=spec.seed
+            self.workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed
         )
         self.tokens_per_sample = self.workload.tokens_per_sample()
         self.step = 0
@@ -66,7 +67,7 @@ class RankTrainer:
             "bytes_sent": comm.bytes_sent,
             "bytes_received": comm.bytes_received,
             "samples": stats.samples,
-            "tokens": stats.samples * self.tokens_per_sample,
+            "tokens": stats.samples * self.tokens_per_sample,  # 0 on ranks that do not report samples
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "wall_time": time.time(),
             **stats.extra,

@@ -51,6 +51,11 @@ class StrategyContext:
 
 @dataclass(kw_only=True)
 class StepStats:
+    """This rank's share of the step. Ranks that work on the same samples (the
+    stages of a pipeline, the shards of a sequence) report them once: one rank
+    of each replica gives its ``samples`` and exact ``loss``, the others
+    ``samples=0`` and ``loss=nan``. The step's loss is the samples-weighted mean."""
+
     loss: float  # mean over this rank's samples of the step
     samples: int
     extra: dict[str, float] = field(default_factory=dict)
@@ -83,6 +88,13 @@ class Strategy(ABC):
 
     @abstractmethod
     def setup(self, workload: Workload, ctx: StrategyContext) -> None: ...
+
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of this rank's data-parallel replica: the loader gives
+        it the index-th of count slices of every global batch. Ranks that split
+        one replica's work (pipeline stages, sequence shards) share an index.
+        Called after setup; default: every rank is its own replica."""
+        return self.ctx.rank, self.ctx.world
 
     @abstractmethod
     def train_step(self, micro_batches: list[Batch]) -> StepStats: ...
