@@ -59,6 +59,9 @@ class StepStats:
     loss: float  # mean over this rank's samples of the step
     samples: int
     extra: dict[str, float] = field(default_factory=dict)
+    # Executed actions of the step, (name, start, end) in time.time() seconds, e.g.
+    # a pipeline's ("1F3", ...); written to the run folder's timeline.parquet.
+    timeline: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 class Strategy(ABC):
