@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,9 @@ class _Ledger:
         self.stats = CommStats()
         self.in_flight = 0
         self.busy_since = 0.0
+        # (op, bytes sent, bytes received, global ranks taking part) -> the least seconds
+        # the call may take on the simulated network (cluster.network); None: no simulation
+        self.floor: Callable[[str, int, int, tuple[int, ...]], float] | None = None
 
 
 class Comm:
@@ -77,6 +81,7 @@ class Comm:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self._ledger = _ledger or _Ledger()
+        self.ranks = tuple(self.global_rank(r) for r in range(self.world))  # global ranks of this group
         self.last_launch = 0.0  # perf_counter of the latest async launch
 
     def split(self, groups: list[list[int]]) -> "Comm":
@@ -114,8 +119,9 @@ class Comm:
             led.in_flight += 1
         return now
 
-    def _end(self) -> float:
-        now = time.perf_counter()
+    def _end(self, at: float = 0.0) -> float:
+        """The call is over (at ``at``, if the simulated network says later than now)."""
+        now = max(time.perf_counter(), at)
         led = self._ledger
         with led.lock:
             led.in_flight -= 1
@@ -137,21 +143,44 @@ class Comm:
         with self._ledger.lock:
             self._ledger.stats.wait_s += seconds
 
-    def charge(self, call, sent: int, received: int, *, async_op: bool = False):
+    def set_floor(self, floor: Callable[[str, int, int, tuple[int, ...]], float] | None) -> None:
+        """Simulate a network: every call takes at least ``floor(op, sent, received,
+        ranks)`` seconds (it is delayed by the difference); ``ranks`` are the global
+        ranks taking part. Shared by sub-groups."""
+        self._ledger.floor = floor
+
+    def _floor(self, op: str, sent: int, received: int, peers: tuple[int, ...] | None = None) -> float:
+        f = self._ledger.floor
+        if f is None:
+            return 0.0
+        ranks = self.ranks if peers is None else (self.global_rank(self.rank), *map(self.global_rank, peers))
+        return f(op, sent, received, ranks)
+
+    def _hold(self, until: float) -> None:
+        """Sleep until ``until`` (perf_counter): the simulated network's extra time."""
+        left = until - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+    def charge(self, call, sent: int, received: int, *, async_op: bool = False, op: str = "call",
+               peers: tuple[int, ...] | None = None):
         """Run ``call(async_op)`` accounted. Blocking: the time counts as waiting
         and the call's result is returned. Async: returns a Work whose wait() is
-        timed and whose completion ends the in-flight interval. Strategies that
-        call a library's own collectives (DeepSpeed) charge them through this."""
+        timed and whose completion ends the in-flight interval. Under a simulated
+        network the call lasts at least the modelled time. Strategies that call a
+        library's own collectives (DeepSpeed) charge them through this."""
         start = self._begin(sent, received)
+        done_by = start + self._floor(op, sent, received, peers)
         if not async_op:
             try:
                 return call(False)
             finally:
+                self._hold(done_by)
                 self.add_wait(self._end() - start)
         self.last_launch = start
         work = call(True)
-        work.get_future().then(lambda _: self._end())
-        return _TimedWork(work, self)
+        work.get_future().then(lambda _: self._end(at=done_by))
+        return _TimedWork(work, self, done_by)
 
     # -- collectives -----------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, *, async_op: bool = False):
@@ -160,17 +189,19 @@ class Comm:
             return _Done(tensor) if async_op else tensor
         nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
         work = self.charge(lambda a: dist.all_reduce(tensor, op=op, group=self.group, async_op=a),
-                           nbytes, nbytes, async_op=async_op)
+                           nbytes, nbytes, async_op=async_op, op="all_reduce")
         return work if async_op else tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
         """Sum-all-reduce without blocking; the future yields the reduced tensor
         (the shape a DDP comm hook returns)."""
         nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
-        self.last_launch = self._begin(nbytes, nbytes)
+        self.last_launch = start = self._begin(nbytes, nbytes)
+        done_by = start + self._floor("all_reduce", nbytes, nbytes)
         work = dist.all_reduce(tensor, group=self.group, async_op=True)
 
         def done(fut: torch.futures.Future) -> torch.Tensor:
+            self._hold(done_by)  # on the backend's thread: DDP waits for this future
             self._end()
             return fut.value()[0]
 
@@ -180,7 +211,7 @@ class Comm:
         """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""
         nbytes = all_gather_bytes(_nbytes(input), self.world)
         call = lambda a: _all_gather_single(output, input, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op)
+        return self.charge(call, nbytes, nbytes, async_op=async_op, op="all_gather")
 
     def all_gather(self, input: torch.Tensor) -> torch.Tensor:
         """Every rank's ``input`` (same shape everywhere) stacked on a new first dim."""
@@ -196,7 +227,7 @@ class Comm:
         """``input`` reduced over ranks; this rank keeps its slice in ``output`` (FSDP's gradients)."""
         nbytes = reduce_scatter_bytes(_nbytes(input), self.world)
         call = lambda a: _reduce_scatter_single(output, input, op=op, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op)
+        return self.charge(call, nbytes, nbytes, async_op=async_op, op="reduce_scatter")
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Equal splits along dim 0: chunk j of ``input`` goes to rank j; chunk j
@@ -206,23 +237,42 @@ class Comm:
             return _Done(output) if async_op else None
         nbytes = all_to_all_bytes(_nbytes(input), self.world)
         call = lambda a: dist.all_to_all_single(output, input, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op)
+        return self.charge(call, nbytes, nbytes, async_op=async_op, op="all_to_all")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world == 1:
             return tensor
         sent, received = broadcast_bytes(_nbytes(tensor), self.world, is_root=self.rank == src)
         self.charge(lambda a: dist.broadcast(tensor, src=self.global_rank(src), group=self.group, async_op=a),
-                    sent, received)
+                    sent, received, op="broadcast")
         return tensor
 
     # -- point to point --------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, peer: int) -> None:
-        self.charge(lambda a: dist.send(tensor, self.global_rank(peer), group=self.group), _nbytes(tensor), 0)
+        self.charge(lambda a: dist.send(tensor, self.global_rank(peer), group=self.group), _nbytes(tensor), 0,
+                    op="send", peers=(peer,))
 
     def recv(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
-        self.charge(lambda a: dist.recv(tensor, self.global_rank(peer), group=self.group), 0, _nbytes(tensor))
+        self.charge(lambda a: dist.recv(tensor, self.global_rank(peer), group=self.group), 0, _nbytes(tensor),
+                    op="recv", peers=(peer,))
         return tensor
+
+    def isend(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        """Post a send and return at once; ``wait()`` on the returned Work (timed)
+        before reusing ``tensor``. In flight from posting until that wait returns:
+        gloo's point-to-point Works have no completion future to end it sooner."""
+        return self._p2p(lambda: dist.isend(tensor, self.global_rank(peer), group=self.group),
+                         _nbytes(tensor), 0, "send", peer)
+
+    def irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        """Post a receive into ``tensor`` and return at once; its ``wait()`` is
+        counted as time blocked (a pipeline's idle time waiting for its input)."""
+        return self._p2p(lambda: dist.irecv(tensor, self.global_rank(peer), group=self.group),
+                         0, _nbytes(tensor), "recv", peer)
+
+    def _p2p(self, post, sent: int, received: int, op: str, peer: int) -> dist.Work:
+        self.last_launch = start = self._begin(sent, received)
+        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, (peer,)))
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  *, async_op: bool = False):
@@ -244,7 +294,8 @@ class Comm:
                 return None
             return _AllWork(works)
 
-        return self.charge(call, sent, received, async_op=async_op)
+        peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
+        return self.charge(call, sent, received, async_op=async_op, op="exchange", peers=peers)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -258,15 +309,17 @@ def all_to_all_bytes(input_nbytes: int, world: int) -> int:
 
 
 class _TimedWork(dist.Work):
-    """A backend Work whose wait() is counted as time blocked on communication."""
+    """A backend Work whose wait() is counted as time blocked on communication
+    and lasts until the simulated network's ``done_by`` (perf_counter)."""
 
-    def __init__(self, work: dist.Work, comm: Comm):
+    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0):
         super().__init__()
-        self._work, self._comm = work, comm
+        self._work, self._comm, self._done_by = work, comm, done_by
 
     def wait(self, timeout=None) -> bool:
         t0 = time.perf_counter()
         done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
         return done
 
@@ -275,6 +328,28 @@ class _TimedWork(dist.Work):
 
     def get_future(self) -> torch.futures.Future:
         return self._work.get_future()
+
+
+class _EndsOnWait(dist.Work):
+    """A point-to-point Work whose wait() is timed as blocked, lasts until the
+    simulated network's ``done_by``, and ends the call's in-flight interval (once)."""
+
+    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0):
+        super().__init__()
+        self._work, self._comm, self._done_by, self._open = work, comm, done_by, True
+
+    def wait(self, timeout=None) -> bool:
+        t0 = time.perf_counter()
+        done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._comm._hold(self._done_by)
+        self._comm.add_wait(time.perf_counter() - t0)
+        if self._open:
+            self._open = False
+            self._comm._end()
+        return done
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
 
 
 class _AllWork(dist.Work):

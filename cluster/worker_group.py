@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,23 +32,52 @@ class WorkerContext:
     master_addr: str
     master_port: int
     threads: int
-    report: Callable[[dict], None] = field(default=lambda row: None, repr=False)  # set on the worker
+    # set on the worker:
+    report: Callable[[dict], None] = field(default=lambda row: None, repr=False)
+    controls: Callable[[], list[dict]] = field(default=lambda: [], repr=False)  # messages from the driver
+    stash: Callable[[Any], Any] = field(default=lambda value: value, repr=False)  # value -> handle
+    fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
 
     @property
     def init_method(self) -> str:
         return f"tcp://{self.master_addr}:{self.master_port}"
 
 
-@ray.remote(max_concurrency=2)  # one thread runs the job, one answers poll()
+@ray.remote(num_cpus=0)
+class Keeper:
+    """Holds what workers stash (in-memory snapshots) in Ray's object store, as
+    the owner of those objects: an object dies with its owner, so a worker must
+    not own the snapshot it would be restored from. One per job, on the
+    driver's node; a node that dies takes only its workers, not this."""
+
+    def __init__(self):
+        self.refs: dict[str, ray.ObjectRef] = {}
+
+    def stash(self, key: str, value: Any) -> str:
+        self.refs[key] = ray.put(value)
+        return key
+
+    def fetch(self, keys: list[str]) -> list[list]:
+        # each ref wrapped in a list, so the caller gets the ref, not a copy through this actor
+        return [[self.refs[k]] for k in keys]
+
+    def drop(self, keys: list[str]) -> None:
+        for k in keys:
+            self.refs.pop(k, None)
+
+
+@ray.remote(max_concurrency=2)  # one thread runs the job, one answers poll() and control()
 class RankWorker:
-    def __init__(self, threads: int, env: dict[str, str]):
+    def __init__(self, threads: int, env: dict[str, str], keeper=None):
         os.environ.update(env)
         import torch
 
         torch.set_num_threads(threads)
         self.threads = threads
+        self.keeper = keeper
         self._lock = threading.Lock()
         self._reports: list[dict] = []
+        self._controls: list[dict] = []
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -60,14 +90,35 @@ class RankWorker:
         with self._lock:
             self._reports.append(row)
 
+    def _take_controls(self) -> list[dict]:
+        with self._lock:
+            msgs, self._controls = self._controls, []
+        return msgs
+
+    def _stash(self, value: Any) -> str:
+        key = uuid.uuid4().hex
+        if self.keeper is None:
+            raise RuntimeError("no Keeper: this worker group was started without one")
+        return ray.get(self.keeper.stash.remote(key, value))
+
+    def _fetch(self, keys: list[str]) -> list:
+        refs = ray.get(self.keeper.fetch.remote(keys))
+        return ray.get([r[0] for r in refs])
+
     def run(self, ctx: WorkerContext, fn: Callable[..., Any], *args: Any) -> Any:
-        ctx.report = self._report
+        ctx.report, ctx.controls = self._report, self._take_controls
+        ctx.stash = self._stash
+        ctx.fetch = self._fetch
         return fn(ctx, *args)
 
     def poll(self) -> list[dict]:
         with self._lock:
             rows, self._reports = self._reports, []
         return rows
+
+    def control(self, msg: dict) -> None:
+        with self._lock:
+            self._controls.append(msg)
 
 
 class WorkerGroup:
@@ -80,11 +131,13 @@ class WorkerGroup:
         placement: str = "PACK",
         env: dict[str, str] | None = None,
         placement_timeout_s: float = 60,
+        keeper=None,
     ):
         self.n = workers
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.placement, self.env = placement, env or {}
         self.placement_timeout_s = placement_timeout_s
+        self.keeper = keeper
         self.actors: list = []
         self.contexts: list[WorkerContext] = []
         self.pids: list[int] = []
@@ -109,7 +162,7 @@ class WorkerGroup:
                 num_cpus=self.cpus,
                 num_gpus=self.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(threads, self.env)
+            ).remote(threads, self.env, self.keeper)
             for i in range(self.n)
         ]
         where = ray.get([a.where.remote() for a in self.actors])
@@ -149,6 +202,14 @@ class WorkerGroup:
             except ray.exceptions.RayActorError:
                 pass  # a dead worker shows up in its run() result
         return rows
+
+    def control(self, msg: dict) -> None:
+        """Send ``msg`` to every rank (fire and forget; ranks apply it at msg['step'])."""
+        for a in self.actors:
+            a.control.remote(msg)
+
+    def kill(self, rank: int) -> None:
+        ray.kill(self.actors[rank], no_restart=True)
 
     def shutdown(self) -> None:
         for a in self.actors:

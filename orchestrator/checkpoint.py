@@ -12,6 +12,7 @@ import io
 import json
 import re
 import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -56,9 +57,11 @@ def committed(run_url: str) -> list[tuple[int, str]]:
 class Checkpointer:
     """Saves every ``every`` steps (collective) and keeps the newest ``keep``."""
 
-    def __init__(self, run_url: str, *, every: int, keep: int, rank: int, world: int, meta: dict[str, Any]):
+    def __init__(self, run_url: str, *, every: int, keep: int, rank: int, world: int, meta: dict[str, Any],
+                 written=lambda step: None):
         self.run_url, self.every, self.keep = run_url, every, keep
         self.rank, self.world, self.meta = rank, world, meta
+        self.written = written  # called between this rank's write and the commit (fault injection)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -74,6 +77,7 @@ class Checkpointer:
             record = {**self.meta, "step": trainer.step, "cursor": trainer.loader.state_dict(), "world": self.world,
                       "saved_at": time.time()}
             fs.pipe_file(f"{path}/trainer.json", json.dumps(record, indent=1).encode())
+        self.written(trainer.step)
         if dist.is_initialized():
             dist.barrier()  # every rank's shards are on storage before the marker
         if self.rank == 0:
@@ -98,6 +102,36 @@ def restore(trainer, url: str) -> dict[str, Any]:
     rng = f"{path}/rng_rank{trainer.rank % meta['world']}.pt"
     torch.set_rng_state(torch.load(io.BytesIO(fs.cat_file(rng)), weights_only=True))
     return meta
+
+
+def snapshot_files(trainer, meta: dict[str, Any]) -> dict[str, bytes]:
+    """Collective: this rank's part of a checkpoint of the current step, as
+    {relative path: bytes}. Written through fsspec's in-process memory://
+    filesystem, so a snapshot is the checkpoint format (reshardable, with RNG and
+    data cursor) without touching storage; the union of every rank's part is a
+    whole checkpoint."""
+    root = f"memory://polytrain-snapshot-{uuid.uuid4().hex}"
+    fs, base = fsspec.core.url_to_fs(root)
+    try:
+        Checkpointer(root, every=1, keep=1, rank=trainer.rank, world=trainer.world, meta=meta).save(trainer)
+        prefix = base.rstrip("/") + "/"
+        return {f.removeprefix(prefix): fs.cat_file(f) for f in fs.find(base)}
+    finally:
+        fs.rm(base, recursive=True)
+
+
+def restore_snapshot(trainer, parts: list[dict[str, bytes]]) -> dict[str, Any]:
+    """Collective: restore from every rank's ``snapshot_files`` (any world size)."""
+    root = f"memory://polytrain-restore-{uuid.uuid4().hex}"
+    fs, base = fsspec.core.url_to_fs(root)
+    try:
+        for part in parts:
+            for rel, data in part.items():
+                fs.pipe_file(f"{base}/{rel}", data)
+        (_, url), = committed(root)
+        return restore(trainer, url)
+    finally:
+        fs.rm(base, recursive=True)
 
 
 # -- driver ------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a sharded checkpoint every N steps (default: never)")
     r.add_argument("--resume", metavar="latest|URL",
                    help="continue from this run's newest committed checkpoint, or from a checkpoint URL")
+    r.add_argument("--scenario", help="simulated network: a name from `polytrain scenarios` or "
+                   "nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us (default local: none)")
+    r.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="inject a fault (repeatable): kill:rank=1,step=30[,at=checkpoint]  hang:rank=0,step=20  "
+                   "slow:rank=2,factor=3[,from=10,to=50]  nan:step=40  netdelay:rank=1,ms=500")
+    r.add_argument("--max-failures", dest="max_failures", type=int, metavar="N",
+                   help="restart up to N times after a failure (default 0; see failure.* with --set)")
+    r.add_argument("--straggler", metavar="none|rebalance|backup|evict",
+                   help="straggler mitigation (default none: detect and report only)")
     r.add_argument("--config", help="YAML or TOML job spec")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any spec field, e.g. strategy.bucket_mb=10, optim.lr=3e-3, workload.d_model=128")
@@ -36,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress line")
 
     for name, what in (("workloads", "registered workloads and their options"),
-                       ("strategies", "registered strategies and their options")):
+                       ("strategies", "registered strategies and their options"),
+                       ("scenarios", "simulated network scenarios (--scenario)")):
         sub.add_parser(name, help=f"list {what}", description=f"List {what}.")
     return p
 
@@ -77,6 +87,14 @@ def cmd_strategies() -> int:
     return EXIT_OK
 
 
+def cmd_scenarios() -> int:
+    from cluster.network import describe
+
+    for name, line in describe():
+        print(f"{name:<16} {line}")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_spec
     from orchestrator.driver import run
@@ -84,10 +102,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.address:
         overrides.insert(0, f"cluster.address={args.address}")
+    if args.max_failures is not None:
+        overrides.insert(0, f"failure.max_failures={args.max_failures}")
+    if args.straggler:
+        overrides.insert(0, f"straggler.mitigation={args.straggler}")
     spec = load_spec(
         config=args.config, overrides=overrides, workload=args.workload, strategy=args.strategy,
         workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
+        inject=args.inject or None,
     )
     result = run(spec, progress=not args.quiet)
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s, final loss {result.final_loss:.4f}\n"
@@ -106,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_workloads()
         if args.command == "strategies":
             return cmd_strategies()
+        if args.command == "scenarios":
+            return cmd_scenarios()
         return cmd_run(args)
     except (ConfigError, ClusterError) as e:
         print(f"polytrain: error: {e}", file=sys.stderr)

@@ -12,13 +12,14 @@ import pandas as pd
 
 from orchestrator.config import JobSpec
 from orchestrator.driver import RunResult, run
-from orchestrator.metrics import samples_mean
+from orchestrator.metrics import final_attempt, samples_mean
 
 WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebuild)
 
 
 def summarize(metrics: pd.DataFrame) -> dict:
     """One run's headline figures from its metrics rows."""
+    metrics = final_attempt(metrics)
     steady = metrics[metrics.step > WARMUP_STEPS] if metrics.step.max() > WARMUP_STEPS else metrics
     per_step = steady.groupby("step").agg(
         step_time_s=("step_time_s", "max"), samples=("samples", "sum"), tokens=("tokens", "sum"))

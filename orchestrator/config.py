@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.faults import Injection, parse_injection
+from cluster.network import parse_scenario
 from strategies import STRATEGIES, OptimConfig, Strategy
 from workloads import WORKLOADS, Workload
 from workloads.plugins import canonical_ref, is_ref, local_sources
@@ -66,9 +68,39 @@ class ClusterSpec(BaseModel):
     placement_timeout_s: float = Field(60, gt=0, description="how long to wait for the workers to be placed")
 
 
+class FailureSpec(BaseModel):
+    """What the controller does when a worker dies, hangs or produces a NaN loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_failures: int = Field(0, ge=0, description="restarts allowed before the run fails (0, as in Ray Train: fail at once)")
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each restart")
+    snapshot_every: int = Field(10, ge=1, description="keep an in-memory snapshot in Ray's object store every N steps")
+    snapshots: bool = Field(True, description="in-memory snapshots on (restore from them first, else the newest checkpoint)")
+    elastic: bool = Field(False, description="on failure, continue with the healthy workers instead of replacing the lost one")
+    min_workers: int = Field(1, ge=1, description="elastic: never shrink below this many workers")
+    hang_factor: float = Field(10.0, gt=1, description="a step is hung after hang_factor x the recent median step time ...")
+    hang_floor_s: float = Field(60.0, gt=0, description="... and never sooner than this")
+    nan: Literal["skip", "rollback", "fail"] = Field(
+        "skip", description="a non-finite loss: skip the update, roll back to the last snapshot, or fail the run")
+
+
+class StragglerSpec(BaseModel):
+    """How slow ranks are found (compute time over a sliding window) and what is done."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mitigation: Literal["none", "rebalance", "backup", "evict"] = Field(
+        "none", description="rebalance: smaller batch share; backup: drop the late gradients; evict: restart without it")
+    factor: float = Field(1.5, gt=1, description="slower than factor x the median compute time ...")
+    patience: int = Field(5, ge=1, description="... for this many steps in a row is a straggler")
+    window: int = Field(10, ge=2, description="steps of compute time the median and speeds are taken over")
+
+
 _TOP_KEYS = (
     "workload", "strategy", "workers", "steps", "batch_size", "grad_accum", "seed",
     "storage", "run_id", "optim", "cluster", "scenario", "checkpoint_every", "keep_checkpoints", "resume",
+    "failure", "straggler", "inject",
 )
 
 
@@ -90,12 +122,16 @@ class JobSpec(BaseModel):
     storage: str = Field("./runs", validate_default=True,
                          description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
-    scenario: str = Field("local", description="network scenario (local: no simulated delay)")
+    scenario: str = Field("local", description="simulated network: local (none), a name from `polytrain scenarios`, "
+                          "or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
     keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints to keep (oldest deleted first)")
     resume: str | None = Field(None, description="'latest' (this run's newest committed checkpoint) or a checkpoint URL")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    straggler: StragglerSpec = Field(default_factory=StragglerSpec)
+    inject: list[str] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
 
     def __init__(self, **data: Any):
         try:
@@ -120,9 +156,16 @@ class JobSpec(BaseModel):
     @field_validator("scenario")
     @classmethod
     def _known_scenario(cls, v: str) -> str:
-        if v != "local":
-            raise ValueError(f"unknown scenario {v!r} (available: local)")
-        return v
+        parse_scenario(v)  # ValueError names the problem
+        return v.strip()
+
+    @field_validator("inject", mode="before")
+    @classmethod
+    def _parse_injections(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list):
+            return v
+        return [str(parse_injection(str(i))) for i in items]  # canonical form; ValueError names the string
 
     @model_validator(mode="after")
     def _resolve(self) -> "JobSpec":
@@ -136,6 +179,22 @@ class JobSpec(BaseModel):
         if self.storage.startswith("memory://") and (self.checkpoint_every or self.resume):
             raise ValueError(f"storage={self.storage!r}: checkpoints are written by the workers, which cannot see "
                              f"this process's memory:// filesystem; use a path or a shared URL (s3://, ...)")
+        sc = parse_scenario(self.scenario)
+        if sc is not None:
+            sc.check(self.workers)
+        for inj in self.injections():
+            if inj.rank is not None and inj.rank >= self.workers:
+                raise ValueError(f"inject={str(inj)!r}: rank={inj.rank} is outside the world (workers={self.workers}: "
+                                 f"ranks 0..{self.workers - 1})")
+            if inj.step is not None and inj.step > self.steps:
+                raise ValueError(f"inject={str(inj)!r}: step={inj.step} is after the last step (steps={self.steps})")
+        if self.failure.min_workers > self.workers:
+            raise ValueError(f"failure.min_workers={self.failure.min_workers}: more than workers={self.workers}")
+        needs_uneven = self.straggler.mitigation in ("rebalance", "backup") or self.failure.elastic
+        if needs_uneven and not strategy_cls.uneven_batches:
+            what = "failure.elastic=true" if self.failure.elastic else f"straggler.mitigation={self.straggler.mitigation!r}"
+            raise ValueError(f"{what}: strategy {self.strategy.name!r} cannot train uneven per-rank batches "
+                             f"(strategies that can: those with uneven_batches, e.g. ddp, fsdp)")
         per_step = self.workers * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
@@ -162,6 +221,15 @@ class JobSpec(BaseModel):
             return self.strategy_cls().Options(**self.strategy.options)
         except ValidationError as e:
             raise ValueError(format_validation_error(e, "strategy.")) from None
+
+    @property
+    def snapshots_needed(self) -> bool:
+        """In-memory snapshots are only worth their cost when something may restore them."""
+        f = self.failure
+        return f.snapshots and (f.max_failures > 0 or f.nan == "rollback" or self.straggler.mitigation == "evict")
+
+    def injections(self) -> list[Injection]:
+        return [parse_injection(i) for i in self.inject]
 
     @property
     def global_batch(self) -> int:

@@ -9,7 +9,9 @@ import pandas as pd
 
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.metrics import MetricsLog, samples_mean
+from orchestrator.controller import Controller, GroupStatus, RunFailed
+from orchestrator.metrics import MetricsLog
+from orchestrator.trainer import Attempt, pack_job, train_worker
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 
@@ -18,10 +20,6 @@ from orchestrator.storage import RunFolder
 # or fails, so this bounds only progress-line latency; on a small machine every
 # poll takes CPU from the workers.
 POLL_S = 0.25
-
-
-class RunFailed(RuntimeError):
-    """The job started but did not finish (exit code 1)."""
 
 
 @dataclass
@@ -50,31 +48,6 @@ def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
 
 FAILURE_GRACE_S = 3.0
 
-# Messages of errors that are the echo of another rank's death, not a cause.
-_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
-                 "gloo", "nccl", "timed out", "socket")
-
-
-def _failures(done: list, pending: dict) -> list[tuple[int, str]]:
-    """(rank, message) for each finished ref that raised; pops every finished ref."""
-    import ray
-
-    out = []
-    for ref in done:
-        rank = pending.pop(ref)
-        try:
-            ray.get(ref)
-        except Exception as e:  # RayTaskError, RayActorError
-            out.append((rank, _failure_message(rank, e)))
-    return out
-
-
-def _root_cause(failures: list[tuple[int, str]]) -> tuple[int, str]:
-    for rank, msg in failures:
-        if not any(p in msg.lower() for p in _PEER_FAILURE):
-            return rank, msg
-    return failures[0]
-
 
 def _failure_message(rank: int, err: BaseException) -> str:
     import ray
@@ -87,12 +60,69 @@ def _failure_message(rank: int, err: BaseException) -> str:
     return f"rank {rank} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
+class RayGroup:
+    """The controller's Group on Ray: one WorkerGroup (placement group + actors)
+    per attempt, running ``train_worker``."""
+
+    def __init__(self, spec: JobSpec, *, cpus: float, keeper, payload: bytes, run_url: str, ckpt_meta: dict,
+                 phases: list):
+        self.spec, self.cpus, self.keeper = spec, cpus, keeper
+        self.payload, self.run_url, self.ckpt_meta = payload, run_url, ckpt_meta
+        self.phases = phases  # (name, seconds) of each start, for the events
+        self.wg = None
+        self.pending: dict = {}
+        self.finished: set[int] = set()
+
+    def start(self, attempt: Attempt) -> None:
+        from cluster.worker_group import WorkerGroup
+
+        spec = self.spec
+        self.wg = WorkerGroup(
+            attempt.world, cpus_per_worker=self.cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
+            placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
+            keeper=self.keeper,
+        )
+        self.wg.start()
+        self.phases += list(self.wg.phases.items())
+        refs = self.wg.run_async(train_worker, spec, self.payload, self.run_url, attempt, self.ckpt_meta)
+        self.pending = dict(zip(refs, range(attempt.world)))
+        self.finished = set()
+
+    def poll(self) -> GroupStatus:
+        import ray
+
+        status = GroupStatus()
+        if self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=POLL_S)
+            if done:  # and whatever else is already done
+                done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in done:
+                rank = self.pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    self.finished.add(rank)
+                except Exception as e:  # RayTaskError, RayActorError
+                    status.errors[rank] = _failure_message(rank, e)
+        status.rows = self.wg.poll()
+        status.finished = set(self.finished)
+        return status
+
+    def control(self, msg: dict) -> None:
+        self.wg.control(msg)
+
+    def shutdown(self) -> None:
+        if self.wg is not None:
+            self.wg.shutdown()
+            self.wg = None
+
+
 def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     """Run a job to the end. Raises ConfigError for bad input (before any worker
     starts) and RunFailed if a worker fails; the run folder keeps what was written."""
     from cluster import runtime as ray_runtime
-    from cluster.worker_group import WorkerGroup
-    from orchestrator.trainer import pack_job, train_worker
+    import ray
+
+    from cluster.worker_group import Keeper
 
     t_start = time.perf_counter()
     if spec.cluster.address:  # fail fast, before anything is written
@@ -135,7 +165,6 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
                                 py_modules=spec.worker_sources())
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
-    group = None
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
         if not runtime.embedded and spec.workers * cpus > runtime.total_cpus:
@@ -146,24 +175,39 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
         if runtime.embedded and spec.workers > runtime.total_cpus:
             out.note(f"note: {spec.workers} workers on {runtime.total_cpus:g} CPUs: {cpus:.2g} CPU and 1 thread "
                      f"each (a simulated cluster on one machine)")
-        group = WorkerGroup(
-            spec.workers, cpus_per_worker=cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
-            placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
-        )
-        group.start()
-        for phase, secs in group.phases.items():
-            log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        refs = group.run_async(train_worker, spec, pack_job(workload, strategy_cls), folder.url, resume_url, ckpt_meta)
-        final_loss, last_checkpoint = _supervise(spec, refs, group, log, out, t_start, first_step=resumed_step + 1)
+        keeper = Keeper.remote()
+        phases: list = []
+        make_group = lambda: RayGroup(spec, cpus=cpus, keeper=keeper, payload=payload,  # noqa: E731
+                                      run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)
+        payload = pack_job(workload, strategy_cls)
+
+        def newest_checkpoint():
+            try:
+                url, meta, _ = checkpoint.resolve("latest", run_url=folder.url, fmt=ckpt_meta["format"],
+                                                  shapes=ckpt_meta["shapes"])
+                return meta["step"], url
+            except checkpoint.CheckpointError:
+                return None
+
+        controller = Controller(
+            spec, make_group, log, out, grace_s=FAILURE_GRACE_S, start_step=resumed_step,
+            first=Attempt(world=spec.workers, resume_url=resume_url, injections=list(spec.inject)),
+            newest_checkpoint=newest_checkpoint, forget=lambda handles: keeper.drop.remote(handles),
+            first_step_at=lambda step: log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start),
+        )
+        try:
+            final_loss, last_checkpoint = controller.run()
+        finally:
+            ray.kill(keeper)  # the snapshots it owns go with it
+            for phase, secs in phases:
+                log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
     except KeyboardInterrupt:
         log.event("interrupted", detail="Ctrl-C")
         raise
     finally:
         out.close()
-        if group is not None:
-            group.shutdown()
         runtime.shutdown()
         log.flush()
     wall = time.perf_counter() - t_start
@@ -171,54 +215,3 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     log.flush()
     return RunResult(run_id=spec.run_id, url=folder.url, steps=spec.steps, wall_s=wall, final_loss=final_loss,
                      checkpoint=last_checkpoint or (checkpoint.committed(folder.url) or [(0, None)])[0][1])
-
-
-def _supervise(spec: JobSpec, refs: list, group, log: MetricsLog, out: Progress, t_start: float,
-               first_step: int) -> tuple[float, str | None]:
-    """Collect reports until every rank returns; the first failure ends the run.
-    Returns the final loss and the newest checkpoint written."""
-    import ray
-
-    pending = dict(zip(refs, range(spec.workers)))
-    per_step: dict[int, list[dict]] = {}
-    final_loss, last_checkpoint = float("nan"), None
-
-    def absorb(rows: list[dict]) -> None:
-        nonlocal final_loss, last_checkpoint
-        for row in rows:
-            if "event" in row:
-                log.event(row["event"], rank=row["rank"], step=row.get("step", -1),
-                          seconds=row.get("seconds", float("nan")), detail=row.get("detail", ""))
-                if row["event"] == "checkpoint":
-                    last_checkpoint = row["detail"]
-                continue
-            log.add_row(row)
-            got = per_step.setdefault(row["step"], [])
-            got.append(row)
-            if len(got) == spec.workers:  # every rank finished this step
-                step = row["step"]
-                final_loss = samples_mean([r["loss"] for r in got], [r["samples"] for r in got])
-                if step == first_step:
-                    log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start)
-                out.update(step, final_loss, tokens=sum(r["tokens"] for r in got),
-                           samples=sum(r["samples"] for r in got), ended=max(r["wall_time"] for r in got))
-                del per_step[step]
-
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-        failures = _failures(done, pending)
-        if failures:
-            # A rank's error makes its peers' collectives fail a moment later; give
-            # them a moment to report so the root cause, not the echo, is named.
-            if pending:
-                more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
-                failures += _failures(more, pending)
-            absorb(group.poll())
-            rank, msg = _root_cause(failures)
-            for r, m in failures:
-                log.event("failed", rank=r, detail=m)
-            raise RunFailed(msg)
-        absorb(group.poll())
-        log.maybe_flush()
-    absorb(group.poll())
-    return final_loss, last_checkpoint

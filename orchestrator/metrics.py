@@ -32,6 +32,15 @@ METRIC_SCHEMA = pa.schema([
 ])
 METRIC_COLUMNS = METRIC_SCHEMA.names
 
+TIMELINE_SCHEMA = pa.schema([  # executed actions (a pipeline's F/B/W), one row each
+    ("run_id", pa.string()),
+    ("step", pa.int64()),
+    ("rank", pa.int64()),
+    ("action", pa.string()),
+    ("start", pa.float64()),  # unix time
+    ("end", pa.float64()),
+])
+
 EVENT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("wall_time", pa.float64()),
@@ -52,6 +61,16 @@ def samples_mean(values, samples) -> float:
     return sum(l * n for l, n in pairs) / total if total else float("nan")
 
 
+def final_attempt(metrics):
+    """A run's metric rows with every step's rows from the last attempt that ran
+    it: after a restart, steps redone from a snapshot replace the lost ones
+    (which stay in metrics.parquet, tagged with their ``attempt``)."""
+    if "attempt" not in metrics or metrics.empty:
+        return metrics
+    last = metrics.groupby("step")["attempt"].transform("max")
+    return metrics[metrics["attempt"] == last]
+
+
 class MetricsLog:
     def __init__(self, folder: RunFolder, *, run_id: str, workload: str, strategy: str, scenario: str,
                  flush_every_s: float = 5.0):
@@ -59,6 +78,7 @@ class MetricsLog:
         self.const = {"run_id": run_id, "workload": workload, "strategy": strategy, "scenario": scenario}
         self.rows: list[dict] = []
         self.events: list[dict] = []
+        self.timeline: list[dict] = []
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self._dirty = False
@@ -76,6 +96,12 @@ class MetricsLog:
         self.rows.append({**self.const, **row})
         self._dirty = True
 
+    def add_timeline(self, step: int, rank: int, actions: list[tuple[str, float, float]]) -> None:
+        run_id = self.const["run_id"]
+        self.timeline += [{"run_id": run_id, "step": step, "rank": rank, "action": a, "start": t0, "end": t1}
+                          for a, t0, t1 in actions]
+        self._dirty = True
+
     def event(self, kind: str, *, rank: int = -1, step: int = -1, seconds: float = float("nan"), detail: str = "") -> None:
         self.events.append({
             "run_id": self.const["run_id"], "wall_time": time.time(), "kind": kind,
@@ -90,6 +116,8 @@ class MetricsLog:
     def flush(self) -> None:
         self.folder.write_table("metrics.parquet", self.metrics_table())
         self.folder.write_table("events.parquet", pa.Table.from_pylist(self.events, schema=EVENT_SCHEMA))
+        if self.timeline:
+            self.folder.write_table("timeline.parquet", pa.Table.from_pylist(self.timeline, schema=TIMELINE_SCHEMA))
         self._last_flush, self._dirty = time.monotonic(), False
 
     def metrics_table(self) -> pa.Table:

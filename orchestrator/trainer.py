@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from cluster import Comm
-from cluster.dist import destroy_process_group, init_process_group, pick_device
-from orchestrator.checkpoint import Checkpointer, restore
+from cluster.faults import FaultInjector, parse_injection
+from cluster.network import parse_scenario
+from cluster.dist import init_process_group, pick_device
+from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
 from strategies import STRATEGIES, Strategy, StrategyContext
-from workloads import WORKLOADS, ShardedLoader, Workload, split_micro
+from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
 
 
@@ -22,16 +25,61 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+@dataclass(kw_only=True)
+class Attempt:
+    """One start of the worker group: the controller's plan for it."""
+
+    number: int = 0
+    world: int
+    resume_url: str | None = None  # a checked, committed checkpoint to restore ...
+    snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
+    shares: list[int] | None = None  # samples per rank; None: an even split
+    injections: list[str] = field(default_factory=list)  # those that have not fired yet
+
+
+def network_floor(scenario: str, injector: FaultInjector, step: Callable[[], int]):
+    """The least time of each communication call: the scenario's network model,
+    plus any ``netdelay`` injected on this rank. None when neither applies."""
+    model = parse_scenario(scenario)
+    if model is None and not any(i.kind == "netdelay" for i in injector.mine):
+        return None
+
+    def floor(op: str, sent: int, received: int, ranks: tuple[int, ...]) -> float:
+        base = model.seconds(op, sent, received, ranks) if model is not None else 0.0
+        return base + injector.comm_delay_s(step())
+
+    return floor
+
+
+class _Poisoned:
+    """The workload with its loss made NaN on demand (the ``nan`` injection)."""
+
+    def __init__(self, workload: Workload):
+        self._workload, self.active = workload, False
+
+    def __getattr__(self, name):
+        return getattr(self._workload, name)
+
+    def loss(self, output, batch):
+        loss = self._workload.loss(output, batch)
+        return loss * float("nan") if self.active else loss
+
+
 class RankTrainer:
     """Builds one rank's strategy and loader and runs steps. Usable without Ray:
     tests drive it in plain processes against the single-process reference."""
 
     def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
-                 workload: Workload | None = None, strategy_cls: type[Strategy] | None = None):
+                 workload: Workload | None = None, strategy_cls: type[Strategy] | None = None,
+                 shares: list[int] | None = None, injections: list[str] = (), report: Callable[[dict], None] = None):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
-        self.workload = workload if workload is not None else spec.build_workload()
+        self.report = report or (lambda row: None)
+        workload = workload if workload is not None else spec.build_workload()
+        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired)
+        self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
+        self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
         self.strategy.setup(
@@ -40,24 +88,74 @@ class RankTrainer:
         )
         replica, replicas = self.strategy.data_shard()
         self.loader = ShardedLoader(
-            self.workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed
+            workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
+            shares=shares if replicas == world else None,
         )
-        self.tokens_per_sample = self.workload.tokens_per_sample()
+        self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
+        self._pending: list[dict] = []  # controls not yet due
+        self.tokens_per_sample = workload.tokens_per_sample()
         self.step = 0
 
+    def _fired(self, inj, step: int) -> None:
+        self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})
+
+    # -- controls from the driver ------------------------------------------------------------
+    def control(self, msg: dict) -> None:
+        """Queue a change that takes effect at step ``msg['step']`` on every rank:
+        ``shares`` (samples per rank) and ``drop`` (ranks whose gradient is left out)."""
+        if msg["step"] <= self.step:
+            raise RuntimeError(f"control for step {msg['step']} arrived at step {self.step}: the driver's margin "
+                               f"was too small; this rank cannot apply it in step with its peers")
+        self._pending.append(msg)
+
+    def _apply_controls(self, step: int) -> None:
+        due = [m for m in self._pending if m["step"] == step]
+        self._pending = [m for m in self._pending if m["step"] != step]
+        for m in due:
+            if "shares" in m:
+                self.loader.set_shares(m["shares"])
+            if "drop" in m:
+                self.dropped = set(m["drop"])
+
+    def _grad_weight(self) -> float:
+        """This rank's weight in the gradient average, relative to an even split:
+        the update is sum over kept ranks of (their samples / kept samples) x their
+        mean gradient, the full-batch gradient of the samples used."""
+        if self.rank in self.dropped or self.loader.world != self.world:
+            return 0.0 if self.rank in self.dropped else 1.0
+        kept = sum(n for r, n in enumerate(self.loader.shares) if r not in self.dropped)
+        return self.loader.shares[self.rank] * self.world / kept
+
+    # -- the step ------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One optimizer step; returns this rank's metrics row."""
+        step = self.step + 1
+        self._apply_controls(step)
+        self.injector.before_step(step)
+        self.report({"begin": step, "rank": self.rank})  # lets the driver tell a hung rank from its waiting peers
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         t_data = time.perf_counter() - t0
         self.comm.take_stats()  # drop anything outside the step (e.g. DDP's initial broadcast)
-        stats = self.strategy.train_step(split_micro(batch, self.spec.grad_accum))
+        self.strategy.grad_weight = self._grad_weight()
+        if isinstance(self.workload, _Poisoned):
+            self.workload.active = self.injector.poisons(step)
+        dropped = self.rank in self.dropped
+        # A dropped rank still joins the step's collectives (DDP's reducer needs a
+        # forward), on one sample at weight 0, so it contributes nothing and costs little.
+        micro = [tuple(t[:1] for t in batch)] if dropped else split_max(batch, self.spec.micro_batch)
+        stats = self.strategy.train_step(micro)
+        if dropped:
+            stats.loss, stats.samples = float("nan"), 0
+        slow = self.injector.slowdown(step, time.perf_counter() - t0 - t_data)
+        if slow:
+            time.sleep(slow)
         step_time = time.perf_counter() - t0
         comm = self.comm.take_stats()
         idle = t_data + comm.wait_s
-        self.step += 1
+        self.step = step
         return {
-            "step": self.step,
+            "step": step,
             "rank": self.rank,
             "loss": stats.loss,
             "step_time_s": step_time,
@@ -70,12 +168,17 @@ class RankTrainer:
             "tokens": stats.samples * self.tokens_per_sample,  # 0 on ranks that do not report samples
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "wall_time": time.time(),
+            **({"dropped": 1.0} if dropped else {}),
             **stats.extra,
             **self.strategy.memory_bytes(),
+            **({"timeline": stats.timeline} if stats.timeline else {}),
         }
 
-    def run(self, report: Callable[[dict], None], checkpointer: Checkpointer | None = None) -> None:
+    def run(self, report: Callable[[dict], None], checkpointer: Checkpointer | None = None,
+            snapshot: Callable[[int], None] | None = None, controls: Callable[[], list[dict]] = lambda: []) -> None:
         while self.step < self.spec.steps:
+            for msg in controls():
+                self.control(msg)
             report(self.train_step())
             if checkpointer is not None and checkpointer.due(self.step):
                 t0 = time.perf_counter()
@@ -83,6 +186,8 @@ class RankTrainer:
                 if self.rank == 0:
                     report({"event": "checkpoint", "rank": 0, "step": self.step,
                             "seconds": time.perf_counter() - t0, "detail": url})
+            if snapshot is not None and self.step % self.spec.failure.snapshot_every == 0:
+                snapshot(self.step)
 
 
 def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:
@@ -103,12 +208,12 @@ def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]
     return pickle.loads(payload)
 
 
-def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, resume_url: str | None,
-                 ckpt_meta: dict) -> dict:
+def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Attempt, ckpt_meta: dict) -> dict:
     """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext).
 
-    ``resume_url`` is a checkpoint the driver has already checked; ``ckpt_meta``
-    describes this job in every checkpoint it writes."""
+    ``attempt`` says where to restore from (a snapshot, or a checkpoint the
+    driver has already checked), the batch shares and the faults still to
+    inject; ``ckpt_meta`` describes this job in every checkpoint it writes."""
     workload, strategy_cls = unpack_job(spec, payload)
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
@@ -118,17 +223,40 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, resume_url: s
         device=device, timeout_s=spec.cluster.collective_timeout_s,
     )
     t1 = time.perf_counter()
+    trainer = None
     try:
-        trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device,
-                              workload=workload, strategy_cls=strategy_cls)
-        if resume_url:
-            restore(trainer, resume_url)
+        trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
+                              strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
+                              report=ctx.report)
+        restored = ""
+        if attempt.snapshot:
+            restore_snapshot(trainer, ctx.fetch(attempt.snapshot))
+            restored = f", restored the in-memory snapshot of step {trainer.step}"
+        elif attempt.resume_url:
+            restore(trainer, attempt.resume_url)
+            restored = f", restored {attempt.resume_url}"
         t2 = time.perf_counter()
         ctx.report({"event": "phase:worker_setup", "rank": ctx.rank, "step": trainer.step, "seconds": t2 - t1,
-                    "detail": f"rendezvous {t1 - t0:.2f}s" + (f", restored {resume_url}" if resume_url else "")})
+                    "detail": f"rendezvous {t1 - t0:.2f}s{restored}"})
         checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
-                                    rank=ctx.rank, world=ctx.world, meta=ckpt_meta)
-        trainer.run(ctx.report, checkpointer)
+                                    rank=ctx.rank, world=ctx.world, meta=ckpt_meta,
+                                    written=trainer.injector.during_checkpoint)
+
+        def snapshot(step: int) -> None:
+            t = time.perf_counter()
+            handle = ctx.stash(snapshot_files(trainer, ckpt_meta))
+            ctx.report({"event": "snapshot", "rank": ctx.rank, "step": step, "seconds": time.perf_counter() - t,
+                        "handle": handle})
+
+        trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
         return {"rank": ctx.rank, "steps": trainer.step}
     finally:
-        destroy_process_group()
+        # The worker process is killed once the job ends; its process group and the
+        # strategy are deliberately never torn down here. Tearing down gloo joins its
+        # threads while this thread holds the GIL, and a gloo thread may still need
+        # the GIL to release a finished collective's Python callback (Comm's
+        # accounting, DDP comm hooks): a deadlock we hit in ~1 of 20 jobs.
+        _KEEP_ALIVE.append(trainer)
+
+
+_KEEP_ALIVE: list = []

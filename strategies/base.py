@@ -72,9 +72,15 @@ class Strategy(ABC):
     requires: ClassVar[dict[str, str]] = {}
     # What save_checkpoint writes; checkpoints load across strategies of one format.
     checkpoint_format: ClassVar[str] = "dcp"
+    # Whether train_step honours ``grad_weight`` and uneven (or empty) per-rank
+    # batches, which straggler rebalancing, backup workers and elastic shrink need.
+    uneven_batches: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
+        # This rank's batch share relative to an even split, set by the trainer
+        # before each step: gradients are averaged as sum_r share_r * g_r.
+        self.grad_weight = 1.0
 
     @classmethod
     def unsupported(cls, workload_cls: type[Workload]) -> str | None:
@@ -125,24 +131,34 @@ def run_micro_batches(
     *,
     device: torch.device,
     no_sync: Callable[[], ContextManager] = nullcontext,
+    weight: float = 1.0,
 ) -> tuple[float, dict[str, float], float]:
-    """Forward and backward over the micro-batches, gradients averaged over them.
+    """Forward and backward over the micro-batches, gradients averaged over their
+    samples (micro-batches may differ in size) and scaled by ``weight``.
 
+    ``weight`` is this rank's share of the global batch relative to an even
+    split (rebalanced stragglers); at 0 the rank's gradient counts for nothing
+    but its backward still runs, so collectives hooked on it (DDP) see every
+    rank. No samples at all: a backward of zeros (for strategies without hooks).
     ``no_sync`` wraps every backward but the last (DDP's accumulation).
     Returns (mean loss, per-sample-weighted extra metrics, perf_counter when
     the last backward returned).
     """
+    micro_batches = [mb for mb in micro_batches if mb[0].shape[0]]
+    total_samples = sum(mb[0].shape[0] for mb in micro_batches)
+    if not total_samples:
+        sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
+        return float("nan"), {}, time.perf_counter()
     n = len(micro_batches)
-    total, extra, samples = 0.0, {}, 0
+    total, extra = 0.0, {}
     for i, mb in enumerate(micro_batches):
         mb = tuple(t.to(device, non_blocking=True) for t in mb)
+        k = mb[0].shape[0]
         with no_sync() if i < n - 1 else nullcontext():
             out = model(mb[0])
             loss = workload.loss(out, mb)
-            (loss / n).backward()
-        total += loss.item()
-        k = mb[0].shape[0]
-        samples += k
+            (loss * (weight * k / total_samples)).backward()
+        total += loss.item() * k
         for name, v in workload.step_metrics(out.detach(), mb).items():
             extra[name] = extra.get(name, 0.0) + v * k
-    return total / n, {k: v / samples for k, v in extra.items()}, time.perf_counter()
+    return total / total_samples, {k: v / total_samples for k, v in extra.items()}, time.perf_counter()

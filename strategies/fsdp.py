@@ -8,6 +8,8 @@ time are accounted like every other strategy's.
 """
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from typing import Literal
 
@@ -63,6 +65,8 @@ class _AccountedReduceScatter(ReduceScatter):
 class FSDP(Strategy):
     """Fully sharded data parallel (torch FSDP2): parameters, gradients and optimizer state sharded per block."""
 
+    uneven_batches = True
+
     Options = FSDPOptions
 
     def setup(self, workload: Workload, ctx: StrategyContext) -> None:
@@ -98,14 +102,15 @@ class FSDP(Strategy):
 
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device,
-                                           no_sync=self._no_sync)
+                                           no_sync=self._no_sync, weight=self.grad_weight)
         if self._held is None and self.opt.state:  # second step: gradients and optimizer state both exist
             self._held = held_bytes(self.model, self.opt)
         extra["lr"] = self.opt.param_groups[0]["lr"]
         clip = self.ctx.optim.grad_clip if self.ctx.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         extra["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self.opt.step()
+        if math.isfinite(extra["grad_norm"]):  # a NaN/Inf loss skips the update (see optim.clip_and_step)
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)

@@ -17,6 +17,8 @@ from workloads import Batch, Workload
 
 
 class Replicated(Strategy):
+    uneven_batches = True
+
     def setup(self, workload: Workload, ctx: StrategyContext) -> None:
         self.workload, self.ctx = workload, ctx
         self.module = workload.model().to(ctx.device)
@@ -37,7 +39,8 @@ class Replicated(Strategy):
 
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         loss, extra, t_backward = run_micro_batches(
-            self.model, self.workload, micro_batches, device=self.ctx.device, no_sync=self.no_sync
+            self.model, self.workload, micro_batches, device=self.ctx.device, no_sync=self.no_sync,
+            weight=self.grad_weight,
         )
         self.after_backward(t_backward)
         if self._held is None and self.opt.state:  # second step: gradients and optimizer state both exist

@@ -54,16 +54,32 @@ class DataCursor:
     position: int = 0  # samples of this epoch's permutation already consumed
 
 
-class ShardedLoader:
-    """Yields this rank's slice of each global batch; its cursor is saveable."""
+def even_shares(total: int, world: int, quantum: int = 1) -> list[int]:
+    """Split ``total`` samples over ``world`` ranks in multiples of ``quantum``, as
+    evenly as possible (the first ranks take the remainder)."""
+    if total % quantum or total // quantum < world:
+        raise ValueError(f"global_batch({total}) cannot be split over {world} ranks in multiples of {quantum}")
+    units, extra = divmod(total // quantum, world)
+    return [(units + (r < extra)) * quantum for r in range(world)]
 
-    def __init__(self, source: SampleSource, *, rank: int, world: int, global_batch: int, seed: int):
-        if global_batch % world:
+
+class ShardedLoader:
+    """Yields this rank's slice of each global batch; its cursor is saveable.
+
+    ``shares`` (samples per rank, summing to the global batch) give ranks
+    uneven slices: straggler rebalancing and elastic shrink use them. Default:
+    an even split, which requires the global batch to divide by the world."""
+
+    def __init__(self, source: SampleSource, *, rank: int, world: int, global_batch: int, seed: int,
+                 shares: list[int] | None = None):
+        if shares is None and global_batch % world:
             raise ValueError(f"global_batch({global_batch}) is not divisible by world({world})")
         if global_batch > len(source):
             raise ValueError(f"global_batch({global_batch}) is larger than the dataset ({len(source)} samples)")
         self.source, self.rank, self.world = source, rank, world
         self.global_batch, self.seed = global_batch, seed
+        self.shares = shares or [global_batch // world] * world
+        self.set_shares(self.shares)
         self.cursor = DataCursor()
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -82,10 +98,15 @@ class ShardedLoader:
         c.position += self.global_batch
         return idx
 
+    def set_shares(self, shares: list[int]) -> None:
+        if len(shares) != self.world or sum(shares) != self.global_batch or min(shares) < 0:
+            raise ValueError(f"shares={shares}: need {self.world} non-negative counts summing to {self.global_batch}")
+        self.shares = list(shares)
+
     def next_batch(self) -> Batch:
         idx = self.next_global_indices()
-        per_rank = self.global_batch // self.world
-        return self.source.gather(idx[self.rank * per_rank : (self.rank + 1) * per_rank])
+        start = sum(self.shares[: self.rank])
+        return self.source.gather(idx[start : start + self.shares[self.rank]])
 
     def state_dict(self) -> dict:
         return asdict(self.cursor)
@@ -100,6 +121,13 @@ def split_micro(batch: Batch, n: int) -> list[Batch]:
     if size % n:
         raise ValueError(f"batch of {size} samples cannot be split into {n} equal micro-batches")
     return [tuple(t[i * size // n : (i + 1) * size // n] for t in batch) for i in range(n)]
+
+
+def split_max(batch: Batch, max_size: int) -> list[Batch]:
+    """Split a batch into micro-batches of at most ``max_size`` samples: a rank
+    given a larger share accumulates more of them, so memory per micro-batch stays."""
+    size = batch[0].shape[0]
+    return [tuple(t[i : i + max_size] for t in batch) for i in range(0, size, max_size)] or [batch]
 
 
 # --- Parquet shards -------------------------------------------------------------------------

@@ -68,3 +68,45 @@ def test_all_to_all_gather_p2p_and_subgroups_counted(tmp_path, world):
         received = sent - p2p_sent + p2p_recv
         assert (r["stats"]["bytes_sent"], r["stats"]["bytes_received"]) == (sent, received)
         assert r["stats"]["calls"] == 5
+
+
+def delayed_calls(rank: int, world: int, scenario: str) -> dict:
+    """Each kind of call under a simulated network, timed from outside."""
+    import time
+
+    from cluster.network import parse_scenario
+
+    net = parse_scenario(scenario)
+    comm = Comm()
+    comm.set_floor(net.seconds)
+    out = {}
+    x = torch.ones(250_000)  # 1 MB
+    for name, call in {
+        "all_reduce": lambda: comm.all_reduce(x),
+        "all_gather": lambda: comm.all_gather(x),
+        "all_to_all": lambda: comm.all_to_all_single(torch.empty_like(x), x),
+        "async_all_reduce": lambda: comm.all_reduce(x, async_op=True).wait(),
+        "hook_all_reduce": lambda: comm.all_reduce_async(x).wait(),
+        "exchange": lambda: comm.exchange([(x, (rank + 1) % world)], [(torch.empty_like(x), (rank - 1) % world)]),
+    }.items():
+        comm.take_stats()
+        t0 = time.perf_counter()
+        call()
+        out[name] = (time.perf_counter() - t0, comm.take_stats().__dict__)
+    return out
+
+
+def test_a_scenario_delays_each_call_to_at_least_the_modelled_time(tmp_path):
+    from cluster.network import parse_scenario
+
+    scenario = "per_node=1,inter=1gbit,latency=20ms"
+    net = parse_scenario(scenario)
+    out = run_ranks(delayed_calls, 2, tmp_path, scenario)
+    for r in out:
+        for name, (elapsed, stats) in r.items():
+            op = name.split("_", 1)[1] if name.startswith(("async", "hook")) else name
+            want = net.seconds(op, stats["bytes_sent"], stats["bytes_received"], (0, 1))
+            assert want > 0.02
+            # at least the model (1 ms slack for clock granularity), and not wildly more
+            assert want - 1e-3 <= elapsed < want + 2.0, (name, elapsed, want)
+            assert stats["comm_s"] >= want - 1e-3, (name, stats)

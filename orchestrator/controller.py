@@ -1,0 +1,326 @@
+"""The controller: a small state machine that starts the worker group, watches
+it, and carries out what the failure and straggler policies decide.
+
+    starting -> running -> finished
+                  |  ^
+                  v  |
+               restarting -> errored
+
+It talks to the workers only through the ``Group`` protocol (start, poll,
+control, shutdown), so tests drive it with a fake group, one poll at a time,
+without Ray. The Ray implementation lives in orchestrator/driver.py.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
+
+from cluster.faults import parse_injection
+from orchestrator.config import JobSpec
+from orchestrator.metrics import MetricsLog, samples_mean
+from orchestrator.policies import (
+    Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, initial_shares,
+)
+from orchestrator.progress import Progress
+from orchestrator.trainer import Attempt
+
+# Messages of errors that are the echo of another rank's death, not a cause.
+_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
+                 "gloo", "nccl", "timed out", "socket")
+
+
+class RunFailed(RuntimeError):
+    """The job started but did not finish (exit code 1)."""
+
+
+@dataclass
+class GroupStatus:
+    rows: list[dict] = field(default_factory=list)  # reports since the last poll, in order
+    finished: set[int] = field(default_factory=set)  # ranks whose function has returned (so far, cumulative)
+    errors: dict[int, str] = field(default_factory=dict)  # rank -> why it failed
+
+
+class Group(Protocol):
+    def start(self, attempt: Attempt) -> None: ...
+
+    def poll(self) -> GroupStatus: ...
+
+    def control(self, msg: dict) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Evict:
+    rank: int
+    reason: str
+
+
+def root_cause(errors: dict[int, str]) -> tuple[int, str]:
+    """The first error that is not the echo of a peer's death."""
+    for rank, msg in sorted(errors.items()):
+        if not any(p in msg.lower() for p in _PEER_FAILURE):
+            return rank, msg
+    return min(errors.items())
+
+
+def renumber(injections: list[str], removed: int) -> list[str]:
+    """Faults follow the workers they were aimed at when rank ``removed`` leaves
+    the group: its own go, higher ranks move down by one."""
+    out = []
+    for text in injections:
+        inj = parse_injection(text)
+        if inj.rank == removed:
+            continue
+        if inj.rank is not None and inj.rank > removed:
+            inj = replace(inj, rank=inj.rank - 1)
+        out.append(str(inj))
+    return out
+
+
+class Controller:
+    def __init__(self, spec: JobSpec, make_group: Callable[[], Group], log: MetricsLog, out: Progress, *,
+                 first: Attempt, newest_checkpoint: Callable[[], tuple[int, str] | None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 grace_s: float = 3.0, start_step: int = 0, first_step_at: Callable[[int], None] = lambda step: None,
+                 forget: Callable[[list], None] = lambda handles: None):
+        self.spec, self.make_group, self.log, self.out = spec, make_group, log, out
+        self.attempt = first
+        self.newest_checkpoint = newest_checkpoint
+        self.clock, self.sleep, self.grace_s = clock, sleep, grace_s
+        self.first_step_at = first_step_at
+        self.forget = forget  # releases stashed snapshot parts that are no longer needed
+        self.failure_policy = FailurePolicy(spec.failure)
+        self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1)
+        self.state = "starting"
+        self.completed = start_step  # the last step every rank finished
+        self._first_done = False
+        self._announced: tuple[int, ...] = ()
+        self.failures = 0
+        self.final_loss = float("nan")
+        self.last_checkpoint: str | None = None
+        self.fired: set[str] = set()  # injections that fired: never again in this run
+        self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
+        self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
+        self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
+
+    # -- the state machine ------------------------------------------------------------------------
+    def run(self) -> tuple[float, str | None]:
+        """Run attempts until the job finishes; raises RunFailed when a policy gives up."""
+        while True:
+            self.state = "starting"
+            group = self.make_group()
+            try:
+                group.start(self.attempt)
+                self.state = "running"
+                outcome = self._supervise(group)
+            finally:
+                group.shutdown()
+            if outcome is None:
+                self.state = "finished"
+                return self.final_loss, self.last_checkpoint
+            self._recover(outcome)
+
+    def _recover(self, outcome: Failure | _Evict) -> None:
+        world = self.attempt.world
+        removed = None
+        if isinstance(outcome, _Evict):
+            self.log.event("evict", rank=outcome.rank, step=self.completed, detail=outcome.reason)
+            new_world, backoff, removed = world - 1, 0.0, outcome.rank
+            self.out.note(f"evicting rank {outcome.rank}: {outcome.reason}")
+            detected = self.clock()
+        else:
+            self.failures += 1
+            detected = self.clock()
+            self.log.event(f"failure:{outcome.kind}", rank=outcome.rank, step=outcome.step, detail=outcome.message)
+            decision = self.failure_policy.make_decision(outcome, failures=self.failures, world=world)
+            self.log.event("decision:" + decision.action, rank=outcome.rank, step=outcome.step, detail=decision.reason)
+            if decision.action == "raise":
+                self.state = "errored"
+                self.out.note(f"failed: {outcome.message} ({decision.reason})")
+                raise RunFailed(f"{outcome.message} ({decision.reason})")
+            new_world, backoff = decision.world, decision.backoff_s
+            if new_world < world:
+                removed = outcome.rank
+            self.out.note(f"{outcome.message}; {decision.reason}")
+        self.state = "restarting"
+        if backoff:
+            self.sleep(backoff)
+        injections = [i for i in self.attempt.injections if i not in self.fired]
+        shares = self.attempt.shares
+        if removed is not None:
+            injections, shares = renumber(injections, removed), None
+        source = self._restore_source()
+        lost_from = self.completed
+        restored = source[0] if source else 0
+        self._recovering = (detected, lost_from, restored)
+        self.completed = restored
+        self.attempt = Attempt(number=self.attempt.number + 1, world=new_world, shares=shares, injections=injections,
+                               snapshot=source[1] if source and source[2] == "snapshot" else None,
+                               resume_url=source[1] if source and source[2] == "checkpoint" else None)
+        where = {None: "the start (no snapshot or checkpoint yet)", "snapshot": f"the in-memory snapshot of step {restored}",
+                 "checkpoint": f"checkpoint {source[1] if source else ''}"}[source[2] if source else None]
+        self.log.event("restart", step=restored, detail=f"attempt {self.attempt.number}: {new_world} workers from {where}")
+        self.out.note(f"restarting: {new_world} workers from {where}")
+
+    def _restore_source(self) -> tuple[int, object, str] | None:
+        """The newest state to restart from: a whole in-memory snapshot, unless a
+        committed checkpoint is newer."""
+        ckpt = self.newest_checkpoint()
+        snap = self.snapshot
+        if snap and (ckpt is None or snap[0] >= ckpt[0]):
+            return snap[0], snap[1], "snapshot"
+        if ckpt:
+            return ckpt[0], ckpt[1], "checkpoint"
+        return None
+
+    # -- one attempt ------------------------------------------------------------------------------
+    def _supervise(self, group: Group) -> Failure | _Evict | None:
+        a = self.attempt
+        self._steps: dict[int, dict[int, dict]] = {}
+        self._began: dict[int, int] = {}
+        self._recent = deque(maxlen=20)
+        self._pending_outcome: Failure | _Evict | None = None
+        shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, a.world, 1)
+        self._straggle = StragglerState(shares=shares, decided_at=self.completed)
+        last_progress = self.clock()
+        errors: dict[int, str] = {}
+        first_error = None
+        while True:
+            status = group.poll()
+            before = self.completed
+            for row in status.rows:
+                self._absorb(row, group)
+            if self.completed > before:
+                last_progress = self.clock()
+            errors.update(status.errors)
+            if errors:
+                first_error = first_error if first_error is not None else self.clock()
+                if self.clock() - first_error >= self.grace_s or len(errors) + len(status.finished) >= a.world:
+                    rank, msg = root_cause(errors)
+                    for r, m in sorted(errors.items()):
+                        self.log.event("worker_error", rank=r, step=self.completed, detail=m)
+                    kind = "died" if "died" in msg else "error"
+                    return Failure(kind=kind, rank=rank, step=self.completed, message=msg)
+                continue
+            if self._pending_outcome is not None:
+                return self._pending_outcome
+            if len(status.finished) >= a.world:
+                return None
+            deadline = hang_deadline_s(self.spec.failure, list(self._recent),
+                                       startup_s=self.spec.cluster.collective_timeout_s)
+            if self.clock() - last_progress > deadline:
+                return self._hang(deadline)
+            self.log.maybe_flush()
+
+    def _hang(self, deadline: float) -> Failure:
+        nxt = self.completed + 1
+        stuck = [r for r in range(self.attempt.world) if self._began.get(r, 0) < nxt]
+        rank = stuck[0] if len(stuck) == 1 else -1
+        who = f"rank {rank} never started step {nxt}" if rank >= 0 else f"no rank finished step {nxt}"
+        return Failure(kind="hang", rank=rank, step=self.completed,
+                       message=f"hang: no step completed for {deadline:.1f} s ({who})")
+
+    def _absorb(self, row: dict, group: Group) -> None:
+        a = self.attempt
+        if "begin" in row:
+            self._began[row["rank"]] = row["begin"]
+            return
+        if "event" in row:
+            kind = row["event"]
+            if kind == "snapshot":
+                self._snapshot_part(row)
+                return
+            if kind == "inject":
+                self.fired.add(row["detail"])
+                self.out.note(f"injected {row['detail']} on rank {row['rank']} at step {row['step']}")
+            if kind == "checkpoint":
+                self.last_checkpoint = row["detail"]
+            self.log.event(kind, rank=row["rank"], step=row.get("step", -1),
+                           seconds=row.get("seconds", float("nan")), detail=row.get("detail", ""))
+            return
+        timeline = row.pop("timeline", None)
+        if timeline:
+            self.log.add_timeline(row["step"], row["rank"], timeline)
+        self.log.add_row({**row, "attempt": float(a.number)})
+        got = self._steps.setdefault(row["step"], {})
+        got[row["rank"]] = row
+        if len(got) == a.world:
+            self._step_done(row["step"], list(self._steps.pop(row["step"]).values()), group)
+
+    def _step_done(self, step: int, rows: list[dict], group: Group) -> None:
+        self.completed = max(self.completed, step)
+        self._recent.append(max(r["step_time_s"] for r in rows))
+        loss = samples_mean([r["loss"] for r in rows], [r["samples"] for r in rows])
+        self.final_loss = loss
+        if not self._first_done:
+            self._first_done = True
+            self.first_step_at(step)
+        if self._recovering is not None:
+            detected, lost_from, restored = self._recovering
+            self.log.event("recovered", step=step, seconds=self.clock() - detected,
+                           detail=f"restored step {restored}; {max(0, lost_from - restored)} completed steps redone")
+            self._recovering = None
+        self.out.update(step, loss, tokens=sum(r["tokens"] for r in rows), samples=sum(r["samples"] for r in rows),
+                        ended=max(r["wall_time"] for r in rows))
+        if not math.isfinite(loss) and any(r["samples"] for r in rows):
+            self._nan(step)
+        self._stragglers(step, rows, group)
+
+    def _nan(self, step: int) -> None:
+        policy = self.spec.failure.nan
+        self.log.event("nan_loss", step=step, detail=f"non-finite loss; failure.nan={policy!r}"
+                       + (" (the update was skipped)" if policy == "skip" else ""))
+        if policy != "skip" and self._pending_outcome is None:
+            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=f"non-finite loss at step {step}")
+
+    def _snapshot_part(self, row: dict) -> None:
+        key = (self.attempt.number, row["step"])
+        parts = self._partial.setdefault(key, {})
+        parts[row["rank"]] = (row["handle"], row.get("seconds", 0.0))
+        if len(parts) == self.attempt.world:
+            del self._partial[key]
+            if self.snapshot:
+                self.forget(self.snapshot[1])
+            self.snapshot = (row["step"], [parts[r][0] for r in range(self.attempt.world)])
+            for old in [k for k in self._partial if k[1] < row["step"]]:  # one some rank never finished
+                self.forget([h for h, _ in self._partial.pop(old).values()])
+            self.log.event("snapshot", step=row["step"], seconds=max(s for _, s in parts.values()),
+                           detail=f"{self.attempt.world} parts in the object store")
+
+    def _stragglers(self, step: int, rows: list[dict], group: Group) -> None:
+        st = self._straggle
+        st.history.append({r["rank"]: r["compute_s"] / r["samples"] for r in rows
+                           if r["samples"] > 0 and not r.get("dropped")})
+        del st.history[: -2 * self.spec.straggler.window]
+        found = self.straggler_policy.stragglers(st.history)
+        if found and self._announced != tuple(found):
+            self._announced = tuple(found)
+            self.log.event("straggler", step=step, detail=f"rank(s) {found} slower than "
+                           f"{self.spec.straggler.factor:g}x the median for {self.spec.straggler.patience} steps")
+            self.out.note(f"straggler: rank(s) {found} at step {step}")
+        d = self.straggler_policy.make_decision(st, step)
+        if d.action == "none":
+            return
+        st.decided_at = step
+        self.log.event(f"decision:{d.action}", step=step, detail=d.reason)
+        self.out.note(f"{d.action}: {d.reason}")
+        if d.action == "evict":
+            worst = max(d.stragglers, key=lambda r: st.history[-1].get(r, 0.0))
+            self._pending_outcome = self._pending_outcome or _Evict(rank=worst, reason=d.reason)
+            return
+        # every rank must switch at the same step: far enough ahead that the
+        # message (an actor call) arrives first, about a second of steps
+        median = statistics.median(self._recent) if self._recent else 1.0
+        at = step + 2 + math.ceil(1.0 / max(median, 1e-3))
+        if d.action == "rebalance":
+            st.shares = d.shares
+            self.attempt = replace(self.attempt, shares=list(d.shares))
+            group.control({"step": at, "shares": list(d.shares)})
+        else:
+            st.drop = d.drop
+            group.control({"step": at, "drop": list(d.drop)})

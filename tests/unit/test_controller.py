@@ -1,0 +1,250 @@
+"""The controller and its policies, driven one poll at a time by a fake worker group (no Ray)."""
+import io
+
+import pytest
+
+from orchestrator.config import JobSpec
+from orchestrator.controller import Controller, GroupStatus, RunFailed, renumber, root_cause
+from orchestrator.metrics import MetricsLog
+from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState
+from orchestrator.progress import Progress
+from orchestrator.storage import RunFolder
+from orchestrator.trainer import Attempt
+
+W = {"name": "gpt-tiny", "n_layers": 1, "d_model": 32, "seq_len": 32}
+
+
+class FakeGroup:
+    """Each poll is one step: every rank reports it (0.1 s of compute per sample,
+    times the factor of a slow injection), a snapshot every ``snap`` steps,
+    until ``script`` says otherwise.
+    ``script(attempt, step) -> None | ('error', rank, msg) | ('hang', rank) | ('nan',)``."""
+
+    def __init__(self, world_log: list, steps: int, script=lambda a, s: None, snap: int = 2):
+        self.world_log, self.steps, self.script, self.snap = world_log, steps, script, snap
+        self.controls: list[dict] = []
+
+    def start(self, attempt: Attempt) -> None:
+        self.a = attempt
+        self.world_log.append(attempt)
+        self.step = (attempt.snapshot_step if hasattr(attempt, "snapshot_step") else None) or _restored(attempt)
+        self.shares = attempt.shares or [8 // attempt.world] * attempt.world
+        self.hung = False
+        # slow workers are the attempt's slow injections, as on real workers
+        from cluster.faults import parse_injection
+
+        self.speed = {i.rank: 0.1 * i.factor for i in map(parse_injection, attempt.injections) if i.kind == "slow"}
+
+    def poll(self) -> GroupStatus:
+        if self.step >= self.steps:
+            return GroupStatus(finished=set(range(self.a.world)))
+        if self.hung:
+            return GroupStatus()
+        nxt = self.step + 1
+        for c in self.controls:
+            if c["step"] == nxt and "shares" in c:
+                self.shares = c["shares"]
+        what = self.script(self.a, nxt)
+        if what and what[0] == "error":
+            return GroupStatus(errors={what[1]: what[2], **({0: "rank 0 failed: gloo: Connection closed by peer"}
+                                                            if what[1] != 0 else {})})
+        if what and what[0] == "hang":
+            self.hung = True
+            return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
+        rows = []
+        for r in range(self.a.world):
+            n = self.shares[r]
+            loss = float("nan") if what and what[0] == "nan" else 2.0
+            rows.append({"step": nxt, "rank": r, "loss": loss, "samples": n, "tokens": 0, "step_time_s": 1.0,
+                         "compute_s": self.speed.get(r, 0.1) * n, "wall_time": float(nxt)})
+            if nxt % self.snap == 0:
+                rows.append({"event": "snapshot", "rank": r, "step": nxt, "seconds": 0.1,
+                             "handle": f"a{self.a.number}-s{nxt}-r{r}"})
+        self.step = nxt
+        return GroupStatus(rows=rows)
+
+    def control(self, msg: dict) -> None:
+        self.controls.append(msg)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _restored(attempt: Attempt) -> int:
+    if attempt.snapshot:
+        return int(attempt.snapshot[0].split("-s")[1].split("-")[0])
+    return 0
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0  # every look at the clock is a second later
+        return self.t
+
+
+def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=None, **spec_kw):
+    spec = JobSpec(workload=W, strategy="ddp", workers=world, steps=steps, batch_size=8, storage=str(tmp_path),
+                   run_id="r", **spec_kw)
+    attempts: list[Attempt] = []
+    group = FakeGroup(attempts, steps, script)
+    log = MetricsLog(RunFolder(spec.storage, spec.run_id), run_id="r", workload="w", strategy="ddp", scenario="local")
+    log.folder.create(spec.to_yaml())
+    ctl = Controller(spec, lambda: group, log, Progress(steps, enabled=False, stream=io.StringIO()),
+                     first=Attempt(world=world, injections=list(spec.inject)), clock=Clock(), sleep=lambda s: None,
+                     grace_s=0.5, newest_checkpoint=lambda: checkpoint)
+    return ctl, attempts, group, log
+
+
+def kinds(log):
+    return [e["kind"] for e in log.events]
+
+
+def test_a_clean_run_finishes(tmp_path):
+    ctl, attempts, _, log = make(tmp_path)
+    loss, _ = ctl.run()
+    assert ctl.state == "finished" and loss == 2.0 and len(attempts) == 1
+    assert {r["step"] for r in log.rows} == set(range(1, 9))
+
+
+def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died (ActorDiedError)") \
+        if a.number == 0 and s == 6 else None
+    ctl, attempts, _, log = make(tmp_path, script=script, failure={"max_failures": 1},
+                                 inject=["kill:rank=1,step=6"])
+    ctl.fired.add("kill:rank=1,step=6")  # the worker reported it before dying
+    ctl.run()
+    assert ctl.state == "finished" and len(attempts) == 2
+    second = attempts[1]
+    assert second.number == 1 and second.world == 2
+    assert second.snapshot == ["a0-s4-r0", "a0-s4-r1"]  # step 5 completed, but the newest snapshot is step 4
+    assert second.injections == []  # a fault fires once per run
+    assert kinds(log).count("failure:died") == 1 and "decision:restart" in kinds(log) and "recovered" in kinds(log)
+    # step 5 was run twice; both kept, tagged with their attempt
+    assert sorted(r["attempt"] for r in log.rows if r["step"] == 5 and r["rank"] == 0) == [0.0, 1.0]
+
+
+def test_the_root_cause_is_named_not_the_echo(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: RuntimeError: boom") if s == 3 else None
+    ctl, _, _, log = make(tmp_path, script=script)  # max_failures=0 by default
+    with pytest.raises(RunFailed, match="rank 1 failed: RuntimeError: boom"):
+        ctl.run()
+    assert ctl.state == "errored"
+    assert [r["step"] for r in log.rows if r["rank"] == 0] == [1, 2]  # what was written is kept
+    assert root_cause({0: "rank 0 failed: gloo: connection reset", 2: "rank 2 failed: ValueError: x"})[0] == 2
+
+
+def test_exhausting_max_failures_raises_with_the_cause(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: RuntimeError: always") if s == 3 else None
+    ctl, attempts, _, _ = make(tmp_path, script=script, failure={"max_failures": 2, "backoff_s": 1})
+    with pytest.raises(RunFailed, match=r"always .*3 failures, more than failure.max_failures=2"):
+        ctl.run()
+    assert len(attempts) == 3
+
+
+def test_a_hang_is_detected_and_names_the_rank_that_never_started(tmp_path):
+    script = lambda a, s: ("hang", 0) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, script=script, failure={"max_failures": 1, "hang_floor_s": 5})
+    ctl.run()
+    hang = next(e for e in log.events if e["kind"] == "failure:hang")
+    assert hang["rank"] == 0 and "rank 0 never started step 5" in hang["detail"]
+    assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback", "fail"])
+def test_nan_policies(tmp_path, policy):
+    script = lambda a, s: ("nan",) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, script=script, failure={"nan": policy, "max_failures": 1})
+    if policy == "fail":
+        with pytest.raises(RunFailed, match="non-finite loss at step 5"):
+            ctl.run()
+        return
+    ctl.run()
+    assert "nan_loss" in kinds(log)
+    assert len(attempts) == (2 if policy == "rollback" else 1)
+    if policy == "rollback":
+        assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+def test_a_newer_checkpoint_wins_over_an_older_snapshot(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died") if a.number == 0 and s == 6 else None
+    ctl, attempts, _, _ = make(tmp_path, script=script, failure={"max_failures": 1}, checkpoint=(5, "file:///ck/step_5"))
+    ctl.run()
+    assert attempts[1].resume_url == "file:///ck/step_5" and attempts[1].snapshot is None
+
+
+def test_elastic_shrinks_and_faults_follow_their_workers(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died") if a.number == 0 and s == 3 else None
+    ctl, attempts, _, _ = make(tmp_path, world=4, script=script, inject=["slow:rank=3,factor=2"],
+                               failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    assert attempts[1].world == 3 and attempts[1].injections == ["slow:rank=2,factor=2"]
+    assert renumber(["kill:rank=1,step=3", "nan:step=4", "slow:rank=0,factor=2"], 1) == \
+        ["nan:step=4", "slow:rank=0,factor=2"]
+
+
+def test_rebalance_gives_the_slow_rank_a_smaller_share(tmp_path):
+    ctl, attempts, group, log = make(tmp_path, steps=30, inject=["slow:rank=1,factor=3"],
+                                     straggler={"mitigation": "rebalance", "patience": 3, "window": 4})
+    ctl.run()
+    msg = next(c for c in group.controls if "shares" in c)
+    assert msg["shares"] == [6, 2] and msg["step"] > 4  # 3x slower -> a quarter of the batch
+    assert "straggler" in kinds(log) and "decision:rebalance" in kinds(log)
+
+
+def test_backup_drops_the_late_gradient(tmp_path):
+    ctl, _, group, _ = make(tmp_path, world=4, steps=30, inject=["slow:rank=2,factor=4"],
+                            straggler={"mitigation": "backup", "patience": 3, "window": 4})
+    ctl.run()
+    assert next(c for c in group.controls if "drop" in c)["drop"] == [2]
+
+
+def test_evict_restarts_without_the_straggler(tmp_path):
+    ctl, attempts, _, log = make(tmp_path, world=4, steps=30, inject=["slow:rank=2,factor=4"],
+                                 straggler={"mitigation": "evict", "patience": 3, "window": 4})
+    ctl.run()
+    assert [a.world for a in attempts] == [4, 3] and attempts[1].injections == []
+    assert "evict" in kinds(log)
+
+
+# -- policies alone -------------------------------------------------------------------------------
+
+
+def test_failure_policy_decisions():
+    spec = JobSpec(workload=W, strategy="ddp", workers=4, steps=5, failure={"max_failures": 2, "backoff_s": 1,
+                                                                          "elastic": True, "min_workers": 3})
+    p = FailurePolicy(spec.failure)
+    died = Failure(kind="died", rank=2, step=3, message="x")
+    d1 = p.make_decision(died, failures=1, world=4)
+    assert (d1.action, d1.world, d1.backoff_s) == ("restart", 3, 1.0)
+    d2 = p.make_decision(died, failures=2, world=3)  # would go below min_workers: replace instead
+    assert (d2.action, d2.world, d2.backoff_s) == ("restart", 3, 2.0)
+    assert p.make_decision(died, failures=3, world=3).action == "raise"
+
+
+def test_stragglers_need_patience_and_rebalance_is_proportional_to_speed():
+    spec = JobSpec(workload=W, strategy="ddp", workers=4, steps=5, straggler={"patience": 3, "window": 3})
+    pol = StragglerPolicy(spec.straggler, global_batch=32)
+    fast, slow = {0: 1.0, 1: 1.0, 2: 1.0, 3: 3.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    assert pol.stragglers([fast, fast, slow]) == []  # not 3 in a row
+    assert pol.stragglers([fast, fast, fast]) == [3]
+    assert pol.rebalanced([fast] * 3, 4) == (10, 10, 9, 3) and sum(pol.rebalanced([fast] * 3, 4)) == 32
+    state = StragglerState(shares=(8, 8, 8, 8), history=[fast] * 3)
+    assert pol.make_decision(state, step=10).action == "none"  # mitigation none: detection only
+
+
+def test_bad_failure_and_straggler_input_is_one_line():
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"failure.snapshot_every=0"):
+        JobSpec(workload=W, strategy="ddp", workers=2, failure={"snapshot_every": 0})
+    with pytest.raises(ConfigError, match=r"rank=2 is outside the world \(workers=2"):
+        JobSpec(workload=W, strategy="ddp", workers=2, inject=["kill:rank=2,step=3"])
+    with pytest.raises(ConfigError, match=r"'kill:rank=1': kill needs step"):
+        JobSpec(workload=W, strategy="ddp", workers=2, inject=["kill:rank=1"])
+    with pytest.raises(ConfigError, match=r"unknown kind 'explode'"):
+        JobSpec(workload=W, strategy="ddp", workers=2, inject=["explode:rank=1"])
+    with pytest.raises(ConfigError, match=r"'slow:rank=1,factor=x': factor='x' is not a number"):
+        JobSpec(workload=W, strategy="ddp", workers=2, inject=["slow:rank=1,factor=x"])
