@@ -44,11 +44,165 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
 
+    _add_matrix_commands(sub)
+    _add_cluster_commands(sub)
     for name, what in (("workloads", "registered workloads and their options"),
                        ("strategies", "registered strategies and their options"),
                        ("scenarios", "simulated network scenarios (--scenario)")):
         sub.add_parser(name, help=f"list {what}", description=f"List {what}.")
     return p
+
+
+def _add_matrix_commands(sub) -> None:
+    c = sub.add_parser("compare", help="run strategies x scenarios and write a comparison report",
+                       description="Run every strategy x scenario one after another (same seed and data), keep "
+                       "going when one fails, and write the run folders, report.html and report.md under --out.")
+    c.add_argument("--workload", help="registered workload name")
+    c.add_argument("--strategies", help="comma-separated, options after a colon: ddp,fsdp,powersgd:rank=4")
+    c.add_argument("--scenarios", help="comma-separated scenario names (default local)")
+    c.add_argument("--workers", type=int, help="ranks per run")
+    c.add_argument("--steps", type=int, help="optimizer steps per run")
+    c.add_argument("--seed", type=int, help="seed shared by every run (default 0)")
+    c.add_argument("--target-loss", dest="target_loss", type=float,
+                   help="loss the ranking times runs to (default: per scenario, the worst final loss)")
+    c.add_argument("--out", help="folder or fsspec URL for run folders and the report")
+    c.add_argument("--config", help="YAML/TOML: any job spec keys plus strategies: and scenarios: lists")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job spec field for every run, e.g. workload.d_model=64")
+    c.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto)")
+    c.add_argument("--quiet", action="store_true", help="no per-run progress line")
+
+    r = sub.add_parser("report", help="render a report from existing run folders",
+                       description="Render report.html and report.md from run folders (paths or fsspec URLs; "
+                       "a compare --out folder stands for all its runs).")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", required=True, help="folder or fsspec URL for report.html and report.md")
+    r.add_argument("--target-loss", dest="target_loss", type=float, help="loss the ranking times runs to")
+
+
+def _add_cluster_commands(sub) -> None:
+    addr = dict(help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    s = sub.add_parser("submit", help="submit a job to a Ray cluster (job submission API)",
+                       description="Submit a job to a Ray cluster. Takes the `run` options; --storage must be "
+                       "a location the cluster can write and you can read (shared filesystem or object store).")
+    for a in ("--workload", "--strategy", "--storage", "--run-id", "--scenario", "--straggler", "--resume", "--config"):
+        s.add_argument(a, dest=a[2:].replace("-", "_"), help="as in `polytrain run`")
+    for a in ("--workers", "--steps", "--checkpoint-every", "--max-failures"):
+        s.add_argument(a, dest=a[2:].replace("-", "_"), type=int, help="as in `polytrain run`")
+    s.add_argument("--inject", action="append", default=[], metavar="FAULT", help="as in `polytrain run`")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as in `polytrain run`")
+    s.add_argument("--address", **addr)
+    s.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it fails")
+    s.add_argument("--follow", action="store_true", help="with --wait: print its logs as they come")
+    for name, what in (("status", "a submitted job's state (exit 1 if it failed or was stopped)"),
+                       ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        p.add_argument("job_id", metavar="JOB")
+        p.add_argument("--address", **addr)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.compare import parse_strategies, run_matrix
+    from orchestrator.config import ConfigError, parse_override, read_config_file
+
+    base = read_config_file(args.config) if args.config else {}
+    strategies = base.pop("strategies", None)
+    scenarios = base.pop("scenarios", None)
+    if args.strategies is not None:
+        strategies = args.strategies
+    if isinstance(strategies, str):
+        strategies = parse_strategies(strategies)
+    strategies = [{"name": s} if isinstance(s, str) else s for s in (strategies or [])]
+    if not strategies:
+        raise ConfigError("--strategies: empty (give e.g. --strategies ddp,fsdp or strategies: in --config)")
+    if args.scenarios is not None:
+        scenarios = args.scenarios
+    if isinstance(scenarios, str):
+        scenarios = [s.strip() for s in scenarios.split(",") if s.strip()]
+        if not scenarios:
+            raise ConfigError(f"--scenarios {args.scenarios!r}: empty (give e.g. local,internet-1g)")
+    scenarios = scenarios or ["local"]
+    for key in ("workload", "workers", "steps", "seed"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    for item in args.overrides:
+        path, value = parse_override(item)
+        node = base
+        for part in path[:-1]:
+            if isinstance(node.get(part), str):  # workload: gpt-tiny -> {name: gpt-tiny}
+                node[part] = {"name": node[part]}
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    if "workload" not in base:
+        raise ConfigError("--workload: required (or workload: in --config)")
+    out = args.out or base.pop("out", None)
+    if not out:
+        raise ConfigError("--out: required (a folder or fsspec URL for the run folders and the report)")
+    combos, html_url, md_url = run_matrix(base, strategies, scenarios, out, address=args.address,
+                                          target_loss=args.target_loss, progress=not args.quiet)
+    failed = [c for c in combos if c.status != "ok"]
+    print(f"{len(combos) - len(failed)}/{len(combos)} runs succeeded\nreport: {html_url}\n        {md_url}")
+    return EXIT_FAILED if len(failed) == len(combos) else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report_from_urls
+
+    html_url, md_url = report_from_urls(args.runs, args.out, target_loss=args.target_loss)
+    print(f"report: {html_url}\n        {md_url}")
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import submit as sub
+    from orchestrator.config import ConfigError, load_spec, read_config_file
+
+    overrides = list(args.overrides)
+    if args.max_failures is not None:
+        overrides.insert(0, f"failure.max_failures={args.max_failures}")
+    if args.straggler:
+        overrides.insert(0, f"straggler.mitigation={args.straggler}")
+    if not args.storage and not (args.config and "storage" in read_config_file(args.config)) and \
+            not any(o.startswith("storage=") for o in overrides):
+        raise ConfigError("--storage: required for submit (a shared path or object store URL the cluster "
+                          "writes and you read)")
+    spec = load_spec(config=args.config, overrides=overrides, workload=args.workload, strategy=args.strategy,
+                     workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
+                     checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
+                     inject=args.inject or None)
+    job = sub.submit(spec, address=args.address)
+    print(f"job: {job.job_id}\nrun folder: {job.run_url}\nfollow: polytrain logs {job.job_id} --follow "
+          f"--address {job.dashboard}", flush=True)
+    if not args.wait:
+        return EXIT_OK
+    st = sub.wait(job.job_id, address=args.address, follow_logs=args.follow)
+    return _print_state(st)
+
+
+def _print_state(st) -> int:
+    print(f"{st.job_id}: {st.status}" + (f"\nrun folder: {st.run_url}" if st.run_url else ""))
+    if st.status == "FAILED":
+        print(f"polytrain: job failed: {st.error}", file=sys.stderr)
+    return EXIT_FAILED if st.status in ("FAILED", "STOPPED") else EXIT_OK
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from orchestrator import submit as sub
+
+    if args.command == "status":
+        return _print_state(sub.status(args.job_id, address=args.address))
+    if args.command == "stop":
+        st = sub.stop(args.job_id, address=args.address)
+        print(f"{st.job_id}: {st.status}")
+        return EXIT_OK if st.status in sub.TERMINAL else EXIT_FAILED
+    if args.follow:
+        sub.follow(args.job_id, address=args.address)
+    else:
+        sys.stdout.write(sub.logs(args.job_id, address=args.address))
+    return EXIT_OK
 
 
 def _options_lines(model_cls) -> list[str]:
@@ -131,6 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_strategies()
         if args.command == "scenarios":
             return cmd_scenarios()
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command in ("status", "logs", "stop"):
+            return cmd_job(args)
         return cmd_run(args)
     except (ConfigError, ClusterError) as e:
         print(f"polytrain: error: {e}", file=sys.stderr)

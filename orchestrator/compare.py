@@ -5,6 +5,8 @@ estimated. The HTML/Markdown report with plots builds on this table.
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -64,3 +66,117 @@ def compare(specs: Iterable[JobSpec], *, progress: bool = True, stream=None) -> 
         return CompareResult(runs=[run(s, progress=progress, stream=stream) for s in specs])
     finally:
         runtime.shutdown()
+
+
+# -- a matrix of strategies x scenarios, with a report ------------------------
+
+def parse_strategies(text: str) -> list[dict]:
+    """``ddp,pipeline:schedule=zb-h1,powersgd:rank=4,min_compress=1`` -> strategy components.
+
+    A comma ends a strategy unless the next item is an option (``k=v``) of the
+    one before it."""
+    import yaml
+
+    from orchestrator.config import ConfigError
+
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"--strategies {text!r}: empty (give e.g. ddp,fsdp,powersgd:rank=4)")
+    out: list[dict] = []
+    for item in items:
+        name, colon, rest = item.partition(":")
+        if "=" in name and not colon:  # another option of the previous strategy
+            if not out:
+                raise ConfigError(f"--strategies {text!r}: option {item!r} before any strategy name")
+            name, rest = "", item
+        elif "=" in name:
+            raise ConfigError(f"--strategies {text!r}: {item!r} is not NAME or NAME:opt=v")
+        else:
+            out.append({"name": name})
+        if rest:
+            key, eq, raw = rest.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--strategies {text!r}: option {rest!r} is not opt=value")
+            out[-1][key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+@dataclass
+class Combination:
+    label: str
+    scenario: str
+    run_id: str
+    url: str | None = None
+    status: str = "pending"  # pending, ok, failed
+    error: str = ""
+    wall_s: float = 0.0
+
+
+def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], storage: str):
+    """One (Combination, spec fields) per strategy x scenario; same seed and data for all."""
+    from orchestrator.config import ConfigError
+    from orchestrator.report import strategy_label
+
+    if not strategies:
+        raise ConfigError("strategies: empty list (give at least one, e.g. ddp,fsdp)")
+    if not scenarios:
+        raise ConfigError("scenarios: empty list (give at least one, e.g. local)")
+    out = []
+    for sc in scenarios:
+        for strat in strategies:
+            label = strategy_label(strat)
+            safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{label}-{sc}")
+            run_id = f"{len(out):02d}-{safe}"
+            fields = {**base, "strategy": strat, "scenario": sc, "storage": storage, "run_id": run_id}
+            out.append((Combination(label=label, scenario=sc, run_id=run_id), fields))
+    return out
+
+
+def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
+               target_loss: float | None = None, progress: bool = True, stream=None):
+    """Run every strategy x scenario one after another on one Ray instance, keep
+    going past failures (recorded with their one-line error), write the run
+    folders under ``out/runs``, ``out/matrix.yaml`` and the report."""
+    import sys
+
+    import fsspec
+    import yaml
+
+    from cluster import runtime as ray_runtime
+    from orchestrator.config import JobSpec
+    from orchestrator.report import Failure, Report, load_run, write_report
+
+    stream = stream or sys.stderr
+    out = out if "://" in out else os.path.abspath(out)
+    combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
+    runtime = ray_runtime.start(address=address)
+    runs, failures = [], []
+    try:
+        for i, (combo, fields) in enumerate(combos, 1):
+            print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}", file=stream, flush=True)
+            t0 = time.perf_counter()
+            try:
+                spec = JobSpec(**{**fields, "cluster": {**fields.get("cluster", {}), "address": address}})
+                combo.url = run(spec, progress=progress, stream=stream).url
+                runs.append(load_run(combo.url))
+                combo.status = "ok"
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # ConfigError, RunFailed, ClusterError, a strategy's bug: recorded, not fatal
+                combo.status, combo.error = "failed", (str(e).splitlines() or [type(e).__name__])[0]
+                url = combo.url or f"{out.rstrip('/')}/runs/{combo.run_id}"
+                fs, p = fsspec.core.url_to_fs(url)
+                combo.url = url if fs.exists(f"{p}/spec.yaml") else None
+                failures.append(Failure(label=combo.label, scenario=combo.scenario, error=combo.error, url=combo.url))
+            combo.wall_s = time.perf_counter() - t0
+            word = "ok" if combo.status == "ok" else f"FAILED: {combo.error}"
+            print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}: {word} ({combo.wall_s:.1f} s)",
+                  file=stream, flush=True)
+    finally:
+        runtime.shutdown()
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/matrix.yaml", yaml.safe_dump(
+        {"combinations": [vars(c) for c, _ in combos]}, sort_keys=False).encode())
+    html_url, md_url = write_report(Report(runs=runs, failures=failures, target_loss=target_loss), out)
+    return [c for c, _ in combos], html_url, md_url

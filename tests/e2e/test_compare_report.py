@@ -1,0 +1,65 @@
+"""polytrain compare end to end: strategies x scenarios on one Ray, run folders,
+report files whose numbers equal those computed from the Parquet files, and a
+failing combination reported instead of stopping the rest."""
+import base64
+import os
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator.cli import main
+
+TINY = ["--set", "workload.n_layers=2", "--set", "workload.d_model=64", "--set", "workload.seq_len=32"]
+
+
+def _md_rows(md: str, scenario: str) -> dict[str, list[str]]:
+    section = md.split(f"## Scenario `{scenario}`")[1].split("## ")[0]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in section.splitlines() if ln.startswith("| ")]
+    return {r[1]: r for r in rows[1:]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compare_two_strategies_two_scenarios(ray_address, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--workload", "gpt-tiny", "--strategies", "ddp,fsdp,ddp:no_such_option=1",
+               "--scenarios", "local,internet-1g", "--workers", "2", "--steps", "3", "--seed", "3", *TINY,
+               "--out", str(out), "--address", ray_address, "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "4/6 runs succeeded" in printed.out and "[6/6]" in printed.err
+
+    matrix = yaml.safe_load((out / "matrix.yaml").read_text())["combinations"]
+    ok = [c for c in matrix if c["status"] == "ok"]
+    failed = [c for c in matrix if c["status"] == "failed"]
+    assert sorted((c["label"], c["scenario"]) for c in ok) == sorted(
+        (s, sc) for s in ("ddp", "fsdp") for sc in ("local", "internet-1g"))
+    assert len(failed) == 2 and all("no_such_option" in c["error"] for c in failed)
+    for c in ok:  # each run folder complete, same seed for all
+        assert {"spec.yaml", "metrics.parquet", "events.parquet"} <= set(os.listdir(c["url"]))
+        assert yaml.safe_load(open(os.path.join(c["url"], "spec.yaml")))["seed"] == 3
+
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    images = [base64.b64decode(b) for b in re.findall(r"src='data:image/png;base64,([^']+)'", html)]
+    assert len(images) == 2 * 6 and all(i.startswith(b"\x89PNG") for i in images)
+    assert md.count("ddp:no_such_option=1 failed") == 2 and "no_such_option" in html
+
+    for c in ok:
+        m = pd.read_parquet(os.path.join(c["url"], "metrics.parquet"))
+        per_step = m.groupby("step").agg(t=("step_time_s", "max"), tok=("tokens", "sum"))  # 3 steps: no warm-up cut
+        last = m[m.step == 3]
+        cells = _md_rows(md, c["scenario"])[c["label"]]
+        assert cells[3] == f"{per_step.tok.sum() / per_step.t.sum():,.0f}"
+        assert cells[10] == f"{(last.loss * last.samples).sum() / last.samples.sum():,.4f}"
+        assert cells[3] in html
+    # same seed and data: ddp and fsdp train the same model to the same loss (float tolerance)
+    for sc in ("local", "internet-1g"):
+        rows = _md_rows(md, sc)
+        assert abs(float(rows["ddp"][10]) - float(rows["fsdp"][10])) <= 2e-4
+
+    # the same report rendered again from the run folders (`polytrain report`)
+    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == md
