@@ -142,6 +142,7 @@ class WorkerGroup:
         self.contexts: list[WorkerContext] = []
         self.pids: list[int] = []
         self._pg = None
+        self._polls: dict[int, ray.ObjectRef] = {}  # rank -> its poll() not read yet
         self.phases: dict[str, float] = {}
 
     def start(self) -> None:
@@ -191,12 +192,19 @@ class WorkerGroup:
         return [a.run.remote(ctx, fn_ref, *args) for a, ctx in zip(self.actors, self.contexts)]
 
     def poll(self, timeout_s: float = 10) -> list[dict]:
-        """Every report the ranks made since the last poll (ranks that do not
-        answer in time are skipped this round)."""
-        refs = [a.poll.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        """Every report the ranks made since the last poll. A rank that does not
+        answer in time is skipped this round; its answer is read by a later poll,
+        so no report is lost."""
+        for i, a in enumerate(self.actors):
+            if i not in self._polls:
+                self._polls[i] = a.poll.remote()
+        ready, _ = ray.wait(list(self._polls.values()), num_returns=len(self._polls), timeout=timeout_s)
+        ready = set(ready)
         rows = []
-        for ref in ready:
+        for i in sorted(self._polls):
+            if self._polls[i] not in ready:
+                continue
+            ref = self._polls.pop(i)
             try:
                 rows += ray.get(ref)
             except ray.exceptions.RayActorError:

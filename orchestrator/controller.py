@@ -82,6 +82,23 @@ def renumber(injections: list[str], removed: int) -> list[str]:
     return out
 
 
+def presumed_fired(injections: list[str], failure: Failure, completed: int) -> set[str]:
+    """The one-shot faults that must have fired for this failure to be seen,
+    whether or not their report left the worker (a killed worker's last report
+    dies with it): those of steps every rank has finished, and a kill or hang
+    of the failing rank at the step it was on."""
+    out = set()
+    for text in injections:
+        inj = parse_injection(text)
+        if not inj.once:
+            continue
+        here = inj.rank == failure.rank and inj.kind in ("kill", "hang")
+        if (inj.step < completed or inj.step == completed and (inj.at == "start" or here)
+                or inj.step == completed + 1 and inj.at == "start" and here):
+            out.add(str(inj))
+    return out
+
+
 class Controller:
     def __init__(self, spec: JobSpec, make_group: Callable[[], Group], log: MetricsLog, out: Progress, *,
                  first: Attempt, newest_checkpoint: Callable[[], tuple[int, str] | None] = lambda: None,
@@ -150,7 +167,9 @@ class Controller:
         self.state = "restarting"
         if backoff:
             self.sleep(backoff)
-        injections = [i for i in self.attempt.injections if i not in self.fired]
+        if isinstance(outcome, Failure):
+            self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed)
+        injections = [i for i in self.attempt.injections if str(parse_injection(i)) not in self.fired]
         shares = self.attempt.shares
         if removed is not None:
             injections, shares = renumber(injections, removed), None

@@ -52,7 +52,7 @@ def baseline(ray_address, tmp_path_factory):
 @pytest.mark.slow
 def test_kill_and_hang_recover_to_the_uninterrupted_parameters(ray_address, tmp_path, baseline):
     result = _run(tmp_path, "faults", ray_address, checkpoint_every=STEPS,  # only the final one: restore snapshots
-                  inject=["kill:rank=1,step=5", "hang:rank=0,step=9"], failure={"max_failures": 2, "snapshot_every": 3, "hang_floor_s": 4, "backoff_s": 0.1})
+                  inject=["kill:rank=1,step=5", "hang:rank=0,step=9"], failure={"max_failures": 2, "snapshot_every": 3, "hang_floor_s": 10, "backoff_s": 0.1})
     ev = result.events
     assert list(ev[ev.kind.str.startswith("failure:")].kind) == ["failure:died", "failure:hang"]
     restarts = ev[ev.kind == "restart"]

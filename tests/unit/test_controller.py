@@ -4,7 +4,7 @@ import io
 import pytest
 
 from orchestrator.config import JobSpec
-from orchestrator.controller import Controller, GroupStatus, RunFailed, renumber, root_cause
+from orchestrator.controller import Controller, GroupStatus, RunFailed, presumed_fired, renumber, root_cause
 from orchestrator.metrics import MetricsLog
 from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState
 from orchestrator.progress import Progress
@@ -114,7 +114,7 @@ def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
         if a.number == 0 and s == 6 else None
     ctl, attempts, _, log = make(tmp_path, script=script, failure={"max_failures": 1},
                                  inject=["kill:rank=1,step=6"])
-    ctl.fired.add("kill:rank=1,step=6")  # the worker reported it before dying
+    # the kill's report died with the worker: the controller still knows it fired
     ctl.run()
     assert ctl.state == "finished" and len(attempts) == 2
     second = attempts[1]
@@ -124,6 +124,20 @@ def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
     assert kinds(log).count("failure:died") == 1 and "decision:restart" in kinds(log) and "recovered" in kinds(log)
     # step 5 was run twice; both kept, tagged with their attempt
     assert sorted(r["attempt"] for r in log.rows if r["step"] == 5 and r["rank"] == 0) == [0.0, 1.0]
+
+
+def test_faults_whose_report_was_lost_are_presumed_fired():
+    inj = ["kill:rank=1,step=6", "hang:rank=0,step=9", "kill:rank=0,step=4,at=checkpoint", "nan:step=3",
+           "slow:rank=1,factor=2"]
+    died = Failure(kind="died", rank=1, step=5, message="")
+    assert presumed_fired(inj, died, 5) == {"kill:rank=1,step=6", "kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
+    hung = Failure(kind="hang", rank=0, step=8, message="")
+    assert presumed_fired(inj, hung, 8) == {"kill:rank=1,step=6", "hang:rank=0,step=9",
+                                            "kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
+    in_ckpt = Failure(kind="died", rank=0, step=4, message="")
+    assert presumed_fired(inj, in_ckpt, 4) == {"kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
+    other = Failure(kind="died", rank=1, step=4, message="")  # rank 0 may not have reached its checkpoint kill
+    assert presumed_fired(inj, other, 4) == {"nan:step=3"}
 
 
 def test_the_root_cause_is_named_not_the_echo(tmp_path):
