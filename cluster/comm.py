@@ -286,16 +286,17 @@ class Comm:
         sent = sum(_nbytes(t) for t, _ in sends)
         received = sum(_nbytes(t) for t, _ in recvs)
 
-        def call(_async: bool):
-            works = dist.batch_isend_irecv(ops)
-            if not _async:
-                for w in works:
-                    w.wait()
-                return None
-            return _AllWork(works)
-
         peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
-        return self.charge(call, sent, received, async_op=async_op, op="exchange", peers=peers)
+        if async_op:  # like isend/irecv: in flight until the wait (gloo's p2p Works have no future)
+            self.last_launch = start = self._begin(sent, received)
+            works = dist.batch_isend_irecv(ops)
+            return _EndsOnWait(_AllWork(works), self, start + self._floor("exchange", sent, received, peers))
+
+        def call(_async: bool):
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+
+        return self.charge(call, sent, received, op="exchange", peers=peers)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -332,24 +333,26 @@ class _TimedWork(dist.Work):
 
 class _EndsOnWait(dist.Work):
     """A point-to-point Work whose wait() is timed as blocked, lasts until the
-    simulated network's ``done_by``, and ends the call's in-flight interval (once)."""
+    simulated network's ``done_by``, and ends the call's in-flight interval. Only
+    the first wait() reaches gloo, whose point-to-point Works must be waited once."""
 
     def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0):
         super().__init__()
         self._work, self._comm, self._done_by, self._open = work, comm, done_by, True
 
     def wait(self, timeout=None) -> bool:
+        if not self._open:
+            return True
         t0 = time.perf_counter()
         done = self._work.wait() if timeout is None else self._work.wait(timeout)
         self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
-        if self._open:
-            self._open = False
-            self._comm._end()
+        self._open = False
+        self._comm._end()
         return done
 
     def is_completed(self) -> bool:
-        return self._work.is_completed()
+        return not self._open or self._work.is_completed()
 
 
 class _AllWork(dist.Work):
@@ -358,7 +361,6 @@ class _AllWork(dist.Work):
     def __init__(self, works: list):
         super().__init__()
         self._works = works
-        self._future = torch.futures.collect_all([w.get_future() for w in works])
 
     def wait(self, timeout=None) -> bool:
         for w in self._works:
@@ -368,8 +370,6 @@ class _AllWork(dist.Work):
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)
 
-    def get_future(self) -> torch.futures.Future:
-        return self._future
 
 
 class _Done(dist.Work):

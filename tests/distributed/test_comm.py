@@ -110,3 +110,51 @@ def test_a_scenario_delays_each_call_to_at_least_the_modelled_time(tmp_path):
             # at least the model (1 ms slack for clock granularity), and not wildly more
             assert want - 1e-3 <= elapsed < want + 2.0, (name, elapsed, want)
             assert stats["comm_s"] >= want - 1e-3, (name, stats)
+
+
+def posted_p2p(rank: int, world: int) -> dict:
+    """isend/irecv: posted at once, bytes counted, the receiver's wait is blocked time."""
+    import time
+
+    comm = Comm()
+    comm.take_stats()
+    if rank == 0:
+        time.sleep(0.3)  # the receiver has posted by now and waits in wait()
+        work = comm.isend(torch.arange(100.0), 1)
+        work.wait()
+        got = None
+    else:
+        buf = torch.empty(100)
+        work = comm.irecv(buf, 0)
+        posted = comm.take_stats()  # in flight, not yet waited for: bytes counted, no wait time
+        work.wait()
+        work.wait()  # a second wait ends nothing twice
+        got = (buf.tolist(), posted.__dict__)
+    return {"got": got, "stats": comm.take_stats().__dict__}
+
+
+def test_isend_irecv_counted_and_the_wait_is_idle(tmp_path):
+    sender, receiver = run_ranks(posted_p2p, 2, tmp_path)
+    assert (sender["stats"]["bytes_sent"], sender["stats"]["bytes_received"]) == (400, 0)
+    values, posted = receiver["got"]
+    assert values == list(map(float, range(100)))
+    assert (posted["bytes_received"], posted["calls"], posted["wait_s"]) == (400, 1, 0.0)
+    assert receiver["stats"]["wait_s"] > 0.2 and receiver["stats"]["bytes_received"] == 0  # counted at posting
+    assert receiver["stats"]["comm_s"] > 0.2  # in flight from posting to the wait's return
+
+
+def async_ring_exchange(rank: int, world: int) -> dict:
+    """exchange(async_op=True) on gloo (whose point-to-point Works have no future)."""
+    comm = Comm()
+    comm.take_stats()
+    right, left = (rank + 1) % world, (rank - 1) % world
+    got = torch.empty(4)
+    work = comm.exchange([(torch.full((4,), float(rank)), right)], [(got, left)], async_op=True)
+    work.wait()
+    return {"got": got.tolist(), "stats": comm.take_stats().__dict__}
+
+
+def test_async_exchange_on_gloo(tmp_path):
+    for rank, out in enumerate(run_ranks(async_ring_exchange, 3, tmp_path)):
+        assert out["got"] == [float((rank - 1) % 3)] * 4
+        assert (out["stats"]["bytes_sent"], out["stats"]["bytes_received"]) == (16, 16)
