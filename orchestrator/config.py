@@ -174,8 +174,19 @@ class JobSpec(BaseModel):
             self.run_id = f"{self.workload.name}-{self.strategy.name}-{stamp}-{uuid.uuid4().hex[:4]}"
         workload = self.build_workload()
         strategy_cls = STRATEGIES.get(self.strategy.name)
-        self.strategy_options()
-        strategy_cls.check_job(workers=self.workers, workload=workload)
+        options = self.strategy_options()
+        replicas = strategy_cls.replicas(workers=self.workers, options=options)
+        per_step = replicas * self.grad_accum
+        if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
+            self.batch_size = workload.micro_batch * per_step
+        strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size)
+        if self.batch_size % per_step:
+            what = f"workers({self.workers})" if replicas == self.workers else \
+                f"the {replicas} data-parallel replicas of workers({self.workers})"
+            raise ValueError(
+                f"batch_size={self.batch_size}: must be divisible by {what} x "
+                f"grad_accum({self.grad_accum}) = {per_step}"
+            )
         if self.storage.startswith("memory://") and (self.checkpoint_every or self.resume):
             raise ValueError(f"storage={self.storage!r}: checkpoints are written by the workers, which cannot see "
                              f"this process's memory:// filesystem; use a path or a shared URL (s3://, ...)")
@@ -195,14 +206,6 @@ class JobSpec(BaseModel):
             what = "failure.elastic=true" if self.failure.elastic else f"straggler.mitigation={self.straggler.mitigation!r}"
             raise ValueError(f"{what}: strategy {self.strategy.name!r} cannot train uneven per-rank batches "
                              f"(strategies that can: those with uneven_batches, e.g. ddp, fsdp)")
-        per_step = self.workers * self.grad_accum
-        if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
-            self.batch_size = workload.micro_batch * per_step
-        if self.batch_size % per_step:
-            raise ValueError(
-                f"batch_size={self.batch_size}: must be divisible by workers({self.workers}) x "
-                f"grad_accum({self.grad_accum}) = {per_step}"
-            )
         return self
 
     # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
@@ -236,8 +239,13 @@ class JobSpec(BaseModel):
         return self.batch_size
 
     @property
+    def replicas(self) -> int:
+        return self.strategy_cls().replicas(workers=self.workers, options=self.strategy_options())
+
+    @property
     def micro_batch(self) -> int:
-        return self.global_batch // (self.workers * self.grad_accum)
+        """Samples per replica per accumulation step."""
+        return self.global_batch // (self.replicas * self.grad_accum)
 
     def worker_sources(self) -> list[str]:
         """Local files or packages the workers need to import this job's plugins."""

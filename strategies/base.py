@@ -89,11 +89,20 @@ class Strategy(ABC):
         return "; ".join(missing) or None
 
     @classmethod
-    def check_job(cls, *, workers: int, workload: Workload) -> None:
-        """Raise ValueError, naming the field, if this strategy cannot run the job."""
+    def check_job(cls, *, workers: int, workload: Workload, options: BaseModel | None = None,
+                  batch_size: int | None = None) -> None:
+        """Raise ValueError, naming the field, if this strategy cannot run the job
+        (``options``: the validated strategy options; ``batch_size``: the global batch)."""
         why = cls.unsupported(type(workload))
         if why:
             raise ValueError(f"strategy={cls.name!r} cannot train workload={workload.name!r}: {why}")
+
+    @classmethod
+    def replicas(cls, *, workers: int, options: BaseModel) -> int:
+        """Data-parallel replicas among ``workers``: what the global batch is split
+        over. Ranks that split one replica's work (pipeline stages, sequence shards)
+        count once; ``data_shard`` must agree."""
+        return workers
 
     @abstractmethod
     def setup(self, workload: Workload, ctx: StrategyContext) -> None: ...

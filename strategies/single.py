@@ -65,7 +65,7 @@ class Single(Replicated):
     """One process, no communication: the reference for every other strategy."""
 
     @classmethod
-    def check_job(cls, *, workers: int, workload: Workload) -> None:
-        super().check_job(workers=workers, workload=workload)
+    def check_job(cls, *, workers: int, workload: Workload, **kw) -> None:
+        super().check_job(workers=workers, workload=workload, **kw)
         if workers != 1:
             raise ValueError(f"workers={workers}: strategy 'single' runs exactly 1 worker")

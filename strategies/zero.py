@@ -203,8 +203,8 @@ class _Zero(Strategy):
     checkpoint_format: ClassVar[str] = "deepspeed"  # DeepSpeed's own files: loadable by zero* only
 
     @classmethod
-    def check_job(cls, *, workers: int, workload: Workload) -> None:
-        super().check_job(workers=workers, workload=workload)
+    def check_job(cls, *, workers: int, workload: Workload, **kw) -> None:
+        super().check_job(workers=workers, workload=workload, **kw)
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError(f"strategy={cls.name!r} needs DeepSpeed, which is not installed: pip install deepspeed")
 
