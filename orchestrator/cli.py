@@ -102,6 +102,23 @@ def _add_cluster_commands(sub) -> None:
         p.add_argument("--address", **addr)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    pl = sub.add_parser("pipeline", help="pipeline schedules: simulate and draw one, or chart a run's timeline",
+                        description="Pipeline schedules.")
+    show = pl.add_subparsers(dest="pipeline_command", required=True, parser_class=_Parser).add_parser(
+        "show", help="a schedule as a per-rank grid and a Gantt chart (or --run: a measured step)",
+        description="Simulate a schedule and print its per-rank grid, makespan, bubble and peak activations, and "
+                    "draw its Gantt chart; with --run, draw a measured step of a pipeline run instead.")
+    show.add_argument("--schedule", default="zb-h1", help="gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or auto")
+    show.add_argument("--stages", type=int, default=4, help="pipeline ranks (default 4)")
+    show.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
+    show.add_argument("--costs", default="1,1,1", metavar="F,B,W", help="per-rank F, B, W times (default 1,1,1)")
+    show.add_argument("--comm", type=float, default=0.0, help="time of one cross-rank transfer (default 0)")
+    show.add_argument("--chunks", type=int, default=2, help="stages per rank for interleaved (default 2)")
+    show.add_argument("--memory-limit", type=float, default=None,
+                      help="auto: the most micro-batches of activations a rank may hold")
+    show.add_argument("--run", default=None, metavar="RUN_FOLDER", help="chart this run's measured timeline")
+    show.add_argument("--step", type=int, default=None, help="with --run: the step (default the last)")
+    show.add_argument("--out", default=None, help="where to write the PNG")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -272,6 +289,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    from strategies.pipeline.show import show, show_run
+
+    if args.run:
+        print(f"chart: {show_run(args.run, step=args.step, out=args.out)}")
+        return EXIT_OK
+    try:
+        costs = tuple(float(x) for x in args.costs.split(","))
+        if len(costs) != 3 or min(costs) < 0:
+            raise ValueError
+    except ValueError:
+        print(f"polytrain: error: --costs={args.costs!r}: three non-negative numbers F,B,W (e.g. 1,1,1)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        show(args.schedule, args.stages, args.microbatches, costs=costs, comm=args.comm, chunks=args.chunks,
+             memory_limit=args.memory_limit, out=args.out)
+    except ValueError as e:
+        print(f"polytrain: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.runtime import ClusterError
@@ -293,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_submit(args)
         if args.command in ("status", "logs", "stop"):
             return cmd_job(args)
+        if args.command == "pipeline":
+            return cmd_pipeline_show(args)
         return cmd_run(args)
     except (ConfigError, ClusterError) as e:
         print(f"polytrain: error: {e}", file=sys.stderr)

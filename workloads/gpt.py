@@ -34,9 +34,13 @@ class Embedding(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
+        # Global positions of the tokens this module sees; None: 0..t-1. Sequence
+        # parallelism sets its shard's positions. A plain attribute, not a buffer: it is
+        # not model state, and each rank's differ (DDP must not broadcast it).
+        self.positions: torch.Tensor | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
+        pos = self.positions if self.positions is not None else torch.arange(idx.shape[1], device=idx.device)
         return self.tok(idx) + self.pos(pos)
 
 
@@ -188,6 +192,11 @@ class GptTiny(Workload):
 
     def attention_layers(self, blocks: list[nn.Module]) -> list[nn.Module]:
         return [b.attn for b in blocks if isinstance(b, Block)]
+
+    def position_layers(self, blocks: list[nn.Module]) -> list[nn.Module]:
+        """Modules whose ``positions`` attribute gives the tokens' global positions
+        (sequence parallelism: a rank holds a slice of each sequence)."""
+        return [b for b in blocks if isinstance(b, Embedding)]
 
 
 def _init_weights(m: nn.Module) -> None:
