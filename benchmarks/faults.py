@@ -57,11 +57,14 @@ def recovery(args, storage: str) -> list[str]:
                      checkpoint_every=args.every if mode == "checkpoint" else 0)
         result = run(spec, progress=False)
         ev = result.events.set_index("kind")
-        inject_t = ev.loc["inject", "wall_time"]
+        # the kill fires as step kill_at starts, right after step kill_at - 1 ended (the
+        # killed worker's own report of it usually dies with it)
+        df = result.metrics
+        killed_t = df[(df.step == kill_at - 1) & (df.attempt == 0)].wall_time.max()
         fail_t = ev.loc["failure:died", "wall_time"]
         rec = ev.loc["recovered"]
         redone = int(rec["detail"].split(";")[1].split()[0])
-        rows.append(f"| {mode} | {fail_t - inject_t:.1f} | {rec['seconds']:.1f} | {redone} | {args.every} |")
+        rows.append(f"| {mode} | {fail_t - killed_t:.1f} | {rec['seconds']:.1f} | {redone} | {args.every} |")
         print(rows[-1], flush=True)
     return rows
 
