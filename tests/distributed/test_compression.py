@@ -11,21 +11,24 @@ import math
 import pytest
 import torch
 
-from cluster import ring_allreduce_bytes
+from cluster import Comm, ring_allreduce_bytes
 from orchestrator import checkpoint
 from orchestrator.checkpoint import Checkpointer
 from orchestrator.config import JobSpec
 from orchestrator.trainer import RankTrainer
 from strategies.compression.int8 import dequantize, quantize
 from strategies.compression.powersgd import matrix_shape, orthonormalize
-from strategies.compression.base import draw_seed
+from strategies.compression.base import Wire, draw_seed
+from strategies.compression.int8 import Int8Compressor
+from strategies.compression.powersgd import PowerSGDCompressor
+from strategies.compression.terngrad import TernGradCompressor
+from strategies.compression.topk import TopKCompressor
 from strategies.compression.topk import k_of
 from tests.distributed.test_ddp import _assert_same, full_state, train_state
 from tests.ranks import run_ranks
 
 GPT = {"name": "gpt-tiny", "n_layers": 2, "d_model": 64, "seq_len": 32}
 WORLD = 2
-pytestmark = pytest.mark.slow  # one shared 2-rank run of every configuration: ~25 s on a quiet 2-core machine
 
 
 def _trainer(rank, world, strategy: dict, steps: int) -> RankTrainer:
@@ -33,7 +36,9 @@ def _trainer(rank, world, strategy: dict, steps: int) -> RankTrainer:
     return RankTrainer(spec, rank=rank, world=world, device=torch.device("cpu"))
 
 
-LOSSLESS = [{"name": "powersgd", "warmup_steps": 5}, {"name": "topk", "ratio": 1.0}]
+# every strategy while still in its uncompressed warm-up, and topk sending every value
+LOSSLESS = [{"name": "topk", "ratio": 1.0}] + [{"name": n, "warmup_steps": 5}
+                                                for n in ("powersgd", "adaptive", "terngrad", "int8")]
 LOSSY = [
     {"name": "powersgd", "rank": 2, "warmup_steps": 1},
     {"name": "adaptive", "warmup_steps": 1, "every": 2, "error_budget": 0.5},
@@ -51,21 +56,23 @@ def _everything(rank, world, root):
             "full": _train_and_save(rank, world, RESUMED, root), "resumed": _resume(rank, world, RESUMED, root)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # one shared 2-rank run of every configuration: ~25 s on a quiet 2-core machine
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compression")
     return run_ranks(_everything, WORLD, tmp, str(tmp / "runs"))
 
 
+@pytest.mark.slow
 def test_lossless_configurations_match_single(runs):
-    """powersgd still in its uncompressed warm-up, and topk sending every value:
-    the same parameters as `single` after 5 steps (1e-5, as ddp)."""
+    """Every strategy still in its uncompressed warm-up, and topk sending every
+    value: the same parameters as `single` after 5 steps (rtol = atol = 1e-5, as ddp)."""
     ref = train_state(0, 1, GPT, "single")
     for per_rank in (r["lossless"] for r in runs):
         for s in LOSSLESS:
             _assert_same(per_rank[s["name"]]["state"], ref["state"])
         assert per_rank["topk"]["ratios"] == [pytest.approx(0.5)] * 5  # (index, value) per value: half of dense
-        assert per_rank["powersgd"]["ratios"] == [1.0] * 5
+        for name in ("powersgd", "adaptive", "terngrad", "int8"):
+            assert per_rank[name]["ratios"] == [1.0] * 5, name
 
 
 def _train_each(rank, world, strategies):
@@ -203,6 +210,7 @@ def _expected_bytes(name, calls_of_step, world):
     return total
 
 
+@pytest.mark.slow
 def test_compressed_update_matches_reference(runs):
     out = [r["lossy"] for r in runs]
     for s in LOSSY:
@@ -270,6 +278,7 @@ def _resume(rank, world, strategies, root):
     return out
 
 
+@pytest.mark.slow
 def test_resume_restores_residuals_factors_and_seeds(runs):
     """Saved at step 2 (compressing from step 2 on), restored into a fresh trainer:
     steps 3-4 bit-identical to the run that never stopped, which needs every
@@ -281,3 +290,41 @@ def test_resume_restores_residuals_factors_and_seeds(runs):
             assert r["resumed"][name]["losses"] == r["full"][name]["losses"][2:], name
             for k, v in r["full"][name]["state"].items():
                 assert torch.equal(r["resumed"][name]["state"][k], v), f"{name}: {k}"
+
+
+# -- bytes at another world size, through the real Comm ------------------------------------------
+SHAPES = {"w": torch.Size([40, 25]), "b": torch.Size([7])}  # 1007 values
+
+
+def _count_each(rank, world):
+    """One reduce of each compressor on real gloo collectives; Comm's counters per compressor."""
+    comm, out = Comm(), {}
+    makers = {
+        "powersgd": lambda w: PowerSGDCompressor(w, SHAPES, rank=2, min_compression_rate=2.0, seed=0),
+        "terngrad": lambda w: TernGradCompressor(w, SHAPES, seed=0, clip_sigma=2.5),
+        "int8": lambda w: Int8Compressor(w, SHAPES, seed=0, block_size=0),
+        "topk": lambda w: TopKCompressor(w, SHAPES, seed=0, ratio=0.1),
+    }
+    gen = torch.Generator().manual_seed(rank)
+    for name, make in makers.items():
+        wire = Wire(comm)
+        make(wire).reduce([(n, torch.randn(s, generator=gen)) for n, s in SHAPES.items()], 0)
+        stats = comm.take_stats()
+        out[name] = (stats.bytes_sent, stats.bytes_received, wire.sent)
+    return out
+
+
+def test_bytes_counted_at_world_3_equal_the_formulas(tmp_path):
+    """Comm's own counters (not the compressors' tallies) against the closed forms
+    of docs/compression.md, at a world size that divides nothing evenly."""
+    world = 3
+    ring = lambda nbytes: ring_allreduce_bytes(nbytes, world)  # noqa: E731 (tested against gloo in test_comm)
+    expected = {
+        "powersgd": ring(4 * (7 + 40 * 2)) + ring(4 * 25 * 2),  # bias + P, then Q
+        "terngrad": ring(4 * 2) + (world - 1) * math.ceil(1007 / 4),  # scales (MAX), codes (all-gather)
+        "int8": 2 * (world - 1) * (math.ceil(1007 / world) + 8),  # all-to-all + all-gather of a chunk + header
+        "topk": (world - 1) * 8 * (k_of(1000, 0.1) + k_of(7, 0.1)),  # all-gather of (index, value) pairs
+    }
+    for per_rank in run_ranks(_count_each, world, tmp_path):
+        for name, want in expected.items():
+            assert per_rank[name] == (want, want, want), name
