@@ -3,14 +3,15 @@
 gpt-tiny at its default shape, ``--workers`` workers, ``--steps`` steps, the
 same seed and data for every method, all jobs on one embedded Ray instance:
 
-    python benchmarks/compression.py [--steps 300] [--workers 4]
+    python benchmarks/compression.py [--steps 300] [--repeat 1] [--workers 4]
         [--scenarios local,internet-1g] [--methods ddp,powersgd-r4,...] [--json out.json]
         [--storage DIR]
 
 With --storage the run folders are kept, and a run already there with all its
 steps is read instead of trained again (a long benchmark survives interruption).
 
-Per method and scenario it prints, from the run's metrics.parquet:
+Per method and scenario it prints, from the runs' metrics.parquet (each figure
+the median over the --repeat runs, which differ only in timing noise):
   MB/step   bytes each rank sends per step (mean over ranks and steps after --skip)
   ratio     the strategy's compression_ratio (dense ddp bytes / bytes sent), same steps
   step s    median over those steps of the slowest rank's step time
@@ -24,9 +25,11 @@ internet-1g its steps are >= 3x faster; each method's loss within 3% of ddp's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 
@@ -76,6 +79,7 @@ def _finished(folder: str, steps: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--repeat", type=int, default=1, help="runs per method and scenario; figures are medians over runs")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--scenarios", default="local,internet-1g")
     p.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
@@ -87,6 +91,8 @@ def main() -> None:
 
     from orchestrator import ConfigError, JobSpec, compare
 
+    if a.steps <= a.skip or a.repeat < 1:
+        p.error(f"--steps={a.steps} must exceed --skip={a.skip}, and --repeat={a.repeat} be >= 1")
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -101,24 +107,27 @@ def main() -> None:
             except ConfigError as e:
                 print(f"scenario {scenario!r} skipped: {e}")
                 continue
-            for m in methods:
-                run_id = f"{scenario}-{m}-{a.steps}".replace("%", "pct")
+            for m, r in itertools.product(methods, range(a.repeat)):
+                run_id = f"{scenario}-{m}-{a.steps}-{r}".replace("%", "pct")
                 folder = os.path.join(storage, run_id)
                 finished = _finished(folder, a.steps)
                 if finished is not None:
-                    done[(scenario, m)] = finished
+                    done[(scenario, m, r)] = finished
                     continue
                 if os.path.isdir(folder):  # an interrupted run of this benchmark: train it again
                     shutil.rmtree(folder)
                 specs.append(JobSpec(workload="gpt-tiny", strategy=METHODS[m], workers=a.workers, steps=a.steps,
                                      seed=0, scenario=scenario, storage=storage, run_id=run_id))
-                keys.append((scenario, m))
+                keys.append((scenario, m, r))
         runs = compare(specs, progress=False).runs if specs else []
         done.update({k: r.metrics for k, r in zip(keys, runs)})
         for scenario in a.scenarios.split(","):
             for m in methods:
-                if (scenario, m) in done:
-                    results.setdefault(scenario, {})[m] = figures(done[(scenario, m)], skip=a.skip, last=a.last)
+                per_run = [figures(done[(scenario, m, r)], skip=a.skip, last=a.last)
+                           for r in range(a.repeat) if (scenario, m, r) in done]
+                if per_run:
+                    results.setdefault(scenario, {})[m] = {k: statistics.median(f[k] for f in per_run)
+                                                           for k in per_run[0]}
     report(results, a)
     if a.json:
         with open(a.json, "w") as f:
@@ -126,7 +135,8 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, dict]], a) -> None:
-    print(f"\ngpt-tiny (default shape), {a.workers} workers, {a.steps} steps, {os.cpu_count()} CPUs; "
+    print(f"\ngpt-tiny (default shape), {a.workers} workers, {a.steps} steps, medians of {a.repeat} run(s), "
+          f"{os.cpu_count()} CPUs; "
           f"bytes and times over steps {a.skip + 1}-{a.steps}, loss = mean of the last {a.last} steps")
     for scenario, rows in results.items():
         print(f"\nscenario {scenario}")
