@@ -149,6 +149,7 @@ class Compressed(DDP):
         return super().wrap(module)
 
     def register_hook(self, ddp: DistributedDataParallel) -> None:
+        """Instead of ddp's all-reduce: this model's compressor, fed by ``reduce_bucket``."""
         module = ddp.module
         self.names = {id(p): n for n, p in module.named_parameters()}
         shapes = {n: p.shape for n, p in module.named_parameters() if p.requires_grad}
