@@ -2,6 +2,6 @@
 from strategies.base import NoOptions, OptimConfig, StepStats, Strategy, StrategyContext
 from strategies.registry import STRATEGIES, register_strategy
 
-from strategies import ddp as _ddp, fsdp as _fsdp, single as _single, zero as _zero, pipeline as _pipeline, sequence as _sequence  # noqa: F401,E401  (register built-ins)
+from strategies import compression as _compression, ddp as _ddp, fsdp as _fsdp, pipeline as _pipeline, sequence as _sequence, single as _single, zero as _zero  # noqa: F401,E401  (register built-ins)
 
 __all__ = ["NoOptions", "OptimConfig", "STRATEGIES", "StepStats", "Strategy", "StrategyContext", "register_strategy"]

@@ -54,8 +54,12 @@ class DDP(Replicated):
             static_graph=self.options.static_graph,
             **{_BUFFER_SYNC_ARG: not sync_bn},
         )
-        ddp.register_comm_hook(ctx.comm, allreduce_mean_hook)
+        self.register_hook(ddp)
         return ddp
+
+    def register_hook(self, ddp: DistributedDataParallel) -> None:
+        """How DDP's buckets are combined: the mean all-reduce (compression overrides it)."""
+        ddp.register_comm_hook(self.ctx.comm, allreduce_mean_hook)
 
     def no_sync(self):
         return self.model.no_sync()
