@@ -1,6 +1,6 @@
 """Gradient compression against ddp: bytes, step time and loss, per network scenario.
 
-gpt-tiny at its default shape, ``--workers`` workers, ``--steps`` steps, the
+gpt-tiny (default shape, or ``--seq-len`` and ``--batch``), ``--workers`` workers, ``--steps`` steps, the
 same seed and data for every method, all jobs on one embedded Ray instance:
 
     python benchmarks/compression.py [--steps 300] [--repeat 1] [--workers 4]
@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     p.add_argument("--skip", type=int, default=10, help="steps left out of bytes and times (warm-up, DDP rebuild)")
     p.add_argument("--last", type=int, default=20, help="final loss: mean step loss over this many last steps")
+    p.add_argument("--seq-len", type=int, default=None, help="gpt-tiny's sequence length (default: its own, 128)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in samples (default: the workload's per worker)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--storage", help="keep the run folders here (default: a temporary folder); finished runs are reused")
     a = p.parse_args()
@@ -101,6 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.abspath(a.storage) if a.storage else tmp
         specs, keys, done = [], [], {}
+        workload = {"name": "gpt-tiny", **({"seq_len": a.seq_len} if a.seq_len else {})}
+        shape = f"s{a.seq_len or 'd'}-b{a.batch or 'd'}"
         for scenario in a.scenarios.split(","):
             try:  # a scenario this checkout does not know is skipped, with the reason
                 JobSpec(workload="gpt-tiny", strategy="ddp", workers=a.workers, scenario=scenario, storage=tmp)
@@ -108,7 +112,7 @@ def main() -> None:
                 print(f"scenario {scenario!r} skipped: {e}")
                 continue
             for m, r in itertools.product(methods, range(a.repeat)):
-                run_id = f"{scenario}-{m}-{a.steps}-{r}".replace("%", "pct")
+                run_id = f"{scenario}-{m}-{a.steps}-{shape}-{r}".replace("%", "pct")
                 folder = os.path.join(storage, run_id)
                 finished = _finished(folder, a.steps)
                 if finished is not None:
@@ -116,8 +120,8 @@ def main() -> None:
                     continue
                 if os.path.isdir(folder):  # an interrupted run of this benchmark: train it again
                     shutil.rmtree(folder)
-                specs.append(JobSpec(workload="gpt-tiny", strategy=METHODS[m], workers=a.workers, steps=a.steps,
-                                     seed=0, scenario=scenario, storage=storage, run_id=run_id))
+                specs.append(JobSpec(workload=workload, strategy=METHODS[m], workers=a.workers, steps=a.steps,
+                                     batch_size=a.batch, seed=0, scenario=scenario, storage=storage, run_id=run_id))
                 keys.append((scenario, m, r))
         runs = compare(specs, progress=False).runs if specs else []
         done.update({k: r.metrics for k, r in zip(keys, runs)})
@@ -135,7 +139,8 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, dict]], a) -> None:
-    print(f"\ngpt-tiny (default shape), {a.workers} workers, {a.steps} steps, medians of {a.repeat} run(s), "
+    shape = f"sequence {a.seq_len or 128}, global batch {a.batch or 'default'}"
+    print(f"\ngpt-tiny (width 256, 4 layers, {shape}), {a.workers} workers, {a.steps} steps, medians of {a.repeat} run(s), "
           f"{os.cpu_count()} CPUs; "
           f"bytes and times over steps {a.skip + 1}-{a.steps}, loss = mean of the last {a.last} steps")
     for scenario, rows in results.items():
