@@ -79,7 +79,7 @@ class RankTrainer:
         self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
-        self.step = 0  # before set-up: a strategy that communicates there (demo, gossip) meets the floor, which reads it
+        self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
         self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))

@@ -2,6 +2,8 @@
 from strategies.base import NoOptions, OptimConfig, StepStats, Strategy, StrategyContext
 from strategies.registry import STRATEGIES, register_strategy
 
-from strategies import decentralized as _decentralized, ddp as _ddp, fsdp as _fsdp, gossip as _gossip, single as _single, zero as _zero  # noqa: F401,E401  (register built-ins)
+from strategies import (  # noqa: F401  (register built-ins)
+    decentralized as _decentralized, ddp as _ddp, fsdp as _fsdp, gossip as _gossip, single as _single, zero as _zero,
+)
 
 __all__ = ["NoOptions", "OptimConfig", "STRATEGIES", "StepStats", "Strategy", "StrategyContext", "register_strategy"]

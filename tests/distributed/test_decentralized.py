@@ -288,22 +288,28 @@ def test_gossip_on_4_ranks(four_ranks):
     complete = out["train"]["complete"]
     assert complete["rows"][0]["bytes_sent"] == ring_allreduce_bytes(param_bytes, world)
     assert all(torch.equal(complete["final"][r], complete["final"][0]) for r in range(world))
-    # complete = every rank's own AdamW step, then the exact average: the single-process
-    # reference below. Tolerance: the all-reduce sums in another order (a few ulp per step).
-    torch.testing.assert_close(complete["final"][0], _complete_reference(world), rtol=1e-5, atol=1e-7)
+    # Every rank's own AdamW step and the mixing, against the same in one process. Tolerance:
+    # sums in another order (the all-reduce, the weighted neighbour sum): a few ulp per step.
+    torch.testing.assert_close(complete["final"], _gossip_reference("complete", world, overlap=False),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ring["final"], _gossip_reference("ring", world, overlap=False), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(overlap["final"], _gossip_reference("ring", world, overlap=True), rtol=1e-5, atol=1e-7)
     assert out["resume_exact"]
 
 
-def _complete_reference(world: int) -> torch.Tensor:
-    """gossip with the complete topology in one process: ``world`` replicas from one
-    initialisation, each with its own AdamW on its own slice of every global batch,
-    averaged after every step (no overlap). Not ddp: AdamW's update is not linear
-    in the gradient, so averaging updates differs from updating on the mean gradient."""
+def _gossip_reference(topology: str, world: int, *, overlap: bool) -> torch.Tensor:
+    """gossip in one process: ``world`` replicas from one initialisation, each with its
+    own AdamW on its own slice of every global batch, mixed with W after every step:
+    x_i <- sum_j W_ij x_j (stepped), or with ``overlap`` (D-PSGD) x_i <- sum_j W_ij s_j + u_i
+    where s are the parameters the step started from and u_i = x_i - s_i its own update.
+    Returns every replica's final parameters (world, n). With ``complete`` this is not
+    ddp: AdamW's update is not linear in the gradient, so averaging updates differs
+    from updating on the mean gradient."""
     from strategies.optim import build_optimizer, clip_and_step
     from workloads import ShardedLoader
 
-    spec = _spec({"name": "gossip", "topology": "complete"}, world)
-    workload = spec.build_workload()
+    spec = _spec({"name": "gossip", "topology": topology}, world)
+    workload, w = spec.build_workload(), mixing_matrix(topology, world).float()
     replicas = []
     for r in range(world):
         torch.manual_seed(spec.seed)
@@ -311,17 +317,18 @@ def _complete_reference(world: int) -> torch.Tensor:
         replicas.append((model, *build_optimizer(model, spec.optim, spec.steps),
                          ShardedLoader(workload.source(), rank=r, world=world, global_batch=spec.global_batch,
                                        seed=spec.seed)))
+    params = lambda: torch.stack([flatten(list(m.parameters())) for m, *_ in replicas])  # noqa: E731
     for _ in range(spec.steps):
+        start = params()
         for model, opt, sched, loader in replicas:
             batch = loader.next_batch()
             workload.loss(model(batch[0]), batch).backward()
             clip_and_step(model, opt, sched, spec.optim)
-        with torch.no_grad():
-            for ps in zip(*(model.parameters() for model, *_ in replicas)):
-                mean = torch.stack(ps).mean(0)
-                for p in ps:
-                    p.copy_(mean)
-    return flatten(list(replicas[0][0].parameters()))
+        stepped = params()
+        mixed = w @ start + (stepped - start) if overlap else w @ stepped
+        for (model, *_), x in zip(replicas, mixed):
+            unflatten_into(x, list(model.parameters()))
+    return params()
 
 
 def consensus_rank(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
