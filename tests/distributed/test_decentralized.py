@@ -12,7 +12,9 @@ Both run in one 4-rank launch (``four_ranks``).
   average, through the all-reduce and through neighbour exchanges;
   one-peer-exp reaches exact (bit-identical) consensus after log2(n) rounds
   at 4 and 8 ranks with no updates; bytes, consensus distance, global
-  averaging, and checkpoints that resume bit-exactly.
+  averaging; ring (with and without overlap) and complete training against
+  a single-process reference (``_gossip_reference``); checkpoints that
+  resume bit-exactly.
 """
 import math
 
