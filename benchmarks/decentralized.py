@@ -2,8 +2,8 @@
 
 gpt-tiny (the default shape: d_model 256, 4 layers, sequence 128, micro-batch 8
 per worker), 4 workers, 300 steps, under each scenario: ddp + AdamW, demo
-(DeMo, paper defaults topk 32, chunk 64, decay 0.999, and a variant tuned for
-short runs), gossip ring and gossip one-peer-exp (AdamW, mixing overlapped
+(DeMo, paper defaults topk 32, chunk 64, decay 0.999, and ``demo-tuned``, a
+short-run variant chosen by reasoning, not by measurement), gossip ring and gossip one-peer-exp (AdamW, mixing overlapped
 with the next step, consensus distance measured every 50 steps). All jobs
 run one after another on one embedded Ray instance (``compare``); every figure
 is read from the runs' metrics.
