@@ -79,6 +79,7 @@ class RankTrainer:
         self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
+        self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
         self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
@@ -94,7 +95,6 @@ class RankTrainer:
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
-        self.step = 0
 
     def _fired(self, inj, step: int) -> None:
         self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})

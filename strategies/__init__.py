@@ -2,6 +2,9 @@
 from strategies.base import NoOptions, OptimConfig, StepStats, Strategy, StrategyContext
 from strategies.registry import STRATEGIES, register_strategy
 
-from strategies import compression as _compression, ddp as _ddp, fsdp as _fsdp, pipeline as _pipeline, sequence as _sequence, single as _single, zero as _zero  # noqa: F401,E401  (register built-ins)
+from strategies import (  # noqa: F401  (register built-ins)
+    compression as _compression, ddp as _ddp, decentralized as _decentralized, fsdp as _fsdp, gossip as _gossip,
+    pipeline as _pipeline, sequence as _sequence, single as _single, zero as _zero,
+)
 
 __all__ = ["NoOptions", "OptimConfig", "STRATEGIES", "StepStats", "Strategy", "StrategyContext", "register_strategy"]

@@ -1,0 +1,203 @@
+"""demo: Decoupled Momentum Optimization (Peng, Quesnelle, Kingma, 2024).
+
+Gradients are never all-reduced. Each rank, every step:
+
+1. folds its gradient into a local momentum buffer: ``m = decay * m + lr * g``
+   (the reference implementation's convention: the buffer holds lr-scaled
+   gradients, so a changing LR weights each step's gradient by its own LR);
+2. takes the chunked orthonormal DCT of ``m`` (``dct.ChunkedDCT``) and keeps
+   the ``topk`` largest-magnitude coefficients of each block (``m`` is held as
+   its DCT coefficients: by linearity DCT(decay * m + lr * g) =
+   decay * DCT(m) + lr * DCT(g), so a step costs one forward transform);
+3. subtracts what it keeps from ``m`` (the buffer is the error feedback: what
+   was not sent, including the rounding of values to ``value_dtype``, stays);
+4. all-gathers the (index, value) pairs of every rank in one flat byte buffer,
+   averages them per index over the ranks that sent that index, inverts the DCT;
+5. steps ``x = x * (1 - lr * wd) - lr * sign(Q)``: every element moves by
+   exactly ``lr`` or (where Q is 0) not at all.
+
+Every rank applies the same gathered bytes with the same deterministic code, so
+parameters stay bit-identical across ranks (on CPU; see ``ChunkedDCT.mean_of``).
+Bytes per step per rank: ``(world - 1) * sum(blocks * k * (index bytes + value bytes))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from cluster import Comm
+from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
+from strategies.decentralized.dct import ChunkedDCT
+from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
+from strategies.decentralized.state import load_per_rank, save_per_rank
+from strategies.optim import lr_factor
+from strategies.registry import register_strategy
+from workloads import Batch, Workload
+
+VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class DeMoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float | None = Field(None, gt=0, description="peak LR of the sign step (each updated element moves by "
+                             "exactly lr); default: optim.lr. Warm-up and decay follow optim's schedule")
+    weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay on matrices and "
+                                       "embeddings; default: optim.weight_decay")
+    topk: int = Field(32, ge=1, description="DCT coefficients each rank sends per block (paper: 32)")
+    chunk: int = Field(64, ge=1, description="block side: a matrix is cut into chunk x chunk blocks, a vector "
+                       "into blocks of chunk (largest divisor of the size at most chunk; paper: 64)")
+    decay: float = Field(0.999, description="momentum decay beta, in [0, 1) (paper: 0.999)")
+    value_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype of the values sent; rounding error stays in the momentum buffer")
+
+    @field_validator("decay")
+    @classmethod
+    def _decay_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must lie in [0, 1) (momentum decay beta)")
+        return v
+
+    @model_validator(mode="after")
+    def _topk_fits(self) -> "DeMoOptions":
+        if self.topk > self.chunk:
+            raise ValueError(f"topk={self.topk}: must not exceed chunk={self.chunk} "
+                             f"(a vector's block holds only chunk coefficients)")
+        return self
+
+
+class DeMo:
+    """DeMo's update of ``params`` on one rank; ``comm`` carries the all-gather."""
+
+    def __init__(self, params: list[nn.Parameter], comm: Comm, *, topk: int, chunk: int, decay: float,
+                 value_dtype: torch.dtype, decays: list[bool]):
+        self.params, self.comm, self.decay, self.value_dtype = params, comm, decay, value_dtype
+        self.decays = decays  # whether weight decay applies to each parameter
+        self.plans = [ChunkedDCT(tuple(p.shape), chunk, topk) for p in params]
+        # The momentum is kept as its DCT coefficients (blocks, r * c): the transform is
+        # linear and orthonormal, so this is the same buffer, one transform per step cheaper.
+        self.momentum = [torch.zeros(plan.blocks, plan.width, dtype=p.dtype, device=p.device)
+                         for p, plan in zip(params, self.plans)]
+        # Byte layout of the payload: per parameter its indices then its values.
+        self.layout: list[tuple[int, int, int]] = []  # (offset, index bytes, value bytes)
+        off = 0
+        for plan in self.plans:
+            n = plan.blocks * plan.k
+            ib, vb = n * plan.index_dtype.itemsize, n * value_dtype.itemsize
+            self.layout.append((off, ib, vb))
+            off += ib + vb
+        self.payload_nbytes = off
+
+    @torch.no_grad()
+    def compress(self, lr: float, *, finite: bool = True) -> torch.Tensor:
+        """Fold this step's gradients into the momentum (not if ``finite`` is false: a
+        NaN/Inf gradient would poison the buffer for good), take the top-k of each
+        block, remove what is sent from the momentum; returns the payload (uint8)."""
+        parts = []
+        for p, m, plan in zip(self.params, self.momentum, self.plans):
+            m.mul_(self.decay)
+            if p.grad is not None and finite:
+                m.add_(plan.encode(p.grad), alpha=lr)
+            idx, val = plan.topk_of(m)
+            sent = val.to(self.value_dtype)
+            m.scatter_(1, idx, val - sent.to(m.dtype))  # what is left of a sent coefficient: its rounding
+            parts += [idx.to(plan.index_dtype).flatten().view(torch.uint8), sent.flatten().view(torch.uint8)]
+        return torch.cat(parts)
+
+    def momentum_of(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s momentum buffer in the parameter's own shape."""
+        return self.plans[i].decode(self.momentum[i])
+
+    def unpack(self, gathered: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Payloads of every rank (world, bytes) -> per parameter (indices, values),
+        each (world, blocks, k), indices as int64, values in the parameters' dtype."""
+        world, out = gathered.shape[0], []
+        for p, plan, (off, ib, vb) in zip(self.params, self.plans, self.layout):
+            shape = (world, plan.blocks, plan.k)
+            idx = gathered[:, off:off + ib].contiguous().view(plan.index_dtype).reshape(shape).long()
+            val = gathered[:, off + ib:off + ib + vb].contiguous().view(self.value_dtype).reshape(shape)
+            out.append((idx, val.to(p.dtype)))
+        return out
+
+    @torch.no_grad()
+    def apply(self, gathered: torch.Tensor, lr: float, weight_decay: float) -> None:
+        """The sign step from every rank's payload (world, bytes)."""
+        for p, plan, decays, (idx, val) in zip(self.params, self.plans, self.decays, self.unpack(gathered)):
+            q = plan.decode(plan.mean_of(idx, val))
+            if decays and weight_decay:
+                p.mul_(1.0 - lr * weight_decay)
+            p.add_(q.sign_(), alpha=-lr)
+
+    def step(self, lr: float, weight_decay: float, *, finite: bool = True) -> None:
+        payload = self.compress(lr, finite=finite)
+        self.apply(self.comm.all_gather(payload), lr, weight_decay)
+
+
+@register_strategy("demo")
+class DeMoStrategy(Strategy):
+    """DeMo: sign-SGD on the average of every rank's top-k DCT coefficients of its local momentum; no all-reduce."""
+
+    Options = DeMoOptions
+    checkpoint_format = "dcp-demo"  # momentum is per rank: loadable by demo only
+
+    def setup(self, workload: Workload, ctx: StrategyContext) -> None:
+        self.workload, self.ctx = workload, ctx
+        o = self.options
+        self.module = self.model = workload.model().to(ctx.device)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        broadcast_flat(ctx.comm, [*params, *float_buffers(self.module)])  # identical start, whatever the init
+        self.lr = o.lr if o.lr is not None else ctx.optim.lr
+        self.weight_decay = o.weight_decay if o.weight_decay is not None else ctx.optim.weight_decay
+        self.opt = DeMo(params, ctx.comm, topk=o.topk, chunk=o.chunk, decay=o.decay,
+                        value_dtype=VALUE_DTYPES[o.value_dtype], decays=[p.dim() >= 2 for p in params])
+        self.steps_done = 0
+        self._held: dict[str, int] | None = None
+
+    def train_step(self, micro_batches: list[Batch]) -> StepStats:
+        loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device)
+        lr = self.lr * lr_factor(self.steps_done, self.ctx.optim, self.ctx.total_steps)
+        grads = [p.grad for p in self.opt.params if p.grad is not None]
+        extra["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if self._held is None:
+            self._held = self._measure()
+        self.opt.step(lr, self.weight_decay, finite=math.isfinite(extra["grad_norm"]))
+        self._sync_buffers()
+        for p in self.opt.params:
+            p.grad = None
+        self.steps_done += 1
+        extra["lr"] = lr
+        return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
+
+    def _sync_buffers(self) -> None:
+        """Running statistics come from each rank's own batch: average them (one
+        all-reduce, only for workloads that have any) so replicas stay equal."""
+        average_flat(self.ctx.comm, float_buffers(self.module))
+
+    def _measure(self) -> dict[str, int]:
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"param_bytes": nbytes(self.opt.params),
+                "grad_bytes": nbytes([p.grad for p in self.opt.params if p.grad is not None]),
+                "optim_bytes": nbytes(self.opt.momentum)}  # as many coefficients as parameters
+
+    def _state(self) -> tuple[dict, dict]:
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        shared = {"model": self.module.state_dict(), "steps_done": self.steps_done}
+        return shared, {"momentum": dict(zip(names, self.opt.momentum))}
+
+    def save_checkpoint(self, url: str) -> None:
+        shared, own = self._state()
+        save_per_rank(url, rank=self.ctx.rank, shared=shared, own=own)
+
+    def load_checkpoint(self, url: str) -> None:
+        """Parameters are the same on every saved rank; momentum buffers (each rank's
+        unsent residual) come from saved rank ``rank % saved_world``."""
+        shared, own = self._state()
+        shared, _, _ = load_per_rank(url, rank=self.ctx.rank, shared=shared, own=own)
+        self.steps_done = int(shared["steps_done"])
+
+    def memory_bytes(self) -> dict[str, int]:
+        return self._held or {}
