@@ -1,7 +1,7 @@
 """Decentralized training against ddp: bytes per step, step time, loss against time.
 
-gpt-tiny (the default shape: d_model 256, 4 layers, sequence 128, micro-batch 8
-per worker), 4 workers, 300 steps, under each scenario: ddp + AdamW, demo
+gpt-tiny (d_model 256, 4 layers; sequence 128 and micro-batch 8 per worker
+unless ``--seq-len`` / ``--batch`` say otherwise), 4 workers, 300 steps, under each scenario: ddp + AdamW, demo
 (DeMo, paper defaults topk 32, chunk 64, decay 0.999, and ``demo-tuned``, a
 short-run variant chosen by reasoning, not by measurement), gossip ring and gossip one-peer-exp (AdamW, mixing overlapped
 with the next step, consensus distance measured every 50 steps). All jobs
@@ -161,20 +161,26 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", default=["local", "internet-1g"])
     p.add_argument("--strategies", nargs="+", default=None, choices=list(strategies()),
                    help="a subset (ddp always runs: it is the baseline)")
+    p.add_argument("--seq-len", type=int, default=None, help="gpt-tiny's sequence length (default: its own, 128)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in samples (default: the workload's per worker)")
     p.add_argument("--smooth", type=int, default=10)
     p.add_argument("--plot", default=None, help="write loss-vs-time curves to this PNG")
     p.add_argument("--storage", default=None, help="keep the runs here (default: a temporary folder); "
                    "finished runs found there are reused, not rerun")
     a = p.parse_args()
+    workload = {**WORKLOAD, **({"seq_len": a.seq_len} if a.seq_len else {})}
+    shape = f"s{a.seq_len or 'd'}-b{a.batch or 'd'}"
+    print(f"gpt-tiny, sequence {a.seq_len or 128}, global batch {a.batch or 'default'}, {a.workers} workers, "
+          f"{a.steps} steps")
     chosen = {k: v for k, v in strategies().items() if a.strategies is None or k in a.strategies or k == "ddp"}
     all_results, all_rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         storage = a.storage or tmp
         for scenario in a.scenarios:
             try:
-                specs = {name: [JobSpec(workload=WORKLOAD, strategy=s, workers=a.workers, steps=a.steps,
-                                        storage=storage, scenario=scenario,
-                                        run_id=f"dec-{scenario}-{name}-{a.steps}-r{i}") for i in range(a.repeat)]
+                specs = {name: [JobSpec(workload=workload, strategy=s, workers=a.workers, steps=a.steps,
+                                        batch_size=a.batch, storage=storage, scenario=scenario,
+                                        run_id=f"dec-{scenario}-{name}-{a.steps}-{shape}-r{i}") for i in range(a.repeat)]
                          for name, s in chosen.items()}
             except ConfigError as e:
                 print(f"\n## scenario {scenario}: skipped ({e})")
