@@ -106,9 +106,10 @@ class FaultInjector:
     """The injections that concern one rank, fired from its training loop.
     ``report(kind, step, detail)`` records that one fired."""
 
-    def __init__(self, injections: list[Injection], rank: int, report=lambda *a: None):
+    def __init__(self, injections: list[Injection], rank: int, report=lambda *a: None,
+                 flush=lambda: time.sleep(0.2)):
         self.mine = [i for i in injections if i.hits(rank)]
-        self.rank, self.report = rank, report
+        self.rank, self.report, self.flush = rank, report, flush
         self._announced: set[Injection] = set()
 
     def _fire(self, inj: Injection, step: int) -> None:
@@ -135,7 +136,7 @@ class FaultInjector:
                 self._die()
 
     def _die(self) -> None:
-        time.sleep(0.2)  # let the report reach the driver's next poll
+        self.flush()  # let the report (and the steps before it) reach the driver first
         os.kill(os.getpid(), signal.SIGKILL)
 
     def poisons(self, step: int) -> bool:

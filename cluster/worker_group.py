@@ -37,6 +37,7 @@ class WorkerContext:
     controls: Callable[[], list[dict]] = field(default=lambda: [], repr=False)  # messages from the driver
     stash: Callable[[Any], Any] = field(default=lambda value: value, repr=False)  # value -> handle
     fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
+    flush: Callable[[float], None] = field(default=lambda timeout_s: None, repr=False)  # wait until reports are taken
 
     @property
     def init_method(self) -> str:
@@ -90,6 +91,18 @@ class RankWorker:
         with self._lock:
             self._reports.append(row)
 
+    def _flush(self, timeout_s: float) -> None:
+        """Wait until the driver's poll has taken every report (or ``timeout_s``),
+        then a moment more for that poll's reply to leave this process: a rank
+        about to die makes sure its last words arrive."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._reports:
+                    break
+            time.sleep(0.02)
+        time.sleep(0.3)
+
     def _take_controls(self) -> list[dict]:
         with self._lock:
             msgs, self._controls = self._controls, []
@@ -106,7 +119,7 @@ class RankWorker:
         return ray.get([r[0] for r in refs])
 
     def run(self, ctx: WorkerContext, fn: Callable[..., Any], *args: Any) -> Any:
-        ctx.report, ctx.controls = self._report, self._take_controls
+        ctx.report, ctx.controls, ctx.flush = self._report, self._take_controls, self._flush
         ctx.stash = self._stash
         ctx.fetch = self._fetch
         return fn(ctx, *args)

@@ -82,19 +82,21 @@ def renumber(injections: list[str], removed: int) -> list[str]:
     return out
 
 
-def presumed_fired(injections: list[str], failure: Failure, completed: int) -> set[str]:
+def presumed_fired(injections: list[str], failure: Failure, completed: int, began: int = 0) -> set[str]:
     """The one-shot faults that must have fired for this failure to be seen,
-    whether or not their report left the worker (a killed worker's last report
-    dies with it): those of steps every rank has finished, and a kill or hang
-    of the failing rank at the step it was on."""
+    whether or not their report left the worker (a killed worker's last reports
+    may die with it): those of steps every rank has finished, and a kill or hang
+    of the failing rank at a step it can have reached. ``began``: the furthest
+    step any rank reported starting; lockstep ranks are at most one step apart."""
     out = set()
+    reached = max(completed, began)
     for text in injections:
         inj = parse_injection(text)
         if not inj.once:
             continue
         here = inj.rank == failure.rank and inj.kind in ("kill", "hang")
-        if (inj.step < completed or inj.step == completed and (inj.at == "start" or here)
-                or inj.step == completed + 1 and inj.at == "start" and here):
+        if (inj.step < completed or inj.step == completed and inj.at == "start"
+                or here and inj.step <= (reached + 1 if inj.at == "start" else reached)):
             out.add(str(inj))
     return out
 
@@ -168,7 +170,8 @@ class Controller:
         if backoff:
             self.sleep(backoff)
         if isinstance(outcome, Failure):
-            self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed)
+            began = max(getattr(self, "_began", {}).values(), default=0)
+            self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
         injections = [i for i in self.attempt.injections if str(parse_injection(i)) not in self.fired]
         shares = self.attempt.shares
         if removed is not None:

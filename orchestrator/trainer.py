@@ -71,11 +71,13 @@ class RankTrainer:
 
     def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
                  workload: Workload | None = None, strategy_cls: type[Strategy] | None = None,
-                 shares: list[int] | None = None, injections: list[str] = (), report: Callable[[dict], None] = None):
+                 shares: list[int] | None = None, injections: list[str] = (), report: Callable[[dict], None] = None,
+                 flush: Callable[[], None] | None = None):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         self.report = report or (lambda row: None)
         workload = workload if workload is not None else spec.build_workload()
-        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired)
+        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired,
+                                      **({"flush": flush} if flush else {}))
         self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
@@ -227,7 +229,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
     try:
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
-                              report=ctx.report)
+                              report=ctx.report, flush=lambda: ctx.flush(5.0))
         restored = ""
         if attempt.snapshot:
             restore_snapshot(trainer, ctx.fetch(attempt.snapshot))

@@ -138,6 +138,9 @@ def test_faults_whose_report_was_lost_are_presumed_fired():
     assert presumed_fired(inj, in_ckpt, 4) == {"kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
     other = Failure(kind="died", rank=1, step=4, message="")  # rank 0 may not have reached its checkpoint kill
     assert presumed_fired(inj, other, 4) == {"nan:step=3"}
+    # the dying rank's report of step 5 was lost with it, but its peer began step 6
+    assert presumed_fired(inj, died, 4, began=6) == {"kill:rank=1,step=6", "nan:step=3"}
+    assert presumed_fired(inj, died, 4, began=4) == {"nan:step=3"}  # it cannot have reached step 6
 
 
 def test_the_root_cause_is_named_not_the_echo(tmp_path):
