@@ -75,7 +75,7 @@ def stragglers(args, storage: str) -> list[str]:
     rows = ["| mitigation | steady tokens/s | of clean | end-to-end of clean | final loss |", "|---|---|---|---|---|",
             f"| clean (no straggler) | {base:,.0f} | 1.00 | 1.00 | {final_loss(clean):.3f} |"]
     print(rows[-1], flush=True)
-    for mitigation in ("none", "rebalance", "backup", "evict"):
+    for mitigation in args.mitigations.split(","):
         spec = _spec(args, storage, f"slow-{mitigation}", inject=["slow:rank=2,factor=3"],
                      straggler={"mitigation": mitigation, "patience": 3, "window": 5},
                      failure={"snapshot_every": args.every})
@@ -93,6 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--every", type=int, default=5, help="snapshot / checkpoint interval")
     p.add_argument("--only", choices=["recovery", "stragglers"])
+    p.add_argument("--mitigations", default="none,rebalance,backup,evict", help="straggler runs (besides the clean one)")
     args = p.parse_args(argv)
     runtime = ray_runtime.start(address=None)  # every run below joins it
     try:

@@ -201,9 +201,10 @@ class JobSpec(BaseModel):
                 raise ValueError(f"inject={str(inj)!r}: step={inj.step} is after the last step (steps={self.steps})")
         if self.failure.min_workers > self.workers:
             raise ValueError(f"failure.min_workers={self.failure.min_workers}: more than workers={self.workers}")
-        needs_uneven = self.straggler.mitigation in ("rebalance", "backup") or self.failure.elastic
+        needs_uneven = self.straggler.mitigation in ("rebalance", "backup", "evict") or self.failure.elastic
         if needs_uneven and not strategy_cls.uneven_batches:
-            what = "failure.elastic=true" if self.failure.elastic else f"straggler.mitigation={self.straggler.mitigation!r}"
+            what = f"straggler.mitigation={self.straggler.mitigation!r}" if self.straggler.mitigation != "none" \
+                else "failure.elastic=true"
             raise ValueError(f"{what}: strategy {self.strategy.name!r} cannot train uneven per-rank batches "
                              f"(strategies that can: those with uneven_batches, e.g. ddp, fsdp)")
         return self

@@ -174,8 +174,10 @@ class Controller:
             self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
         injections = [i for i in self.attempt.injections if str(parse_injection(i)) not in self.fired]
         shares = self.attempt.shares
-        if removed is not None:
-            injections, shares = renumber(injections, removed), None
+        if removed is not None:  # fewer workers: even shares again, uneven where the batch does not divide
+            injections = renumber(injections, removed)
+            even = initial_shares(self.spec.global_batch, new_world, 1)
+            shares = list(even) if len(set(even)) > 1 else None
         source = self._restore_source()
         lost_from = self.completed
         restored = source[0] if source else 0

@@ -223,6 +223,7 @@ def test_evict_restarts_without_the_straggler(tmp_path):
                                  straggler={"mitigation": "evict", "patience": 3, "window": 4})
     ctl.run()
     assert [a.world for a in attempts] == [4, 3] and attempts[1].injections == []
+    assert attempts[1].shares == [3, 3, 2]  # the global batch of 8 does not divide by 3
     assert "evict" in kinds(log)
 
 
