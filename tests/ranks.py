@@ -33,17 +33,18 @@ def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple, queue) 
 
 
 def run_ranks(fn: Callable[..., Any], world: int, tmp_path, *args: Any, timeout_s: float = 240,
-              preload: bool = False) -> list[Any]:
+              preload: bool = True) -> list[Any]:
     """fn(rank, world, *args) on each rank; returns the results in rank order.
 
-    ``preload``: fork the ranks from a server process that imported ``fn``'s module
-    (torch, the project) once, instead of spawning interpreters that each import it
-    again: about 4 s of CPU a rank, most of an 8-rank test's time on 2 cores. The
-    server starts at the first such call of the session, and its children see the
-    environment of that moment: leave it off where a test changes os.environ first."""
+    ``preload`` (default): fork the ranks from a server process that imported
+    torch and the project once, instead of spawning interpreters that each import
+    them again (about 4 s of CPU a rank: most of the distributed tests' time on 2
+    cores). The server starts at the first call of the session, and its children
+    see the environment of that moment: pass ``preload=False`` where a test
+    changes os.environ first."""
     if preload:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([fn.__module__])
+        ctx.set_forkserver_preload(["torch", "strategies", "orchestrator.trainer", fn.__module__])
     else:
         ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

@@ -139,7 +139,7 @@ def four_rank(rank: int, world: int, folder: str) -> dict:
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("four-ranks")
-    return run_ranks(four_rank, WORLD, tmp, str(tmp / "run"), preload=True)
+    return run_ranks(four_rank, WORLD, tmp, str(tmp / "run"))
 
 
 @pytest.mark.slow
@@ -338,7 +338,7 @@ def consensus_rank(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_one_peer_exp_exact_consensus_on_8_ranks(tmp_path):
-    start, end = run_ranks(consensus_rank, 8, tmp_path, preload=True)[0]
+    start, end = run_ranks(consensus_rank, 8, tmp_path)[0]
     assert all(torch.equal(end[r], end[0]) for r in range(8))
     torch.testing.assert_close(end[0], start.mean(0), rtol=0, atol=1e-6)
     assert not torch.allclose(start[0], start.mean(0))
