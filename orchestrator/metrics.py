@@ -128,3 +128,32 @@ class MetricsLog:
         for name in extras:
             table = table.append_column(name, pa.array([r.get(name) for r in rows], type=pa.float64()))
         return table
+
+
+WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebuild)
+
+
+def summarize(metrics) -> dict:
+    """One run's headline figures from its metrics rows."""
+    metrics = final_attempt(metrics)
+    steady = metrics[metrics.step > WARMUP_STEPS] if metrics.step.max() > WARMUP_STEPS else metrics
+    per_step = steady.groupby("step").agg(
+        step_time_s=("step_time_s", "max"), samples=("samples", "sum"), tokens=("tokens", "sum"))
+    last = metrics[metrics.step == metrics.step.max()]
+    row = {
+        "run_id": metrics.run_id.iloc[0], "workload": metrics.workload.iloc[0],
+        "strategy": metrics.strategy.iloc[0], "scenario": metrics.scenario.iloc[0],
+        "workers": int(metrics["rank"].nunique()), "steps": int(metrics.step.max()),
+        "final_loss": samples_mean(last.loss, last.samples),
+        "median_step_s": float(per_step.step_time_s.median()),
+        "samples_per_s": float(per_step.samples.sum() / per_step.step_time_s.sum()),
+        "tokens_per_s": float(per_step.tokens.sum() / per_step.step_time_s.sum()),
+        "bytes_sent_per_step": float(steady.bytes_sent.mean()),
+        "compute_s_per_step": float(steady.compute_s.mean()),
+        "comm_s_per_step": float(steady.comm_s.mean()),
+        "idle_s_per_step": float(steady.idle_s.mean()),
+        "peak_mem_bytes": int(metrics.peak_mem_bytes.max()),
+    }
+    if "accuracy" in metrics:
+        row["final_accuracy"] = samples_mean(last.accuracy, last.samples)
+    return row

@@ -20,10 +20,9 @@ import pandas as pd
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.metrics import final_attempt, samples_mean
+from orchestrator.metrics import WARMUP_STEPS, final_attempt, samples_mean, summarize
 from orchestrator.storage import RunFolder
 
-WARMUP_STEPS = 3  # as in orchestrator.compare: first steps carry one-off costs
 # event kinds drawn on the failure timeline (prefix match)
 TIMELINE_KINDS = ("failure", "restart", "recovered", "straggler", "evict", "inject", "decision", "resume")
 
@@ -128,26 +127,19 @@ def loss_curve(m: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_row(run: Run, target: float) -> dict:
+    """``summarize``'s figures under the report's column names, plus the time to the target loss."""
     m = run.metrics
-    steady = m[m.step > WARMUP_STEPS] if m.step.max() > WARMUP_STEPS else m
-    per_step = steady.groupby("step").agg(step_time_s=("step_time_s", "max"), tokens=("tokens", "sum"),
-                                          samples=("samples", "sum"))
+    s = summarize(m)
     curve = loss_curve(m)
     reached = curve[curve.loss <= target]
-    last = m[m.step == m.step.max()]
     return {
-        "strategy": run.label, "scenario": run.scenario, "run_id": str(m.run_id.iloc[0]),
-        "workers": int(m["rank"].nunique()), "steps": int(m.step.max()),
+        "strategy": run.label, "scenario": run.scenario, "run_id": str(s["run_id"]),
+        "workers": s["workers"], "steps": s["steps"],
         "time_to_target_s": float(reached.time_s.iloc[0]) if len(reached) else math.nan,
-        "tokens_per_s": float(per_step.tokens.sum() / per_step.step_time_s.sum()),
-        "samples_per_s": float(per_step.samples.sum() / per_step.step_time_s.sum()),
-        "step_s": float(per_step.step_time_s.median()),
-        "compute_s": float(steady.compute_s.mean()),
-        "comm_s": float(steady.comm_s.mean()),
-        "idle_s": float(steady.idle_s.mean()),
-        "bytes_per_step": float(steady.bytes_sent.mean()),  # per rank
-        "peak_mem_bytes": int(m.peak_mem_bytes.max()),
-        "final_loss": samples_mean(last.loss, last.samples),
+        "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "step_s": s["median_step_s"],
+        "compute_s": s["compute_s_per_step"], "comm_s": s["comm_s_per_step"], "idle_s": s["idle_s_per_step"],
+        "bytes_per_step": s["bytes_sent_per_step"],  # per rank
+        "peak_mem_bytes": s["peak_mem_bytes"], "final_loss": s["final_loss"],
     }
 
 
