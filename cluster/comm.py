@@ -262,17 +262,18 @@ class Comm:
         before reusing ``tensor``. In flight from posting until that wait returns:
         gloo's point-to-point Works have no completion future to end it sooner."""
         return self._p2p(lambda: dist.isend(tensor, self.global_rank(peer), group=self.group),
-                         _nbytes(tensor), 0, "send", peer)
+                         _nbytes(tensor), 0, "send", (peer,))
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a receive into ``tensor`` and return at once; its ``wait()`` is
         counted as time blocked (a pipeline's idle time waiting for its input)."""
         return self._p2p(lambda: dist.irecv(tensor, self.global_rank(peer), group=self.group),
-                         0, _nbytes(tensor), "recv", peer)
+                         0, _nbytes(tensor), "recv", (peer,))
 
-    def _p2p(self, post, sent: int, received: int, op: str, peer: int) -> dist.Work:
+    def _p2p(self, post, sent: int, received: int, op: str, peers: tuple[int, ...]) -> dist.Work:
+        """Post point-to-point work; in flight until its wait (gloo's p2p Works have no future)."""
         self.last_launch = start = self._begin(sent, received)
-        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, (peer,)))
+        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, peers))
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  *, async_op: bool = False):
@@ -287,10 +288,8 @@ class Comm:
         received = sum(_nbytes(t) for t, _ in recvs)
 
         peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
-        if async_op:  # like isend/irecv: in flight until the wait (gloo's p2p Works have no future)
-            self.last_launch = start = self._begin(sent, received)
-            works = dist.batch_isend_irecv(ops)
-            return _EndsOnWait(_AllWork(works), self, start + self._floor("exchange", sent, received, peers))
+        if async_op:
+            return self._p2p(lambda: _AllWork(dist.batch_isend_irecv(ops)), sent, received, "exchange", peers)
 
         def call(_async: bool):
             for w in dist.batch_isend_irecv(ops):
@@ -369,7 +368,6 @@ class _AllWork(dist.Work):
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)
-
 
 
 class _Done(dist.Work):
