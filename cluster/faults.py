@@ -106,8 +106,7 @@ class FaultInjector:
     """The injections that concern one rank, fired from its training loop.
     ``report(kind, step, detail)`` records that one fired."""
 
-    def __init__(self, injections: list[Injection], rank: int, report=lambda *a: None,
-                 flush=lambda: time.sleep(0.2)):
+    def __init__(self, injections: list[Injection], rank: int, report=lambda *a: None, flush=None):
         self.mine = [i for i in injections if i.hits(rank)]
         self.rank, self.report, self.flush = rank, report, flush
         self._announced: set[Injection] = set()
@@ -136,7 +135,10 @@ class FaultInjector:
                 self._die()
 
     def _die(self) -> None:
-        self.flush()  # let the report (and the steps before it) reach the driver first
+        if self.flush:  # let the report (and the steps before it) reach the driver first
+            self.flush()
+        else:
+            time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def poisons(self, step: int) -> bool:

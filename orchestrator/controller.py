@@ -123,6 +123,7 @@ class Controller:
         self.final_loss = float("nan")
         self.last_checkpoint: str | None = None
         self.fired: set[str] = set()  # injections that fired: never again in this run
+        self._began: dict[int, int] = {}  # rank -> the last step it reported starting, this attempt
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
         self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
         self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
@@ -170,9 +171,9 @@ class Controller:
         if backoff:
             self.sleep(backoff)
         if isinstance(outcome, Failure):
-            began = max(getattr(self, "_began", {}).values(), default=0)
+            began = max(self._began.values(), default=0)
             self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
-        injections = [i for i in self.attempt.injections if str(parse_injection(i)) not in self.fired]
+        injections = [i for i in self.attempt.injections if i not in self.fired]  # both in canonical form
         shares = self.attempt.shares
         if removed is not None:  # fewer workers: even shares again, uneven where the batch does not divide
             injections = renumber(injections, removed)
@@ -206,7 +207,7 @@ class Controller:
     def _supervise(self, group: Group) -> Failure | _Evict | None:
         a = self.attempt
         self._steps: dict[int, dict[int, dict]] = {}
-        self._began: dict[int, int] = {}
+        self._began = {}
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
         shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, a.world, 1)

@@ -76,8 +76,7 @@ class RankTrainer:
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         self.report = report or (lambda row: None)
         workload = workload if workload is not None else spec.build_workload()
-        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired,
-                                      **({"flush": flush} if flush else {}))
+        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired, flush)
         self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
@@ -97,6 +96,7 @@ class RankTrainer:
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
+        self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
 
     def _fired(self, inj, step: int) -> None:
         self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})
@@ -145,7 +145,7 @@ class RankTrainer:
         dropped = self.rank in self.dropped
         # A dropped rank still joins the step's collectives (DDP's reducer needs a
         # forward), on one sample at weight 0, so it contributes nothing and costs little.
-        micro = [tuple(t[:1] for t in batch)] if dropped else split_max(batch, self.spec.micro_batch)
+        micro = [tuple(t[:1] for t in batch)] if dropped else split_max(batch, self.micro_batch)
         stats = self.strategy.train_step(micro)
         if dropped:
             stats.loss, stats.samples = float("nan"), 0
