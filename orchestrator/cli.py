@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_matrix_commands(sub)
     _add_cluster_commands(sub)
+    _add_pipeline_commands(sub)
     for name, what in (("workloads", "registered workloads and their options"),
                        ("strategies", "registered strategies and their options"),
                        ("scenarios", "simulated network scenarios (--scenario)")):
@@ -102,13 +103,16 @@ def _add_cluster_commands(sub) -> None:
         p.add_argument("--address", **addr)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+
+def _add_pipeline_commands(sub) -> None:
     pl = sub.add_parser("pipeline", help="pipeline schedules: simulate and draw one, or chart a run's timeline",
                         description="Pipeline schedules.")
     show = pl.add_subparsers(dest="pipeline_command", required=True, parser_class=_Parser).add_parser(
         "show", help="a schedule as a per-rank grid and a Gantt chart (or --run: a measured step)",
         description="Simulate a schedule and print its per-rank grid, makespan, bubble and peak activations, and "
                     "draw its Gantt chart; with --run, draw a measured step of a pipeline run instead.")
-    show.add_argument("--schedule", default="zb-h1", help="gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or auto")
+    show.add_argument("--schedule", default="zb-h1", help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v or auto")
     show.add_argument("--stages", type=int, default=4, help="pipeline ranks (default 4)")
     show.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
     show.add_argument("--costs", default="1,1,1", metavar="F,B,W", help="per-rank F, B, W times (default 1,1,1)")
