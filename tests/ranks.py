@@ -32,21 +32,16 @@ def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple, queue) 
         destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, tmp_path, *args: Any, timeout_s: float = 240,
-              preload: bool = True) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, tmp_path, *args: Any, timeout_s: float = 240) -> list[Any]:
     """fn(rank, world, *args) on each rank; returns the results in rank order.
 
-    ``preload`` (default): fork the ranks from a server process that imported
-    torch and the project once, instead of spawning interpreters that each import
-    them again (about 4 s of CPU a rank: most of the distributed tests' time on 2
-    cores). The server starts at the first call of the session, and its children
-    see the environment of that moment: pass ``preload=False`` where a test
-    changes os.environ first."""
-    if preload:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "strategies", "orchestrator.trainer", fn.__module__])
-    else:
-        ctx = mp.get_context("spawn")
+    Ranks fork from a server process that imported torch and the project once,
+    instead of spawning interpreters that each import them again (about 4 s of
+    CPU a rank: most of the distributed tests' time on 2 cores). The server
+    starts at the first call of the session, and its children see the
+    environment of that moment."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "strategies", "orchestrator.trainer", fn.__module__])
     queue = ctx.SimpleQueue()
     store = os.path.join(str(tmp_path), f"store-{uuid.uuid4().hex}")  # fresh per call: a reused FileStore hangs
     procs = [ctx.Process(target=_entry, args=(r, world, store, fn, args, queue)) for r in range(world)]
