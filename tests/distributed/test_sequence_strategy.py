@@ -2,7 +2,6 @@
 parameters after 3 steps, same loss, per-layer bytes equal to the formulas, every
 byte of the step accounted; its checkpoints load into `single`; bad jobs rejected
 on the driver with the numbers."""
-import inspect
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from cluster import ring_allreduce_bytes
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.trainer import RankTrainer
-from strategies import STRATEGIES, Strategy
+from strategies import STRATEGIES
 from strategies.sequence import SequenceOptions
 from tests.distributed.test_ddp import full_state
 from tests.ranks import run_ranks
@@ -114,8 +113,6 @@ def test_bad_jobs_are_rejected_with_the_numbers(workers, workload, options, msg)
 
 
 def test_the_job_spec_rejects_them_before_any_worker_starts():
-    if "options" not in inspect.signature(Strategy.check_job).parameters:
-        pytest.skip("JobSpec does not pass strategy options to check_job yet (orchestrator/config.py)")
     with pytest.raises(ConfigError, match=r"workload.seq_len=36: must be divisible by 2 x ulysses\(2\)"):
         JobSpec(workload={**WORKLOAD, "seq_len": 36}, strategy={"name": "sequence", "ulysses": 2, "ring": 2},
                 workers=4, batch_size=8)

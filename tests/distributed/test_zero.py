@@ -6,13 +6,11 @@ Each stage is trained once per module (fixture ``runs``) and the results reused.
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
-
-import strategies.zero  # noqa: E402,F401  registers zero1-3
-from orchestrator.config import ConfigError, JobSpec  # noqa: E402
-from orchestrator.trainer import RankTrainer  # noqa: E402
-from tests.distributed.test_ddp import WORKLOADS, _assert_same, _spec  # noqa: E402
-from tests.ranks import run_ranks  # noqa: E402
+import strategies.zero  # noqa: F401  registers zero1-3
+from orchestrator.config import ConfigError, JobSpec
+from orchestrator.trainer import RankTrainer
+from tests.distributed.test_ddp import WORKLOADS, _assert_same, _spec
+from tests.ranks import run_ranks
 
 # fp32 on CPU. DeepSpeed also keeps an fp32 master copy, clips with g / ((norm + 1e-6) / clip)
 # rather than g * (clip / (norm + 1e-6)) and sums the gradient norm in its own order; measured:

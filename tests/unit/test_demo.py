@@ -2,6 +2,7 @@
 average, the optimizer's error-feedback and sign-step invariants, the payload
 size, and bad options (plus gossip's topology checks) rejected on one line."""
 import pytest
+import scipy.fft as fft
 import torch
 from torch import nn
 
@@ -15,7 +16,6 @@ SHAPES = [(128, 192), (768,), (100, 37), (3, 4, 5, 5), (50257,), ()]
 
 
 def test_dct_matrix_is_scipys_orthonormal_dct2():
-    fft = pytest.importorskip("scipy.fft")
     x = torch.randn(5, 48, dtype=torch.float64)
     d = dct_matrix(48, torch.float64)
     torch.testing.assert_close(x @ d.T, torch.from_numpy(fft.dct(x.numpy(), norm="ortho", axis=1)))
@@ -23,7 +23,6 @@ def test_dct_matrix_is_scipys_orthonormal_dct2():
 
 
 def test_blocks_are_2d_dcts_of_divisor_sized_chunks():
-    fft = pytest.importorskip("scipy.fft")
     plan = ChunkedDCT((100, 192), chunk=64, topk=32)
     assert (plan.r, plan.c, plan.blocks, plan.k) == (50, 64, 2 * 3, 32)  # 50 | 100, 64 | 192
     x = torch.randn(100, 192, dtype=torch.float64)
