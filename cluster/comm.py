@@ -20,6 +20,11 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def nbytes(t: torch.Tensor) -> int:
+    """A tensor's size in bytes: the one definition every byte count starts from."""
+    return t.numel() * t.element_size()
+
+
 def ring_allreduce_bytes(nbytes: int, world: int) -> int:
     """Bytes each rank sends (and receives) in a ring all-reduce:
     reduce-scatter then all-gather, each (world-1) chunks of nbytes/world."""
@@ -82,7 +87,7 @@ class Comm:
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self._ledger = _ledger or _Ledger()
         self.ranks = tuple(self.global_rank(r) for r in range(self.world))  # global ranks of this group
-        self.last_launch = 0.0  # perf_counter of the latest async launch
+        self._last_launch = 0.0  # perf_counter of the latest async launch not yet closed
 
     def split(self, groups: list[list[int]]) -> "Comm":
         """Sub-groups (lists of ranks of this group, disjoint, covering it); every
@@ -143,17 +148,27 @@ class Comm:
         with self._ledger.lock:
             self._ledger.stats.wait_s += seconds
 
+    def close_launched(self, t_end: float) -> None:
+        """A caller that returns only once every async call it launched is done (DDP's
+        backward, whatever hook it runs) ended at ``t_end``: the time since the last
+        launch is communication no compute hid. Launches before this are closed."""
+        if self._last_launch:
+            self.add_wait(max(0.0, t_end - self._last_launch))
+        self._last_launch = 0.0
+
     def set_floor(self, floor: Callable[[str, int, int, tuple[int, ...]], float] | None) -> None:
         """Simulate a network: every call takes at least ``floor(op, sent, received,
         ranks)`` seconds (it is delayed by the difference); ``ranks`` are the global
         ranks taking part. Shared by sub-groups."""
         self._ledger.floor = floor
 
-    def _floor(self, op: str, sent: int, received: int, peers: tuple[int, ...] | None = None) -> float:
+    def _floor(self, op: str, sent: int, received: int, peers: tuple[int, ...] | None = None,
+               ranks: tuple[int, ...] | None = None) -> float:
         f = self._ledger.floor
         if f is None:
             return 0.0
-        ranks = self.ranks if peers is None else (self.global_rank(self.rank), *map(self.global_rank, peers))
+        if ranks is None:
+            ranks = self.ranks if peers is None else (self.global_rank(self.rank), *map(self.global_rank, peers))
         return f(op, sent, received, ranks)
 
     def _hold(self, until: float) -> None:
@@ -163,22 +178,32 @@ class Comm:
             time.sleep(left)
 
     def charge(self, call, sent: int, received: int, *, async_op: bool = False, op: str = "call",
-               peers: tuple[int, ...] | None = None):
-        """Run ``call(async_op)`` accounted. Blocking: the time counts as waiting
-        and the call's result is returned. Async: returns a Work whose wait() is
-        timed and whose completion ends the in-flight interval. Under a simulated
-        network the call lasts at least the modelled time. Strategies that call a
-        library's own collectives (DeepSpeed) charge them through this."""
+               peers: tuple[int, ...] | None = None, ranks: tuple[int, ...] | None = None):
+        """Run ``call(async_op)`` accounted: the one path every call takes. Blocking:
+        the time counts as waiting and the call's result is returned. Async: returns a
+        Work whose wait() is timed and whose completion ends the in-flight interval (a
+        handle without a completion future is waited at once, as a blocking call). Under
+        a simulated network the call lasts at least the modelled time. Strategies that
+        call a library's own collectives (DeepSpeed) charge them through this, naming the
+        call's global ``ranks`` where its group is not this Comm's."""
         start = self._begin(sent, received)
-        done_by = start + self._floor(op, sent, received, peers)
+        done_by = start + self._floor(op, sent, received, peers, ranks)
         if not async_op:
             try:
                 return call(False)
             finally:
                 self._hold(done_by)
                 self.add_wait(self._end() - start)
-        self.last_launch = start
         work = call(True)
+        if work is None or not hasattr(work, "get_future"):
+            try:
+                if work is not None:
+                    work.wait()
+                return work
+            finally:
+                self._hold(done_by)
+                self.add_wait(self._end() - start)
+        self._last_launch = start
         work.get_future().then(lambda _: self._end(at=done_by))
         return _TimedWork(work, self, done_by)
 
@@ -187,31 +212,29 @@ class Comm:
         """In place; blocking returns ``tensor``, async a Work."""
         if self.world == 1:
             return _Done(tensor) if async_op else tensor
-        nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
+        n = ring_allreduce_bytes(nbytes(tensor), self.world)
         work = self.charge(lambda a: dist.all_reduce(tensor, op=op, group=self.group, async_op=a),
-                           nbytes, nbytes, async_op=async_op, op="all_reduce")
+                           n, n, async_op=async_op, op="all_reduce")
         return work if async_op else tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
-        """Sum-all-reduce without blocking; the future yields the reduced tensor
-        (the shape a DDP comm hook returns)."""
-        nbytes = ring_allreduce_bytes(_nbytes(tensor), self.world)
-        self.last_launch = start = self._begin(nbytes, nbytes)
-        done_by = start + self._floor("all_reduce", nbytes, nbytes)
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        """Sum-all-reduce without blocking; the future yields the reduced tensor (the
+        shape a DDP comm hook returns) once the simulated network's time has passed,
+        on the backend's thread, so DDP waits for it."""
+        work = self.all_reduce(tensor, async_op=True)
 
-        def done(fut: torch.futures.Future) -> torch.Tensor:
-            self._hold(done_by)  # on the backend's thread: DDP waits for this future
-            self._end()
-            return fut.value()[0]
+        def done(_fut: torch.futures.Future) -> torch.Tensor:
+            if isinstance(work, _TimedWork):
+                self._hold(work._done_by)
+            return tensor
 
         return work.get_future().then(done)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""
-        nbytes = all_gather_bytes(_nbytes(input), self.world)
+        n = all_gather_bytes(nbytes(input), self.world)
         call = lambda a: _all_gather_single(output, input, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op, op="all_gather")
+        return self.charge(call, n, n, async_op=async_op, op="all_gather")
 
     def all_gather(self, input: torch.Tensor) -> torch.Tensor:
         """Every rank's ``input`` (same shape everywhere) stacked on a new first dim."""
@@ -225,9 +248,9 @@ class Comm:
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, *, op=dist.ReduceOp.SUM,
                               async_op: bool = False):
         """``input`` reduced over ranks; this rank keeps its slice in ``output`` (FSDP's gradients)."""
-        nbytes = reduce_scatter_bytes(_nbytes(input), self.world)
+        n = reduce_scatter_bytes(nbytes(input), self.world)
         call = lambda a: _reduce_scatter_single(output, input, op=op, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op, op="reduce_scatter")
+        return self.charge(call, n, n, async_op=async_op, op="reduce_scatter")
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Equal splits along dim 0: chunk j of ``input`` goes to rank j; chunk j
@@ -235,25 +258,25 @@ class Comm:
         if self.world == 1:
             output.copy_(input)
             return _Done(output) if async_op else None
-        nbytes = all_to_all_bytes(_nbytes(input), self.world)
+        n = all_to_all_bytes(nbytes(input), self.world)
         call = lambda a: dist.all_to_all_single(output, input, group=self.group, async_op=a)  # noqa: E731
-        return self.charge(call, nbytes, nbytes, async_op=async_op, op="all_to_all")
+        return self.charge(call, n, n, async_op=async_op, op="all_to_all")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world == 1:
             return tensor
-        sent, received = broadcast_bytes(_nbytes(tensor), self.world, is_root=self.rank == src)
+        sent, received = broadcast_bytes(nbytes(tensor), self.world, is_root=self.rank == src)
         self.charge(lambda a: dist.broadcast(tensor, src=self.global_rank(src), group=self.group, async_op=a),
                     sent, received, op="broadcast")
         return tensor
 
     # -- point to point --------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, peer: int) -> None:
-        self.charge(lambda a: dist.send(tensor, self.global_rank(peer), group=self.group), _nbytes(tensor), 0,
+        self.charge(lambda a: dist.send(tensor, self.global_rank(peer), group=self.group), nbytes(tensor), 0,
                     op="send", peers=(peer,))
 
     def recv(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
-        self.charge(lambda a: dist.recv(tensor, self.global_rank(peer), group=self.group), 0, _nbytes(tensor),
+        self.charge(lambda a: dist.recv(tensor, self.global_rank(peer), group=self.group), 0, nbytes(tensor),
                     op="recv", peers=(peer,))
         return tensor
 
@@ -262,17 +285,17 @@ class Comm:
         before reusing ``tensor``. In flight from posting until that wait returns:
         gloo's point-to-point Works have no completion future to end it sooner."""
         return self._p2p(lambda: dist.isend(tensor, self.global_rank(peer), group=self.group),
-                         _nbytes(tensor), 0, "send", (peer,))
+                         nbytes(tensor), 0, "send", (peer,))
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a receive into ``tensor`` and return at once; its ``wait()`` is
         counted as time blocked (a pipeline's idle time waiting for its input)."""
         return self._p2p(lambda: dist.irecv(tensor, self.global_rank(peer), group=self.group),
-                         0, _nbytes(tensor), "recv", (peer,))
+                         0, nbytes(tensor), "recv", (peer,))
 
     def _p2p(self, post, sent: int, received: int, op: str, peers: tuple[int, ...]) -> dist.Work:
         """Post point-to-point work; in flight until its wait (gloo's p2p Works have no future)."""
-        self.last_launch = start = self._begin(sent, received)
+        self._last_launch = start = self._begin(sent, received)
         return _EndsOnWait(post(), self, start + self._floor(op, sent, received, peers))
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
@@ -284,8 +307,8 @@ class Comm:
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
         if not ops:
             return _Done(None) if async_op else None
-        sent = sum(_nbytes(t) for t, _ in sends)
-        received = sum(_nbytes(t) for t, _ in recvs)
+        sent = sum(nbytes(t) for t, _ in sends)
+        received = sum(nbytes(t) for t, _ in recvs)
 
         peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
         if async_op:
@@ -296,10 +319,6 @@ class Comm:
                 w.wait()
 
         return self.charge(call, sent, received, op="exchange", peers=peers)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def all_to_all_bytes(input_nbytes: int, world: int) -> int:

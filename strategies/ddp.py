@@ -67,6 +67,4 @@ class DDP(Replicated):
     def after_backward(self, t_backward: float) -> None:
         # DDP's backward returns only once every bucket is reduced, so the time
         # since the last bucket was launched is communication no compute hid.
-        comm = self.ctx.comm
-        if comm.last_launch:
-            comm.add_wait(max(0.0, t_backward - comm.last_launch))
+        self.ctx.comm.close_launched(t_backward)

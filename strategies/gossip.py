@@ -34,7 +34,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from cluster import ring_allreduce_bytes
+from cluster import nbytes, ring_allreduce_bytes
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.checkpoint import held_bytes
 from strategies.decentralized.flat import average_flat, broadcast_flat, flatten, float_buffers, unflatten_into
@@ -140,7 +140,7 @@ class Gossip(Strategy):
         mean /= comm.world
         d = torch.tensor([float((x.double() - mean.double()).square().sum())], dtype=torch.float64)
         comm.all_reduce(d)
-        sent = ring_allreduce_bytes(x.numel() * x.element_size(), comm.world) + ring_allreduce_bytes(8, comm.world)
+        sent = ring_allreduce_bytes(nbytes(x), comm.world) + ring_allreduce_bytes(8, comm.world)
         return {"consensus_distance": float(d) / comm.world, "consensus_bytes": float(sent)}
 
     # -- the step --------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class Gossip(Strategy):
 
     def _mix_buffer_bytes(self) -> int:
         """The snapshot plus one receive buffer per in-neighbour."""
-        n = sum(t.numel() * t.element_size() for t in self.mixed)
+        n = sum(map(nbytes, self.mixed))
         peers = 1 if self.all_reduce_complete else max(len(r.recv_from) for r in self.rounds)
         return n * (1 + peers)
 

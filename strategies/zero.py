@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.comm import all_gather_bytes, broadcast_bytes, reduce_scatter_bytes, ring_allreduce_bytes
+from cluster.comm import all_gather_bytes, broadcast_bytes, nbytes, reduce_scatter_bytes, ring_allreduce_bytes
 from strategies.base import StepStats, Strategy, StrategyContext
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.checkpoint import is_local
@@ -101,28 +101,18 @@ def _merge(ours: dict, theirs: dict) -> dict:
     return out
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 # -- byte accounting ----------------------------------------------------------------------------
 
 _current_comm = None  # the Comm charged for DeepSpeed's collectives in this process
 
 
-def _charge(sent: int, received: int, call, async_op: bool):
+def _charge(sent: int, received: int, call, *, async_op: bool, op: str, ranks: tuple[int, ...] | None):
+    """One DeepSpeed collective through Comm's one accounted path (bytes, time, the
+    simulated network's floor over the call's ``ranks``)."""
     comm = _current_comm
     if comm is None:
         return call()
-    start = comm._begin(sent, received)
-    work = call()
-    if async_op and work is not None and hasattr(work, "get_future"):
-        work.get_future().then(lambda _: comm._end())
-    else:
-        if async_op and work is not None:  # a handle without a future: done when waited on
-            work.wait()
-        comm.add_wait(comm._end() - start)
-    return work
+    return comm.charge(lambda _async: call(), sent, received, async_op=async_op, op=op, ranks=ranks)
 
 
 def _install_counting(cdb) -> None:
@@ -131,8 +121,9 @@ def _install_counting(cdb) -> None:
         return
     w = cdb.get_world_size()
 
-    def wrap(name, sizes):
-        """``sizes`` mirrors TorchBackend's signature for ``name`` (its decorators hide it)."""
+    def wrap(name, sizes, op):
+        """``sizes`` mirrors TorchBackend's signature for ``name`` (its decorators hide it);
+        ``op`` is the network model's name for the call."""
         orig = getattr(cdb, name)
         sig = inspect.signature(sizes)
 
@@ -142,56 +133,61 @@ def _install_counting(cdb) -> None:
             a.apply_defaults()
             g = a.arguments.get("group")
             ws = w if g is None else cdb.get_world_size(g)
+            ranks = None if g is None else tuple(torch.distributed.get_process_group_ranks(g))
             sent, received = sizes(**{**a.arguments, "group": ws})
-            return _charge(sent, received, lambda: orig(*args, **kwargs), bool(a.arguments.get("async_op")))
+            return _charge(sent, received, lambda: orig(*args, **kwargs), async_op=bool(a.arguments.get("async_op")),
+                           op=op, ranks=ranks)
 
         setattr(cdb, name, counted)
 
     # group: the world size of the call's group (substituted by ``counted``)
     def all_reduce(tensor, op=None, group=None, async_op=False):
-        n = ring_allreduce_bytes(_nbytes(tensor), group)
+        n = ring_allreduce_bytes(nbytes(tensor), group)
         return n, n
 
     def all_reduce_coalesced(tensors, op=None, group=None, async_op=False):
-        n = sum(ring_allreduce_bytes(_nbytes(t), group) for t in tensors)
+        n = sum(ring_allreduce_bytes(nbytes(t), group) for t in tensors)
         return n, n
 
     def reduce(tensor, dst, op=None, group=None, async_op=False):
         """A ring reduce-scatter, then the shards gathered to ``dst``."""
-        n = reduce_scatter_bytes(_nbytes(tensor), group)
-        shard = _nbytes(tensor) // group if group > 1 else 0
+        n = reduce_scatter_bytes(nbytes(tensor), group)
+        shard = nbytes(tensor) // group if group > 1 else 0
         is_dst = cdb.get_rank() == dst
         return n + (0 if is_dst else shard), n + ((group - 1) * shard if is_dst else 0)
 
     def reduce_scatter(output, input_list, op=None, group=None, async_op=False):
-        n = reduce_scatter_bytes(sum(_nbytes(t) for t in input_list), group)
+        n = reduce_scatter_bytes(sum(nbytes(t) for t in input_list), group)
         return n, n
 
     def reduce_scatter_tensor(output_tensor, input_tensor, op=None, group=None, async_op=False):
-        n = reduce_scatter_bytes(_nbytes(input_tensor), group)
+        n = reduce_scatter_bytes(nbytes(input_tensor), group)
         return n, n
 
     def all_gather(tensor_list, tensor, group=None, async_op=False):
-        n = all_gather_bytes(_nbytes(tensor), group)
+        n = all_gather_bytes(nbytes(tensor), group)
         return n, n
 
     def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-        n = all_gather_bytes(_nbytes(input_tensor), group)
+        n = all_gather_bytes(nbytes(input_tensor), group)
         return n, n
 
     def all_gather_coalesced(output_tensors, input_tensors, group=None, async_op=False):
-        n = sum(all_gather_bytes(_nbytes(t), group) for t in input_tensors)
+        n = sum(all_gather_bytes(nbytes(t), group) for t in input_tensors)
         return n, n
 
     def broadcast(tensor, src, group=None, async_op=False):
-        return broadcast_bytes(_nbytes(tensor), group, is_root=cdb.get_rank() == src)
+        return broadcast_bytes(nbytes(tensor), group, is_root=cdb.get_rank() == src)
 
-    for sizes in (all_reduce, all_reduce_coalesced, reduce, reduce_scatter, reduce_scatter_tensor, all_gather,
-                  all_gather_into_tensor, all_gather_coalesced, broadcast):
+    # a reduce is a reduce-scatter then a gather: an all-reduce's rounds
+    for sizes, op in ((all_reduce, "all_reduce"), (all_reduce_coalesced, "all_reduce"), (reduce, "all_reduce"),
+                      (reduce_scatter, "reduce_scatter"), (reduce_scatter_tensor, "reduce_scatter"),
+                      (all_gather, "all_gather"), (all_gather_into_tensor, "all_gather"),
+                      (all_gather_coalesced, "all_gather"), (broadcast, "broadcast")):
         if hasattr(cdb, sizes.__name__):
-            wrap(sizes.__name__, sizes)
+            wrap(sizes.__name__, sizes, op)
     if hasattr(cdb, "all_gather_base"):
-        wrap("all_gather_base", all_gather_into_tensor)
+        wrap("all_gather_base", all_gather_into_tensor, "all_gather")
     cdb._polytrain_counting = True
 
 
@@ -320,7 +316,7 @@ class _Zero(Strategy):
                 if key in seen:
                     continue
                 seen.add(key)
-                total += _nbytes(t)
+                total += nbytes(t)
             return total
 
         params = list(self.module.parameters())

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cluster import Comm, all_gather_bytes, all_to_all_bytes, ring_allreduce_bytes
+from cluster import Comm, all_gather_bytes, all_to_all_bytes, nbytes, ring_allreduce_bytes
 from strategies.base import StepStats
 from strategies.checkpoint import is_local, load_state, save_state
 from strategies.ddp import DDP, DDPOptions
@@ -59,18 +59,18 @@ class Wire:
         return self.comm.rank
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        self.sent += ring_allreduce_bytes(_nbytes(t), self.world)
+        self.sent += ring_allreduce_bytes(nbytes(t), self.world)
         return self.comm.all_reduce(t, op=op)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` stacked on a new first dim."""
-        self.sent += all_gather_bytes(_nbytes(t), self.world)
+        self.sent += all_gather_bytes(nbytes(t), self.world)
         return self.comm.all_gather(t)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Row j of ``t`` (shape (world, ...)) goes to rank j; row j of the result came from rank j."""
         out = torch.empty_like(t)
-        self.sent += all_to_all_bytes(_nbytes(t), self.world)
+        self.sent += all_to_all_bytes(nbytes(t), self.world)
         self.comm.all_to_all_single(out, t)
         return out
 
@@ -169,9 +169,9 @@ class Compressed(DDP):
     def reduce_bucket(self, bucket) -> torch.futures.Future:
         buf = bucket.buffer()
         comm = self.ctx.comm
-        self._dense_bytes += ring_allreduce_bytes(_nbytes(buf), comm.world)
+        self._dense_bytes += ring_allreduce_bytes(nbytes(buf), comm.world)
         if self.optimizer_step < self.options.warmup_steps:  # plain ddp, overlapped with backward
-            self.wire.sent += ring_allreduce_bytes(_nbytes(buf), comm.world)
+            self.wire.sent += ring_allreduce_bytes(nbytes(buf), comm.world)
             return comm.all_reduce_async(buf.div_(comm.world))
         # Collect buckets as DDP hands them over (in the same order on every rank) and
         # exchange them together with the last: one set of collectives a step, not one
@@ -189,10 +189,6 @@ class Compressed(DDP):
                 f.set_result(b)  # the gradients are views into it, already averaged
             self._pending, self._grads = [], []
         return fut
-
-    def after_backward(self, t_backward: float) -> None:
-        super().after_backward(t_backward)
-        self.ctx.comm.last_launch = 0.0  # a compressed step launches nothing async: no stale wait next step
 
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         self.wire.sent, self._dense_bytes = 0, 0
@@ -231,7 +227,7 @@ class Compressed(DDP):
     def memory_bytes(self) -> dict[str, int]:
         held = super().memory_bytes()
         if held:
-            held = {**held, "compress_bytes": sum(_nbytes(t) for t in self.compressor.tensors().values())}
+            held = {**held, "compress_bytes": sum(nbytes(t) for t in self.compressor.tensors().values())}
         return held
 
 
@@ -243,10 +239,6 @@ def _checkpoint_keys(url: str) -> dict[str, Any]:
 
         reader = FsspecReader(url)
     return reader.read_metadata().state_dict_metadata
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from cluster import Comm
+from cluster import Comm, nbytes
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.decentralized.dct import ChunkedDCT
 from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
@@ -178,10 +178,10 @@ class DeMoStrategy(Strategy):
         average_flat(self.ctx.comm, float_buffers(self.module))
 
     def _measure(self) -> dict[str, int]:
-        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        return {"param_bytes": nbytes(self.opt.params),
-                "grad_bytes": nbytes([p.grad for p in self.opt.params if p.grad is not None]),
-                "optim_bytes": nbytes(self.opt.momentum)}  # as many coefficients as parameters
+        total = lambda ts: sum(map(nbytes, ts))  # noqa: E731
+        return {"param_bytes": total(self.opt.params),
+                "grad_bytes": total([p.grad for p in self.opt.params if p.grad is not None]),
+                "optim_bytes": total(self.opt.momentum)}  # as many coefficients as parameters
 
     def _state(self) -> tuple[dict, dict]:
         names = [n for n, p in self.module.named_parameters() if p.requires_grad]

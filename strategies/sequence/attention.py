@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster import Comm, all_to_all_bytes
+from cluster import Comm, all_to_all_bytes, nbytes
 from strategies.sequence.kernels import BlockKernel
 from strategies.sequence.layout import Block, SequenceLayout
 
@@ -44,10 +44,6 @@ class Traffic:
         return out
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 # -- Ulysses -----------------------------------------------------------------------------------
 
 
@@ -61,7 +57,7 @@ class _AllToAll(torch.autograd.Function):
         x = x.contiguous()
         out = torch.empty_like(x)
         comm.all_to_all_single(out, x)
-        traffic.forward += all_to_all_bytes(_nbytes(x), comm.world)
+        traffic.forward += all_to_all_bytes(nbytes(x), comm.world)
         return out
 
     @staticmethod
@@ -69,7 +65,7 @@ class _AllToAll(torch.autograd.Function):
         grad = grad.contiguous()
         out = torch.empty_like(grad)
         ctx.comm.all_to_all_single(out, grad)
-        ctx.traffic.backward += all_to_all_bytes(_nbytes(grad), ctx.comm.world)
+        ctx.traffic.backward += all_to_all_bytes(nbytes(grad), ctx.comm.world)
         return out, None, None
 
 
@@ -148,7 +144,7 @@ class _RingAttention(torch.autograd.Function):
             if t < r - 1:  # next block in flight while this one computes
                 nxt = torch.empty_like(kv)
                 works = _rotate(comm, kv, nxt)
-                cfg.traffic.forward += _nbytes(kv)
+                cfg.traffic.forward += nbytes(kv)
             for blk in cfg.plan[t]:
                 rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
                 o_b, lse_b = cfg.kernel.forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys],
@@ -176,7 +172,7 @@ class _RingAttention(torch.autograd.Function):
             if t < r - 1:
                 nxt = torch.empty_like(kv)
                 kv_works = _rotate(comm, kv, nxt)
-                cfg.traffic.backward += _nbytes(kv)
+                cfg.traffic.backward += nbytes(kv)
             part = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for blk in cfg.plan[t]:
                 rows, keys = slice(blk.q0, blk.q1), slice(blk.k0, blk.k1)
@@ -193,7 +189,7 @@ class _RingAttention(torch.autograd.Function):
             if r > 1:  # pass it on; after r hops it is back with its block's owner
                 incoming = torch.empty_like(acc)
                 acc_works = _rotate(comm, acc, incoming)
-                cfg.traffic.backward += _nbytes(acc)
+                cfg.traffic.backward += nbytes(acc)
             if t < r - 1:
                 _wait(kv_works)
                 kv = nxt

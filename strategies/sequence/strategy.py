@@ -165,8 +165,7 @@ class SequenceParallel(Replicated):
                 loss.backward()
             share += loss.detach().double().cpu()
         t_backward = time.perf_counter()
-        if ctx.comm.last_launch:  # DDP's backward returns once every bucket is reduced
-            ctx.comm.add_wait(max(0.0, t_backward - ctx.comm.last_launch))
+        ctx.comm.close_launched(t_backward)  # DDP's backward returns once every bucket is reduced
         self.sp_comm.all_reduce(share)
         traffic, layers = self.traffic.take(), len(self.attention_layers)
         extra = {"sp_fwd_bytes_per_layer": traffic.forward / layers, "sp_bwd_bytes_per_layer": traffic.backward / layers}

@@ -123,3 +123,30 @@ def test_contradicting_stage_is_one_line_error():
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
         JobSpec(workload=GPT, strategy={"name": "zero2", "ds_config": {"train_micro_batch_size_per_gpu": 4}},
                 workers=2, steps=5, batch_size=8)
+
+
+SLOW_NET = "per_node=1,inter=1gbit,latency=5ms"
+
+
+def floored_step(rank: int, world: int, strategy: str) -> dict:
+    """One step under a simulated network, with every floor the model gave recorded."""
+    import strategies.zero  # noqa: F401
+
+    trainer = RankTrainer(_spec(GPT, strategy, world, scenario=SLOW_NET), rank=rank, world=world,
+                          device=torch.device("cpu"))
+    trainer.train_step()  # set-up traffic and DeepSpeed's first-step allocations
+    model, floors = trainer.comm._ledger.floor, []
+    trainer.comm.set_floor(lambda *call: floors.append(model(*call)) or floors[-1])
+    row = trainer.train_step()
+    return {"floors": floors, "row": row}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_every_collective_pays_the_network_model(tmp_path, strategy):
+    """zero's collectives (DeepSpeed's own) take Comm's one path as ddp's do: each is
+    floored by the scenario, and the step's communication lasts at least the longest."""
+    for r in run_ranks(floored_step, 2, tmp_path, strategy):
+        floors, row = r["floors"], r["row"]
+        assert floors and all(f >= 0.005 for f in floors), (strategy, floors)
+        assert row["comm_s"] >= max(floors) - 1e-3, (strategy, row["comm_s"], max(floors))
+        assert row["step_time_s"] >= max(floors)
