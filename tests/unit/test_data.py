@@ -124,3 +124,25 @@ def test_bad_user_shards(tmp_path, table, message):
     pq.write_table(table, tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=message):
         TokenWindows(str(tmp_path), seq_len=16, vocab=256)
+
+
+def test_the_shipped_corpus_is_real_text_checked_by_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    import workloads.corpora as corpora
+    from workloads.gpt import GptTiny
+
+    docs = corpora.load_corpus("python-stdlib")
+    assert len(docs) == 168 and sum(map(len, docs)) == 4_698_388
+    assert docs[0].startswith(b'"""Record of phased-in incompatible language changes.')
+    windows = GptTiny(corpus="python-stdlib", seq_len=128).source()
+    assert len(windows) == 4_698_388 // 129  # every byte of every document, in windows of seq_len + 1
+    x, y = windows.gather(np.array([0]))
+    assert bytes(x[0, :3].tolist()) == b'"""' and torch.equal(x[0, 1:], y[0, :-1])
+    # a damaged copy is refused on one line, naming the corpus
+    monkeypatch.setitem(corpora.CORPORA, "python-stdlib", corpora.Corpus(
+        file="python-stdlib.xz", sha256=hashlib.sha256(b"other").hexdigest(), description=""))
+    with pytest.raises(ValueError, match=r"^corpus='python-stdlib': sha256 d9089d31f07c\.\.\. of the shipped file"):
+        corpora.load_corpus("python-stdlib")
+    with pytest.raises(ValueError, match="vocab_size=128: corpus='python-stdlib' is bytes"):
+        GptTiny(corpus="python-stdlib", vocab_size=128)
