@@ -1,0 +1,32 @@
+"""The mesh's sub-groups on real gloo ranks: each axis reduces over the ranks the
+layout says, and every byte lands in the one ledger of the Comm it was built from."""
+import torch
+
+from cluster import Comm, ring_allreduce_bytes
+from cluster.mesh import Layout, Mesh, nodes_from_per_node
+from tests.ranks import run_ranks
+
+
+def reduce_along_each_axis(rank: int, world: int) -> dict:
+    comm = Comm()
+    mesh = Mesh(comm, Layout.for_world(world, fsdp=2), nodes=nodes_from_per_node(world, 2))
+    comm.take_stats()
+    sums = {}
+    for axes in [("fsdp",), ("dp",), ("pp",), ("dp", "fsdp")]:
+        sums[axes] = mesh.group(*axes).all_reduce(torch.tensor([float(rank)])).item()
+    return {"sums": sums, "coords": mesh.layout.coords(rank), "stats": comm.take_stats().__dict__,
+            "inter": {a: mesh.inter_node(a) for a in ("fsdp", "dp")}}
+
+
+def test_each_axis_reduces_over_its_ranks_on_one_ledger(tmp_path):
+    out = run_ranks(reduce_along_each_axis, 4, tmp_path)
+    for rank, r in enumerate(out):
+        partner_fsdp, partner_dp = rank ^ 1, (rank + 2) % 4
+        assert r["sums"][("fsdp",)] == rank + partner_fsdp
+        assert r["sums"][("dp",)] == rank + partner_dp
+        assert r["sums"][("pp",)] == rank  # a group of one
+        assert r["sums"][("dp", "fsdp")] == 0 + 1 + 2 + 3
+        assert r["coords"] == {"dp": rank // 2, "pp": 0, "fsdp": rank % 2, "sp": 0}
+        want = 2 * ring_allreduce_bytes(4, 2) + ring_allreduce_bytes(4, 4)
+        assert r["stats"]["bytes_sent"] == want and r["stats"]["calls"] == 3  # the group of one sends nothing
+        assert r["inter"] == {"fsdp": False, "dp": True}
