@@ -48,6 +48,9 @@ def broadcast_bytes(nbytes: int, world: int, *, is_root: bool) -> tuple[int, int
     return ((world - 1) * nbytes, 0) if is_root else (0, nbytes)
 
 
+LINKS = ("intra", "inter")  # a call whose ranks share one node, or one that crosses nodes
+
+
 @dataclass
 class CommStats:
     comm_s: float = 0.0  # time at least one collective was in flight (overlap counted once)
@@ -55,6 +58,11 @@ class CommStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     calls: int = 0
+    # the same, split by link class (a call is inter-node if its ranks span nodes)
+    bytes_intra: int = 0
+    bytes_inter: int = 0
+    comm_intra_s: float = 0.0  # time at least one intra-node call was in flight
+    comm_inter_s: float = 0.0
 
 
 class _Ledger:
@@ -67,6 +75,9 @@ class _Ledger:
         self.stats = CommStats()
         self.in_flight = 0
         self.busy_since = 0.0
+        self.link_in_flight = dict.fromkeys(LINKS, 0)
+        self.link_busy_since = dict.fromkeys(LINKS, 0.0)
+        self.nodes: tuple[int, ...] = ()  # node of each global rank; (): one node
         # (op, bytes sent, bytes received, global ranks taking part) -> the least seconds
         # the call may take on the simulated network (cluster.network); None: no simulation
         self.floor: Callable[[str, int, int, tuple[int, ...]], float] | None = None
@@ -111,7 +122,26 @@ class Comm:
         return dist.get_global_rank(self.group, rank)
 
     # -- accounting ------------------------------------------------------------------------
-    def _begin(self, sent: int, received: int) -> float:
+    def _ranks(self, peers: tuple[int, ...] | None = None, ranks: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """Global ranks taking part in a call: given, this rank and ``peers``, or the group."""
+        if ranks is not None:
+            return ranks
+        return self.ranks if peers is None else (self.global_rank(self.rank), *map(self.global_rank, peers))
+
+    def _link(self, ranks: tuple[int, ...]) -> str:
+        nodes = self._ledger.nodes
+        return "inter" if nodes and len({nodes[r] for r in ranks}) > 1 else "intra"
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        return self._ledger.nodes
+
+    def set_nodes(self, nodes: tuple[int, ...]) -> None:
+        """The node of each global rank (from the cluster or a scenario's ``per_node``),
+        so each call's bytes and time are charged to its link class. Shared by sub-groups."""
+        self._ledger.nodes = tuple(nodes)
+
+    def _begin(self, sent: int, received: int, link: str) -> float:
         now = time.perf_counter()
         led = self._ledger
         with led.lock:
@@ -119,12 +149,16 @@ class Comm:
             s.bytes_sent += sent
             s.bytes_received += received
             s.calls += 1
+            setattr(s, f"bytes_{link}", getattr(s, f"bytes_{link}") + sent)
             if led.in_flight == 0:
                 led.busy_since = now
             led.in_flight += 1
+            if led.link_in_flight[link] == 0:
+                led.link_busy_since[link] = now
+            led.link_in_flight[link] += 1
         return now
 
-    def _end(self, at: float = 0.0) -> float:
+    def _end(self, link: str, at: float = 0.0) -> float:
         """The call is over (at ``at``, if the simulated network says later than now)."""
         now = max(time.perf_counter(), at)
         led = self._ledger
@@ -132,16 +166,23 @@ class Comm:
             led.in_flight -= 1
             if led.in_flight == 0:
                 led.stats.comm_s += now - led.busy_since
+            led.link_in_flight[link] -= 1
+            if led.link_in_flight[link] == 0:
+                _add(led.stats, f"comm_{link}_s", now - led.link_busy_since[link])
         return now
 
     def take_stats(self) -> CommStats:
         led = self._ledger
         with led.lock:
             stats, led.stats = led.stats, CommStats()
+            now = time.perf_counter()
             if led.in_flight:  # a call spans the boundary: split its time
-                now = time.perf_counter()
                 stats.comm_s += now - led.busy_since
                 led.busy_since = now
+            for link in LINKS:
+                if led.link_in_flight[link]:
+                    _add(stats, f"comm_{link}_s", now - led.link_busy_since[link])
+                    led.link_busy_since[link] = now
         return stats
 
     def add_wait(self, seconds: float) -> None:
@@ -162,14 +203,9 @@ class Comm:
         ranks taking part. Shared by sub-groups."""
         self._ledger.floor = floor
 
-    def _floor(self, op: str, sent: int, received: int, peers: tuple[int, ...] | None = None,
-               ranks: tuple[int, ...] | None = None) -> float:
+    def _floor(self, op: str, sent: int, received: int, ranks: tuple[int, ...]) -> float:
         f = self._ledger.floor
-        if f is None:
-            return 0.0
-        if ranks is None:
-            ranks = self.ranks if peers is None else (self.global_rank(self.rank), *map(self.global_rank, peers))
-        return f(op, sent, received, ranks)
+        return 0.0 if f is None else f(op, sent, received, ranks)
 
     def _hold(self, until: float) -> None:
         """Sleep until ``until`` (perf_counter): the simulated network's extra time."""
@@ -186,14 +222,16 @@ class Comm:
         a simulated network the call lasts at least the modelled time. Strategies that
         call a library's own collectives (DeepSpeed) charge them through this, naming the
         call's global ``ranks`` where its group is not this Comm's."""
-        start = self._begin(sent, received)
-        done_by = start + self._floor(op, sent, received, peers, ranks)
+        ranks = self._ranks(peers, ranks)
+        link = self._link(ranks)
+        start = self._begin(sent, received, link)
+        done_by = start + self._floor(op, sent, received, ranks)
         if not async_op:
             try:
                 return call(False)
             finally:
                 self._hold(done_by)
-                self.add_wait(self._end() - start)
+                self.add_wait(self._end(link) - start)
         work = call(True)
         if work is None or not hasattr(work, "get_future"):
             try:
@@ -202,9 +240,9 @@ class Comm:
                 return work
             finally:
                 self._hold(done_by)
-                self.add_wait(self._end() - start)
+                self.add_wait(self._end(link) - start)
         self._last_launch = start
-        work.get_future().then(lambda _: self._end(at=done_by))
+        work.get_future().then(lambda _: self._end(link, at=done_by))
         return _TimedWork(work, self, done_by)
 
     # -- collectives -----------------------------------------------------------------------
@@ -295,8 +333,10 @@ class Comm:
 
     def _p2p(self, post, sent: int, received: int, op: str, peers: tuple[int, ...]) -> dist.Work:
         """Post point-to-point work; in flight until its wait (gloo's p2p Works have no future)."""
-        self._last_launch = start = self._begin(sent, received)
-        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, peers))
+        ranks = self._ranks(peers)
+        link = self._link(ranks)
+        self._last_launch = start = self._begin(sent, received, link)
+        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, ranks), link)
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  *, async_op: bool = False):
@@ -319,6 +359,10 @@ class Comm:
                 w.wait()
 
         return self.charge(call, sent, received, op="exchange", peers=peers)
+
+
+def _add(stats: CommStats, name: str, value: float) -> None:
+    setattr(stats, name, getattr(stats, name) + value)
 
 
 def all_to_all_bytes(input_nbytes: int, world: int) -> int:
@@ -354,9 +398,9 @@ class _EndsOnWait(dist.Work):
     simulated network's ``done_by``, and ends the call's in-flight interval. Only
     the first wait() reaches gloo, whose point-to-point Works must be waited once."""
 
-    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0):
+    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0, link: str = "intra"):
         super().__init__()
-        self._work, self._comm, self._done_by, self._open = work, comm, done_by, True
+        self._work, self._comm, self._done_by, self._open, self._link = work, comm, done_by, True, link
 
     def wait(self, timeout=None) -> bool:
         if not self._open:
@@ -366,7 +410,7 @@ class _EndsOnWait(dist.Work):
         self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
         self._open = False
-        self._comm._end()
+        self._comm._end(self._link)
         return done
 
     def is_completed(self) -> bool:

@@ -125,16 +125,13 @@ class Mesh:
     for a new set of axes are collective: every rank makes the same calls in the
     same order."""
 
-    comm: Comm
+    comm: Comm  # its ``nodes`` (``Comm.set_nodes``) say which ranks share a node
     layout: Layout
-    nodes: tuple[int, ...] = ()  # node index of each global rank; () when unknown: one node
     _groups: dict[tuple[str, ...], Comm] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout.world != self.comm.world:
             raise ValueError(f"mesh: {_product(self.layout.sizes)} = {self.layout.world} != workers={self.comm.world}")
-        if self.nodes and len(self.nodes) != self.comm.world:
-            raise ValueError(f"mesh: {len(self.nodes)} node entries for {self.comm.world} ranks")
         for axis in AXES:
             self.group(axis)
 
@@ -160,7 +157,7 @@ class Mesh:
 
     def inter_node(self, *axes: str) -> bool:
         """Whether the groups over ``axes`` cross nodes (their traffic is inter-node)."""
-        return bool(self.nodes) and crossing(self.layout, self.nodes, *axes)
+        return bool(self.comm.nodes) and crossing(self.layout, self.comm.nodes, *axes)
 
 
 def _product(sizes: dict[str, int]) -> str:

@@ -1,5 +1,6 @@
 """The mesh's sub-groups on real gloo ranks: each axis reduces over the ranks the
 layout says, and every byte lands in the one ledger of the Comm it was built from."""
+import pytest
 import torch
 
 from cluster import Comm, ring_allreduce_bytes
@@ -9,7 +10,8 @@ from tests.ranks import run_ranks
 
 def reduce_along_each_axis(rank: int, world: int) -> dict:
     comm = Comm()
-    mesh = Mesh(comm, Layout.for_world(world, fsdp=2), nodes=nodes_from_per_node(world, 2))
+    comm.set_nodes(nodes_from_per_node(world, 2))
+    mesh = Mesh(comm, Layout.for_world(world, fsdp=2))
     comm.take_stats()
     sums = {}
     for axes in [("fsdp",), ("dp",), ("pp",), ("dp", "fsdp")]:
@@ -30,3 +32,9 @@ def test_each_axis_reduces_over_its_ranks_on_one_ledger(tmp_path):
         want = 2 * ring_allreduce_bytes(4, 2) + ring_allreduce_bytes(4, 4)
         assert r["stats"]["bytes_sent"] == want and r["stats"]["calls"] == 3  # the group of one sends nothing
         assert r["inter"] == {"fsdp": False, "dp": True}
+        # fsdp's pairs share a node; dp's and the whole world's cross nodes
+        s = r["stats"]
+        assert s["bytes_intra"] == ring_allreduce_bytes(4, 2)
+        assert s["bytes_inter"] == ring_allreduce_bytes(4, 2) + ring_allreduce_bytes(4, 4)
+        assert s["comm_intra_s"] > 0 and s["comm_inter_s"] > 0
+        assert s["comm_intra_s"] + s["comm_inter_s"] == pytest.approx(s["comm_s"], rel=1e-6)  # one call at a time
