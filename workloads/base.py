@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from workloads.data import Batch, SampleSource
+from workloads.data import Batch, SampleSource, Subset, heldout_split
 
 
 class Workload(BaseModel, ABC):
@@ -44,6 +44,27 @@ class Workload(BaseModel, ABC):
     @abstractmethod
     def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean loss of one micro-batch."""
+
+    def _heldout_fraction(self) -> float:
+        """The tail of ``source()`` kept out of training: a workload's ``heldout_fraction``
+        option (the built-ins have one; a user's workload may declare it too), else 0:
+        no held-out data, and comparisons rank the workload by training loss."""
+        return float(getattr(self, "heldout_fraction", 0.0))
+
+    def train_source(self, source: SampleSource | None = None) -> SampleSource:
+        """The samples training steps draw from: ``source()`` without its held-out tail."""
+        source = self.source() if source is None else source
+        fraction = self._heldout_fraction()
+        return Subset(source, 0, heldout_split(len(source), fraction)) if fraction else source
+
+    def heldout_source(self, source: SampleSource | None = None) -> SampleSource | None:
+        """Samples no training step sees, for evaluation (None: the workload has none).
+        Override it, with ``train_source``, to hold out data of your own choosing."""
+        fraction = self._heldout_fraction()
+        if not fraction:
+            return None
+        source = self.source() if source is None else source
+        return Subset(source, heldout_split(len(source), fraction), len(source))
 
     def model(self) -> nn.Sequential:
         return nn.Sequential(*self.blocks())

@@ -58,6 +58,8 @@ class Classification(Workload):
     classes: int = Field(10, ge=2, description="number of classes")
     n_samples: int = Field(8192, ge=64, description="samples in the generated data set")
     data_seed: int = Field(4321, description="seed of the generated data set")
+    heldout_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="tail of the data kept out of training, for held-out evaluation")
 
     data_version: ClassVar[int] = 1
     data_fields: ClassVar[tuple[str, ...]] = ("classes", "n_samples", "data_seed")  # what shapes the data

@@ -48,6 +48,32 @@ class TensorSource:
         return tuple(t[idx] for t in self.tensors)
 
 
+class Subset:
+    """Samples ``start``..``stop`` of another source, renumbered from 0."""
+
+    def __init__(self, source: SampleSource, start: int, stop: int):
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(f"Subset({start}, {stop}) of a source of {len(source)} samples")
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def gather(self, indices: np.ndarray) -> Batch:
+        idx = np.asarray(indices)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices outside [0, {len(self)})")
+        return self.source.gather(idx + self.start)
+
+
+def heldout_split(n: int, fraction: float) -> int:
+    """Where the held-out tail of ``n`` samples starts: ``fraction`` of them, at
+    least one when the fraction is positive, always leaving one to train on."""
+    if fraction <= 0 or n < 2:
+        return n
+    return n - min(n - 1, max(1, round(n * fraction)))
+
+
 @dataclass
 class DataCursor:
     epoch: int = 0

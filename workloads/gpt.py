@@ -152,6 +152,8 @@ class GptTiny(Workload):
                            "(source code, the same bytes on every machine)")
     n_docs: int = Field(2048, ge=16, description="documents in the generated corpus (corpus=toy)")
     data_seed: int = Field(1234, description="seed of the generated corpus (corpus=toy)")
+    heldout_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="tail of the data kept out of training, for held-out evaluation")
 
     corpus_version: ClassVar[int] = 2
 

@@ -146,3 +146,26 @@ def test_the_shipped_corpus_is_real_text_checked_by_hash(tmp_path, monkeypatch):
         corpora.load_corpus("python-stdlib")
     with pytest.raises(ValueError, match="vocab_size=128: corpus='python-stdlib' is bytes"):
         GptTiny(corpus="python-stdlib", vocab_size=128)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "mlp-wide", "resnet-tiny"])
+def test_builtin_workloads_hold_out_a_tail_no_training_sample_comes_from(name):
+    workload = WORKLOADS.get(name)()
+    full = workload.source()
+    train, heldout = workload.train_source(full), workload.heldout_source(full)
+    n = len(full)
+    assert len(train) + len(heldout) == n and len(heldout) == round(0.05 * n)
+    torch.testing.assert_close(heldout.gather(np.array([0])), full.gather(np.array([len(train)])))
+    loader = ShardedLoader(train, rank=0, world=1, global_batch=len(train) // 2, seed=0)
+    seen = np.concatenate([loader.next_global_indices() for _ in range(6)])  # three epochs
+    assert seen.max() < len(train)  # the loader's indices never reach the held-out tail
+    with pytest.raises(IndexError):
+        train.gather(np.array([len(train)]))
+
+
+def test_a_workload_without_heldout_data_says_so():
+    from workloads.data import heldout_split
+
+    workload = WORKLOADS.get("gpt-tiny")(heldout_fraction=0.0)
+    assert workload.heldout_source() is None and len(workload.train_source()) == len(workload.source())
+    assert heldout_split(10, 0.01) == 9 and heldout_split(1, 0.4) == 1 and heldout_split(10, 0.0) == 10
