@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import uuid
 from typing import Any, Literal
 
@@ -19,6 +20,16 @@ from cluster.network import parse_scenario
 from strategies import STRATEGIES, OptimConfig, Strategy
 from workloads import WORKLOADS, Workload
 from workloads.plugins import canonical_ref, is_ref, local_sources
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def short_name(ref: str) -> str:
+    """A registered name, or a plugin reference's class name (``path/file.py:Class``,
+    ``module:Class`` -> ``Class``), made safe for a run id."""
+    name = ref.rpartition(":")[2] or os.path.splitext(os.path.basename(ref.rpartition(":")[0]))[0]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name).strip(".-") or "job"
 
 
 class ConfigError(ValueError):
@@ -121,7 +132,8 @@ class JobSpec(BaseModel):
     seed: int = Field(0, description="seeds model init and data order")
     storage: str = Field("./runs", validate_default=True,
                          description="folder or fsspec URL under which the run folder is written")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
+    run_id: str | None = Field(None, description="run folder name (letters, digits, '.', '_', '-'; "
+                               "not '.' or '..'); default: generated")
     scenario: str = Field("local", description="simulated network: local (none), a name from `polytrain scenarios`, "
                           "or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
@@ -153,6 +165,15 @@ class JobSpec(BaseModel):
         # resolved on the driver: workers write checkpoints here from their own cwd
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        # a run id is one folder under storage: never a path, never the storage folder or its parent
+        if v is not None and (not RUN_ID_RE.fullmatch(v) or set(v) == {"."}):
+            raise ValueError(f"not a folder name (allowed: 1-128 of A-Z a-z 0-9 . _ -, "
+                             f"starting with a letter or digit)")
+        return v
+
     @field_validator("scenario")
     @classmethod
     def _known_scenario(cls, v: str) -> str:
@@ -171,7 +192,8 @@ class JobSpec(BaseModel):
     def _resolve(self) -> "JobSpec":
         if self.run_id is None:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.run_id = f"{self.workload.name}-{self.strategy.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+            self.run_id = (f"{short_name(self.workload.name)}-{short_name(self.strategy.name)}-{stamp}-"
+                           f"{uuid.uuid4().hex[:4]}")
         workload = self.build_workload()
         strategy_cls = STRATEGIES.get(self.strategy.name)
         options = self.strategy_options()
