@@ -127,7 +127,7 @@ def _add_pipeline_commands(sub) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from orchestrator.compare import parse_strategies, run_matrix
-    from orchestrator.config import ConfigError, parse_override, read_config_file
+    from orchestrator.config import ConfigError, apply_overrides, read_config_file
 
     base = read_config_file(args.config) if args.config else {}
     strategies = base.pop("strategies", None)
@@ -149,14 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for key in ("workload", "workers", "steps", "seed"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
-    for item in args.overrides:
-        path, value = parse_override(item)
-        node = base
-        for part in path[:-1]:
-            if isinstance(node.get(part), str):  # workload: gpt-tiny -> {name: gpt-tiny}
-                node[part] = {"name": node[part]}
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
+    apply_overrides(base, args.overrides)
     if "workload" not in base:
         raise ConfigError("--workload: required (or workload: in --config)")
     out = args.out or base.pop("out", None)

@@ -104,6 +104,19 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     return out
 
 
+def matrix_job(combo: Combination, fields: dict, address: str | None) -> JobSpec:
+    """The validated spec of one combination; bad input names the combination and stops the whole matrix."""
+    from orchestrator.config import ConfigError
+
+    cluster = fields.get("cluster") or {}
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"invalid job spec: cluster={cluster!r}: expected a section of cluster.* options")
+    try:
+        return JobSpec(**{**fields, "cluster": {**cluster, "address": address}})
+    except ConfigError as e:
+        raise ConfigError(f"{combo.label} x {combo.scenario}: {e}") from None
+
+
 def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
                target_loss: float | None = None, progress: bool = True, stream=None):
     """Run every strategy x scenario one after another on one Ray instance, keep
@@ -115,20 +128,19 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     import yaml
 
     from cluster import runtime as ray_runtime
-    from orchestrator.config import JobSpec
     from orchestrator.report import Failure, Report, load_run, write_report
 
     stream = stream or sys.stderr
     out = out if "://" in out else os.path.abspath(out)
     combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
+    specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
     runtime = ray_runtime.start(address=address)
     runs, failures = [], []
     try:
-        for i, (combo, fields) in enumerate(combos, 1):
+        for i, ((combo, _), spec) in enumerate(zip(combos, specs), 1):
             print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}", file=stream, flush=True)
             t0 = time.perf_counter()
             try:
-                spec = JobSpec(**{**fields, "cluster": {**fields.get("cluster", {}), "address": address}})
                 combo.url = run(spec, progress=progress, stream=stream).url
                 runs.append(load_run(combo.url))
                 combo.status = "ok"

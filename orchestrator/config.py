@@ -7,13 +7,14 @@ allowed, on one line.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import uuid
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cluster.faults import Injection, parse_injection
 from cluster.network import parse_scenario
@@ -30,6 +31,22 @@ def short_name(ref: str) -> str:
     ``module:Class`` -> ``Class``), made safe for a run id."""
     name = ref.rpartition(":")[2] or os.path.splitext(os.path.basename(ref.rpartition(":")[0]))[0]
     return re.sub(r"[^A-Za-z0-9._-]", "-", name).strip(".-") or "job"
+
+
+def check_protocol(url: str) -> str:
+    """``url`` unchanged if fsspec knows its protocol and its implementation is
+    installed (no connection is made); a one-line ValueError otherwise."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(f"unknown protocol {protocol!r} (fsspec knows: file, memory, s3, gs, az, hdfs, ...)") from None
+    except ImportError as e:  # a known protocol whose package is missing: fsspec says which to install
+        raise ValueError(f"protocol {protocol!r} needs a package that is not installed "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    return url
 
 
 class ConfigError(ValueError):
@@ -54,6 +71,14 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+def _finite(options: BaseModel, prefix: str) -> BaseModel:
+    """A plugin's options, refused when a float is inf or nan (a bound like gt=0 lets inf through)."""
+    for key, value in options:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{key}={value!r}: must be a finite number")
+    return options
+
+
 class Component(BaseModel):
     """A registered name plus its options (``{name: ddp, bucket_mb: 10}``)."""
 
@@ -66,7 +91,7 @@ class Component(BaseModel):
 
 
 class ClusterSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     address: str | None = Field(None, description="Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto); none: embedded Ray")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement-group strategy for the workers")
@@ -82,7 +107,7 @@ class ClusterSpec(BaseModel):
 class FailureSpec(BaseModel):
     """What the controller does when a worker dies, hangs or produces a NaN loss."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_failures: int = Field(0, ge=0, description="restarts allowed before the run fails (0, as in Ray Train: fail at once)")
     backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each restart")
@@ -99,7 +124,7 @@ class FailureSpec(BaseModel):
 class StragglerSpec(BaseModel):
     """How slow ranks are found (compute time over a sliding window) and what is done."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mitigation: Literal["none", "rebalance", "backup", "evict"] = Field(
         "none", description="rebalance: smaller batch share; backup: drop the late gradients; evict: restart without it")
@@ -118,7 +143,7 @@ _TOP_KEYS = (
 class JobSpec(BaseModel):
     """A training job. ``workload`` and ``strategy`` take a name or ``{name, **options}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workload: Component = Field(description="registered workload name and its options")
     strategy: Component = Field(description="registered strategy name and its options")
@@ -129,7 +154,7 @@ class JobSpec(BaseModel):
         "workload micro_batch x workers x grad_accum"
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
-    seed: int = Field(0, description="seeds model init and data order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds model init and data order (0..2**32-1, numpy's range)")
     storage: str = Field("./runs", validate_default=True,
                          description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, description="run folder name (letters, digits, '.', '_', '-'; "
@@ -144,6 +169,7 @@ class JobSpec(BaseModel):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     straggler: StragglerSpec = Field(default_factory=StragglerSpec)
     inject: list[str] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
+    _batch_from_workload: bool = PrivateAttr(False)  # batch_size was not given: error messages name what was
 
     def __init__(self, **data: Any):
         try:
@@ -163,7 +189,12 @@ class JobSpec(BaseModel):
     @classmethod
     def _absolute_storage(cls, v: str) -> str:
         # resolved on the driver: workers write checkpoints here from their own cwd
-        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+        return check_protocol(v) if "://" in v else os.path.abspath(os.path.expanduser(v))
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_protocol(cls, v: str | None) -> str | None:
+        return check_protocol(v) if v and "://" in v else v
 
     @field_validator("run_id")
     @classmethod
@@ -201,6 +232,7 @@ class JobSpec(BaseModel):
         per_step = replicas * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
+            self._batch_from_workload = True
         strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size)
         if self.batch_size % per_step:
             what = f"workers({self.workers})" if replicas == self.workers else \
@@ -231,11 +263,22 @@ class JobSpec(BaseModel):
                              f"(strategies that can: those with uneven_batches, e.g. ddp, fsdp)")
         return self
 
+    def dataset_too_small(self, n_samples: int) -> str:
+        """The one-line error for one step's batch needing more samples than the
+        dataset holds, naming what the user set (a workload option, or batch_size)."""
+        why = f"batch_size={self.batch_size}"
+        if self._batch_from_workload:
+            why += f" (workload.micro_batch x {self.replicas} replicas x grad_accum({self.grad_accum}))"
+        data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
+        if data and self._batch_from_workload:  # the workload options set made the batch or the dataset
+            return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
+        return f"{why}: larger than the dataset ({n_samples} samples{' with ' + data if data else ''})"
+
     # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
     def build_workload(self) -> Workload:
         cls = WORKLOADS.get(self.workload.name)
         try:
-            return cls(**self.workload.options)
+            return _finite(cls(**self.workload.options), "workload.")
         except ValidationError as e:
             raise ValueError(format_validation_error(e, "workload.")) from None
 
@@ -244,7 +287,7 @@ class JobSpec(BaseModel):
 
     def strategy_options(self) -> BaseModel:
         try:
-            return self.strategy_cls().Options(**self.strategy.options)
+            return _finite(self.strategy_cls().Options(**self.strategy.options), "strategy.")
         except ValidationError as e:
             raise ValueError(format_validation_error(e, "strategy.")) from None
 
@@ -291,6 +334,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b=value`` items to ``data`` in place (and return it); a name
+    shorthand (``workload: gpt-tiny``) becomes ``{name: gpt-tiny}`` when an option is set."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            cur = node.get(p)
+            if isinstance(cur, str) and p in ("workload", "strategy"):
+                cur = {"name": cur}
+            if cur is None:
+                cur = {}
+            if not isinstance(cur, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section (it holds {cur!r})")
+            node[p] = cur
+            node = cur
+        node[path[-1]] = value
+    return data
+
+
 def load_spec(
     *, config: str | None = None, overrides: list[str] = (), **fields: Any
 ) -> JobSpec:
@@ -305,20 +368,7 @@ def load_spec(
             data[k] = {**data[k], "name": v}
         else:
             data[k] = v
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for p in path[:-1]:
-            cur = node.get(p)
-            if isinstance(cur, str) and p in ("workload", "strategy"):
-                cur = {"name": cur}
-            if cur is None:
-                cur = {}
-            if not isinstance(cur, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-            node[p] = cur
-            node = cur
-        node[path[-1]] = value
+    apply_overrides(data, overrides)
     for key in ("workload", "strategy"):
         if key not in data:
             raise ConfigError(f"invalid job spec: {key}: required (give --{key} NAME or set it in --config)")

@@ -135,7 +135,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if spec.global_batch > n_samples:
-        raise ConfigError(f"batch_size={spec.global_batch}: larger than the dataset ({n_samples} samples)")
+        raise ConfigError(spec.dataset_too_small(n_samples))
     data_s = time.perf_counter() - t0
     folder = RunFolder(spec.storage, spec.run_id)
     strategy_cls = spec.strategy_cls()
