@@ -111,7 +111,8 @@ def _add_pipeline_commands(sub) -> None:
     show = pl.add_subparsers(dest="pipeline_command", required=True, parser_class=_Parser).add_parser(
         "show", help="a schedule as a per-rank grid and a Gantt chart (or --run: a measured step)",
         description="Simulate a schedule and print its per-rank grid, makespan, bubble and peak activations, and "
-                    "draw its Gantt chart; with --run, draw a measured step of a pipeline run instead.")
+                    "with --out draw its Gantt chart there; with --run and --out, draw a measured step of a "
+                    "pipeline run instead. Nothing is written without --out.")
     show.add_argument("--schedule", default="zb-h1", help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v or auto")
     show.add_argument("--stages", type=int, default=4, help="pipeline ranks (default 4)")
     show.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
@@ -122,7 +123,7 @@ def _add_pipeline_commands(sub) -> None:
                       help="auto: the most micro-batches of activations a rank may hold")
     show.add_argument("--run", default=None, metavar="RUN_FOLDER", help="chart this run's measured timeline")
     show.add_argument("--step", type=int, default=None, help="with --run: the step (default the last)")
-    show.add_argument("--out", default=None, help="where to write the PNG")
+    show.add_argument("--out", default=None, help="write the Gantt chart PNG here (nothing is written without it)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -219,13 +220,30 @@ def cmd_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _type_text(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice"  # the description lists the values
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _default_text(f) -> str:
+    """A field's default as a user would write it: ``required`` when it has none,
+    a default factory's value (``{}``), else the value."""
+    if f.is_required():
+        return "required"
+    return repr(f.get_default(call_default_factory=True, validated_data={}))
+
+
 def _options_lines(model_cls) -> list[str]:
-    """One line per typed option of a pydantic model: name, type, default, description."""
-    lines = []
-    for name, f in model_cls.model_fields.items():
-        t = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        lines.append(f"      {name:<16} {t:<10} default {f.default!r:<10} {f.description or ''}")
-    return lines or ["      (no options)"]
+    """One line per typed option of a pydantic model, in aligned columns: name, type, default, description."""
+    rows = [(name, _type_text(f.annotation), f"default {_default_text(f)}", f.description or "")
+            for name, f in model_cls.model_fields.items()]
+    if not rows:
+        return ["      (no options)"]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return ["      " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
 
 
 def cmd_workloads() -> int:
@@ -287,10 +305,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
     from strategies.pipeline.show import show, show_run
 
-    if args.run:
-        print(f"chart: {show_run(args.run, step=args.step, out=args.out)}")
+    if args.run:  # a measured timeline has no text form: it is drawn, and only where --out says
+        if not args.out:
+            raise ConfigError(f"--run {args.run!r}: needs --out FILE.png (where to draw the measured step)")
+        try:
+            print(f"chart: {show_run(args.run, step=args.step, out=args.out)}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return EXIT_OK
     try:
         costs = tuple(float(x) for x in args.costs.split(","))

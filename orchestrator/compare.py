@@ -13,7 +13,7 @@ from typing import Iterable
 import pandas as pd
 
 from orchestrator.config import JobSpec
-from orchestrator.driver import RunResult, run
+from orchestrator.driver import RunResult, check_before_ray, run
 from orchestrator.metrics import WARMUP_STEPS, summarize  # noqa: F401  (summarize is part of this module's API)
 
 @dataclass
@@ -134,6 +134,8 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     out = out if "://" in out else os.path.abspath(out)
     combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
     specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+    for spec in specs:
+        check_before_ray(spec)
     runtime = ray_runtime.start(address=address)
     runs, failures = [], []
     try:
