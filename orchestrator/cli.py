@@ -164,8 +164,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError, check_protocol
     from orchestrator.report import report_from_urls
 
+    urls = [("--out", args.out)] + [("RUN_DIR", u) for u in args.runs]
+    for flag, url in [(f, u) for f, u in urls if "://" in u]:  # a typo'd protocol: one line, not fsspec's trace
+        try:
+            check_protocol(url)
+        except ValueError as e:
+            raise ConfigError(f"{flag} {url!r}: {e}") from None
     html_url, md_url = report_from_urls(args.runs, args.out, target_loss=args.target_loss)
     print(f"report: {html_url}\n        {md_url}")
     return EXIT_OK
