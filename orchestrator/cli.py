@@ -93,6 +93,9 @@ def _add_cluster_commands(sub) -> None:
     s.add_argument("--inject", action="append", default=[], metavar="FAULT", help="as in `polytrain run`")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="as in `polytrain run`")
+    s.add_argument("--exclude", dest="excludes", action="append", default=[], metavar="PATTERN",
+                   help="leave files matching this gitignore pattern out of the upload (repeatable); secrets, "
+                   "environments, checkpoints and runs/ are always left out")
     s.add_argument("--address", **addr)
     s.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it fails")
     s.add_argument("--follow", action="store_true", help="with --wait: print its logs as they come")
@@ -195,7 +198,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                      workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
                      inject=args.inject or None)
-    job = sub.submit(spec, address=args.address)
+    job = sub.submit(spec, address=args.address, excludes=args.excludes)
     print(f"job: {job.job_id}\nrun folder: {job.run_url}\nfollow: polytrain logs {job.job_id} --follow "
           f"--address {job.dashboard}", flush=True)
     if not args.wait:
