@@ -133,6 +133,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from orchestrator.compare import parse_strategies, run_matrix
     from orchestrator.config import ConfigError, apply_overrides, read_config_file
 
+    _check_target_loss(args.target_loss)
     base = read_config_file(args.config) if args.config else {}
     strategies = base.pop("strategies", None)
     scenarios = base.pop("scenarios", None)
@@ -166,10 +167,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if len(failed) == len(combos) else EXIT_OK
 
 
+def _check_target_loss(target: float | None) -> None:
+    import math
+
+    from orchestrator.config import ConfigError
+
+    if target is not None and not math.isfinite(target):
+        raise ConfigError(f"--target-loss {target!r}: must be a finite number (a loss the runs reach)")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.config import ConfigError, check_protocol
     from orchestrator.report import report_from_urls
 
+    _check_target_loss(args.target_loss)
     urls = [("--out", args.out)] + [("RUN_DIR", u) for u in args.runs]
     for flag, url in [(f, u) for f, u in urls if "://" in u]:  # a typo'd protocol: one line, not fsspec's trace
         try:
