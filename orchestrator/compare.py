@@ -97,7 +97,7 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     for sc in scenarios:
         for strat in strategies:
             label = strategy_label(strat)
-            safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{label}-{sc}")
+            safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "-" for ch in f"{label}-{sc}")
             run_id = f"{len(out):02d}-{safe}"
             fields = {**base, "strategy": strat, "scenario": sc, "storage": storage, "run_id": run_id}
             out.append((Combination(label=label, scenario=sc, run_id=run_id), fields))
