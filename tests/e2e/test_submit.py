@@ -103,7 +103,7 @@ def _job_id(out: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # three jobs; each starts fresh worker processes with the uploaded working_dir
+@pytest.mark.timeout(1500)  # three jobs; each starts fresh worker processes with the uploaded packages
 def test_submit_follow_status_logs_stop(dashboard, tmp_path):
     storage = str(tmp_path / "runs")
     ok = polytrain("submit", "--address", dashboard, *TINY, "--steps", "3", "--storage", storage,
