@@ -199,10 +199,10 @@ class JobSpec(BaseModel):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str | None) -> str | None:
-        # a run id is one folder under storage: never a path, never the storage folder or its parent
-        if v is not None and (not RUN_ID_RE.fullmatch(v) or set(v) == {"."}):
-            raise ValueError(f"not a folder name (allowed: 1-128 of A-Z a-z 0-9 . _ -, "
-                             f"starting with a letter or digit)")
+        # one folder under storage: never a path, never '.' or '..' (the storage folder or its parent),
+        # nothing a shell or another filesystem reads differently
+        if v is not None and not RUN_ID_RE.fullmatch(v):
+            raise ValueError("not a folder name (allowed: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
         return v
 
     @field_validator("scenario")
@@ -268,7 +268,7 @@ class JobSpec(BaseModel):
         dataset holds, naming what the user set (a workload option, or batch_size)."""
         why = f"batch_size={self.batch_size}"
         if self._batch_from_workload:
-            why += f" (workload.micro_batch x {self.replicas} replicas x grad_accum({self.grad_accum}))"
+            why += f" = workload.micro_batch({self.micro_batch}) x {self.replicas} replicas x grad_accum({self.grad_accum})"
         data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
         if data and self._batch_from_workload:  # the workload options set made the batch or the dataset
             return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
