@@ -268,7 +268,8 @@ class JobSpec(BaseModel):
         dataset holds, naming what the user set (a workload option, or batch_size)."""
         why = f"batch_size={self.batch_size}"
         if self._batch_from_workload:
-            why += f" = workload.micro_batch({self.micro_batch}) x {self.replicas} replicas x grad_accum({self.grad_accum})"
+            why += (f" = workload.micro_batch({self.micro_batch}) x {self.replicas} replicas x "
+                    f"grad_accum({self.grad_accum})")
         data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
         if data and self._batch_from_workload:  # the workload options set made the batch or the dataset
             return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
