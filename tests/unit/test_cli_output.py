@@ -74,3 +74,22 @@ def test_pipeline_show_run_needs_out_and_a_timeline(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no timeline.parquet" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gitignore_covers_what_the_readme_commands_write():
+    """Every `--out X` of the README's tour and the default ./runs stay out of `git status`."""
+    import os
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        import pytest
+
+        pytest.skip("not a git checkout")
+    readme = open(os.path.join(root, "README.md")).read()
+    outs = set(re.findall(r"--out (\S+)", readme))
+    assert {"cmp/", "zb-h1.png"} <= outs
+    paths = ["runs/r1/metrics.parquet"] + [o.rstrip("/") + ("/report.html" if o.endswith("/") else "") for o in outs]
+    p = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(p.stdout.split()) == sorted(paths), p.stdout + p.stderr
