@@ -8,6 +8,7 @@ step 30 does not fire again when the run is restored to step 25.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -70,6 +71,8 @@ def parse_injection(text: str) -> Injection:
         if not eq or key not in required | optional:
             raise ValueError(f"{text!r}: {item!r} is not KEY=VALUE with KEY in "
                              f"{', '.join(sorted(required | optional))}")
+        if key in values:  # the last would win silently
+            raise ValueError(f"{text!r}: {key} given twice")
         if key in _WORDS:
             if raw not in _WORDS[key]:
                 raise ValueError(f"{text!r}: {key}={raw!r} (allowed: {', '.join(_WORDS[key])})")
@@ -79,6 +82,8 @@ def parse_injection(text: str) -> Injection:
             values[key] = float(raw) if key in _FLOATS else int(raw)
         except ValueError:
             raise ValueError(f"{text!r}: {key}={raw!r} is not a{' number' if key in _FLOATS else 'n integer'}") from None
+        if not math.isfinite(values[key]):  # ms=inf would sleep forever, factor=nan never compares
+            raise ValueError(f"{text!r}: {key}={raw!r} must be a finite number")
     missing = sorted(required - set(values))
     if missing:
         raise ValueError(f"{text!r}: {kind} needs {', '.join(missing)} (e.g. {_EXAMPLES[kind]})")

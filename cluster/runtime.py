@@ -35,6 +35,71 @@ class Runtime:
             _embedded_here = False
 
 
+# Embedded Ray simulates a cluster: more workers than cores is normal (each gets
+# a CPU fraction and one thread), but every worker is a process holding torch
+# (~0.3-0.5 GiB resident) and a time slice; past these bounds a run only thrashes.
+MAX_WORKERS_PER_CPU = 8
+WORKER_MEMORY_BYTES = 512 * 2**20
+
+
+def embedded_worker_limit(cpus: float, memory_bytes: int) -> int:
+    """The most workers an embedded Ray on ``cpus`` cores and ``memory_bytes`` of RAM runs."""
+    return max(1, min(int(MAX_WORKERS_PER_CPU * cpus), memory_bytes // WORKER_MEMORY_BYTES))
+
+
+def _machine() -> tuple[float, int]:
+    """(CPUs, physical memory bytes) of this machine."""
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: the CPU bound alone
+        mem = 2**62
+    return float(os.cpu_count() or 1), mem
+
+
+def will_embed(address: str | None) -> bool:
+    """Whether ``start(address=address)`` runs (or reuses) an embedded Ray on this machine."""
+    if ray.is_initialized():
+        return _embedded_here
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_embedded(*, workers: int, gpus_per_worker: float, gpus_here: int) -> None:
+    """Bad input for an embedded Ray, found before Ray starts: more workers than
+    this machine can simulate, or GPUs it does not have."""
+    cpus, mem = _machine()
+    limit = embedded_worker_limit(cpus, mem)
+    if workers > limit:
+        raise ClusterError(
+            f"workers={workers}: embedded Ray on this machine runs at most {limit} (the smaller of "
+            f"{MAX_WORKERS_PER_CPU} per CPU x {cpus:g} CPUs and one per {WORKER_MEMORY_BYTES >> 20} MiB of "
+            f"{mem / 2**30:.1f} GiB memory); join a cluster with --address for more")
+    if gpus_per_worker and workers * gpus_per_worker > gpus_here:
+        raise ClusterError(f"cluster.gpus_per_worker={gpus_per_worker:g}: workers={workers} need "
+                           f"{workers * gpus_per_worker:g} GPUs, this machine has {gpus_here}")
+
+
+def check_placeable(*, workers: int, cpus_per_worker: float, gpus_per_worker: float, nodes: list[dict]) -> None:
+    """On a joined cluster, workers that can never be placed are an error, found
+    from the alive nodes' resources before a placement group waits for them."""
+    total_cpus = sum(n.get("CPU", 0) for n in nodes)
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if workers * cpus_per_worker > total_cpus:
+        raise ClusterError(f"workers={workers}: needs {workers * cpus_per_worker:g} CPUs at cluster.cpus_per_worker="
+                           f"{cpus_per_worker:g}, the cluster has {total_cpus:g}")
+    if gpus_per_worker and workers * gpus_per_worker > total_gpus:
+        raise ClusterError(f"cluster.gpus_per_worker={gpus_per_worker:g}: workers={workers} need "
+                           f"{workers * gpus_per_worker:g} GPUs, the cluster has {total_gpus:g}")
+    fits = [n for n in nodes if n.get("CPU", 0) >= cpus_per_worker and n.get("GPU", 0) >= gpus_per_worker]
+    if not fits:  # one worker is one bundle, which must fit on one node
+        raise ClusterError(f"cluster.cpus_per_worker={cpus_per_worker:g}, cluster.gpus_per_worker="
+                           f"{gpus_per_worker:g}: no node of the cluster has that much for one worker")
+
+
+def node_resources() -> list[dict]:
+    """Total resources of each alive node of the connected Ray cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on an address nothing listens on; Ray itself retries for minutes."""
     if address in ("auto", "local"):

@@ -93,6 +93,9 @@ def _add_cluster_commands(sub) -> None:
     s.add_argument("--inject", action="append", default=[], metavar="FAULT", help="as in `polytrain run`")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="as in `polytrain run`")
+    s.add_argument("--exclude", dest="excludes", action="append", default=[], metavar="PATTERN",
+                   help="leave files matching this gitignore pattern out of the upload (repeatable); secrets, "
+                   "environments, checkpoints and runs/ are always left out")
     s.add_argument("--address", **addr)
     s.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it fails")
     s.add_argument("--follow", action="store_true", help="with --wait: print its logs as they come")
@@ -111,7 +114,8 @@ def _add_pipeline_commands(sub) -> None:
     show = pl.add_subparsers(dest="pipeline_command", required=True, parser_class=_Parser).add_parser(
         "show", help="a schedule as a per-rank grid and a Gantt chart (or --run: a measured step)",
         description="Simulate a schedule and print its per-rank grid, makespan, bubble and peak activations, and "
-                    "draw its Gantt chart; with --run, draw a measured step of a pipeline run instead.")
+                    "with --out draw its Gantt chart there; with --run and --out, draw a measured step of a "
+                    "pipeline run instead. Nothing is written without --out.")
     show.add_argument("--schedule", default="zb-h1", help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v or auto")
     show.add_argument("--stages", type=int, default=4, help="pipeline ranks (default 4)")
     show.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
@@ -122,13 +126,14 @@ def _add_pipeline_commands(sub) -> None:
                       help="auto: the most micro-batches of activations a rank may hold")
     show.add_argument("--run", default=None, metavar="RUN_FOLDER", help="chart this run's measured timeline")
     show.add_argument("--step", type=int, default=None, help="with --run: the step (default the last)")
-    show.add_argument("--out", default=None, help="where to write the PNG")
+    show.add_argument("--out", default=None, help="write the Gantt chart PNG here (nothing is written without it)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from orchestrator.compare import parse_strategies, run_matrix
-    from orchestrator.config import ConfigError, parse_override, read_config_file
+    from orchestrator.config import ConfigError, apply_overrides, read_config_file
 
+    _check_target_loss(args.target_loss)
     base = read_config_file(args.config) if args.config else {}
     strategies = base.pop("strategies", None)
     scenarios = base.pop("scenarios", None)
@@ -149,14 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for key in ("workload", "workers", "steps", "seed"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
-    for item in args.overrides:
-        path, value = parse_override(item)
-        node = base
-        for part in path[:-1]:
-            if isinstance(node.get(part), str):  # workload: gpt-tiny -> {name: gpt-tiny}
-                node[part] = {"name": node[part]}
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
+    apply_overrides(base, args.overrides)
     if "workload" not in base:
         raise ConfigError("--workload: required (or workload: in --config)")
     out = args.out or base.pop("out", None)
@@ -169,9 +167,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if len(failed) == len(combos) else EXIT_OK
 
 
+def _check_target_loss(target: float | None) -> None:
+    import math
+
+    from orchestrator.config import ConfigError
+
+    if target is not None and not math.isfinite(target):
+        raise ConfigError(f"--target-loss {target!r}: must be a finite number (a loss the runs reach)")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError, check_protocol
     from orchestrator.report import report_from_urls
 
+    _check_target_loss(args.target_loss)
+    urls = [("--out", args.out)] + [("RUN_DIR", u) for u in args.runs]
+    for flag, url in [(f, u) for f, u in urls if "://" in u]:  # a typo'd protocol: one line, not fsspec's trace
+        try:
+            check_protocol(url)
+        except ValueError as e:
+            raise ConfigError(f"{flag} {url!r}: {e}") from None
     html_url, md_url = report_from_urls(args.runs, args.out, target_loss=args.target_loss)
     print(f"report: {html_url}\n        {md_url}")
     return EXIT_OK
@@ -194,7 +209,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                      workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
                      inject=args.inject or None)
-    job = sub.submit(spec, address=args.address)
+    job = sub.submit(spec, address=args.address, excludes=args.excludes)
     print(f"job: {job.job_id}\nrun folder: {job.run_url}\nfollow: polytrain logs {job.job_id} --follow "
           f"--address {job.dashboard}", flush=True)
     if not args.wait:
@@ -226,13 +241,30 @@ def cmd_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _type_text(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice"  # the description lists the values
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _default_text(f) -> str:
+    """A field's default as a user would write it: ``required`` when it has none,
+    a default factory's value (``{}``), else the value."""
+    if f.is_required():
+        return "required"
+    return repr(f.get_default(call_default_factory=True, validated_data={}))
+
+
 def _options_lines(model_cls) -> list[str]:
-    """One line per typed option of a pydantic model: name, type, default, description."""
-    lines = []
-    for name, f in model_cls.model_fields.items():
-        t = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        lines.append(f"      {name:<16} {t:<10} default {f.default!r:<10} {f.description or ''}")
-    return lines or ["      (no options)"]
+    """One line per typed option of a pydantic model, in aligned columns: name, type, default, description."""
+    rows = [(name, _type_text(f.annotation), f"default {_default_text(f)}", f.description or "")
+            for name, f in model_cls.model_fields.items()]
+    if not rows:
+        return ["      (no options)"]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return ["      " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
 
 
 def cmd_workloads() -> int:
@@ -294,10 +326,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
     from strategies.pipeline.show import show, show_run
 
-    if args.run:
-        print(f"chart: {show_run(args.run, step=args.step, out=args.out)}")
+    if args.run:  # a measured timeline has no text form: it is drawn, and only where --out says
+        if not args.out:
+            raise ConfigError(f"--run {args.run!r}: needs --out FILE.png (where to draw the measured step)")
+        try:
+            print(f"chart: {show_run(args.run, step=args.step, out=args.out)}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return EXIT_OK
     try:
         costs = tuple(float(x) for x in args.costs.split(","))

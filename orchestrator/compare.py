@@ -13,7 +13,7 @@ from typing import Iterable
 import pandas as pd
 
 from orchestrator.config import JobSpec
-from orchestrator.driver import RunResult, run
+from orchestrator.driver import RunResult, check_before_ray, run
 from orchestrator.metrics import WARMUP_STEPS, summarize  # noqa: F401  (summarize is part of this module's API)
 
 @dataclass
@@ -97,11 +97,24 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     for sc in scenarios:
         for strat in strategies:
             label = strategy_label(strat)
-            safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in f"{label}-{sc}")
+            safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "-" for ch in f"{label}-{sc}")
             run_id = f"{len(out):02d}-{safe}"
             fields = {**base, "strategy": strat, "scenario": sc, "storage": storage, "run_id": run_id}
             out.append((Combination(label=label, scenario=sc, run_id=run_id), fields))
     return out
+
+
+def matrix_job(combo: Combination, fields: dict, address: str | None) -> JobSpec:
+    """The validated spec of one combination; bad input names the combination and stops the whole matrix."""
+    from orchestrator.config import ConfigError
+
+    cluster = fields.get("cluster") or {}
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"invalid job spec: cluster={cluster!r}: expected a section of cluster.* options")
+    try:
+        return JobSpec(**{**fields, "cluster": {**cluster, "address": address}})
+    except ConfigError as e:
+        raise ConfigError(f"{combo.label} x {combo.scenario}: {e}") from None
 
 
 def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
@@ -115,20 +128,21 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     import yaml
 
     from cluster import runtime as ray_runtime
-    from orchestrator.config import JobSpec
     from orchestrator.report import Failure, Report, load_run, write_report
 
     stream = stream or sys.stderr
     out = out if "://" in out else os.path.abspath(out)
     combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
+    specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+    for spec in specs:
+        check_before_ray(spec)
     runtime = ray_runtime.start(address=address)
     runs, failures = [], []
     try:
-        for i, (combo, fields) in enumerate(combos, 1):
+        for i, ((combo, _), spec) in enumerate(zip(combos, specs), 1):
             print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}", file=stream, flush=True)
             t0 = time.perf_counter()
             try:
-                spec = JobSpec(**{**fields, "cluster": {**fields.get("cluster", {}), "address": address}})
                 combo.url = run(spec, progress=progress, stream=stream).url
                 runs.append(load_run(combo.url))
                 combo.status = "ok"

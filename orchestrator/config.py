@@ -7,18 +7,46 @@ allowed, on one line.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+import re
 import uuid
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cluster.faults import Injection, parse_injection
 from cluster.network import parse_scenario
 from strategies import STRATEGIES, OptimConfig, Strategy
 from workloads import WORKLOADS, Workload
 from workloads.plugins import canonical_ref, is_ref, local_sources
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def short_name(ref: str) -> str:
+    """A registered name, or a plugin reference's class name (``path/file.py:Class``,
+    ``module:Class`` -> ``Class``), made safe for a run id."""
+    name = ref.rpartition(":")[2] or os.path.splitext(os.path.basename(ref.rpartition(":")[0]))[0]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name).strip(".-") or "job"
+
+
+def check_protocol(url: str) -> str:
+    """``url`` unchanged if fsspec knows its protocol and its implementation is
+    installed (no connection is made); a one-line ValueError otherwise."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(f"unknown protocol {protocol!r} (fsspec knows: file, memory, s3, gs, az, hdfs, ...)") from None
+    except ImportError as e:  # a known protocol whose package is missing: fsspec says which to install
+        raise ValueError(f"protocol {protocol!r} needs a package that is not installed "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    return url
 
 
 class ConfigError(ValueError):
@@ -43,6 +71,14 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+def _finite(options: BaseModel, prefix: str) -> BaseModel:
+    """A plugin's options, refused when a float is inf or nan (a bound like gt=0 lets inf through)."""
+    for key, value in options:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{key}={value!r}: must be a finite number")
+    return options
+
+
 class Component(BaseModel):
     """A registered name plus its options (``{name: ddp, bucket_mb: 10}``)."""
 
@@ -55,7 +91,7 @@ class Component(BaseModel):
 
 
 class ClusterSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     address: str | None = Field(None, description="Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto); none: embedded Ray")
     placement: Literal["PACK", "SPREAD"] = Field("PACK", description="placement-group strategy for the workers")
@@ -71,7 +107,7 @@ class ClusterSpec(BaseModel):
 class FailureSpec(BaseModel):
     """What the controller does when a worker dies, hangs or produces a NaN loss."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_failures: int = Field(0, ge=0, description="restarts allowed before the run fails (0, as in Ray Train: fail at once)")
     backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each restart")
@@ -88,7 +124,7 @@ class FailureSpec(BaseModel):
 class StragglerSpec(BaseModel):
     """How slow ranks are found (compute time over a sliding window) and what is done."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mitigation: Literal["none", "rebalance", "backup", "evict"] = Field(
         "none", description="rebalance: smaller batch share; backup: drop the late gradients; evict: restart without it")
@@ -107,7 +143,7 @@ _TOP_KEYS = (
 class JobSpec(BaseModel):
     """A training job. ``workload`` and ``strategy`` take a name or ``{name, **options}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workload: Component = Field(description="registered workload name and its options")
     strategy: Component = Field(description="registered strategy name and its options")
@@ -118,10 +154,11 @@ class JobSpec(BaseModel):
         "workload micro_batch x workers x grad_accum"
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
-    seed: int = Field(0, description="seeds model init and data order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds model init and data order (0..2**32-1, numpy's range)")
     storage: str = Field("./runs", validate_default=True,
                          description="folder or fsspec URL under which the run folder is written")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run folder name; default: generated")
+    run_id: str | None = Field(None, description="run folder name (letters, digits, '.', '_', '-'; "
+                               "not '.' or '..'); default: generated")
     scenario: str = Field("local", description="simulated network: local (none), a name from `polytrain scenarios`, "
                           "or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
@@ -132,6 +169,7 @@ class JobSpec(BaseModel):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     straggler: StragglerSpec = Field(default_factory=StragglerSpec)
     inject: list[str] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
+    _batch_from_workload: bool = PrivateAttr(False)  # batch_size was not given: error messages name what was
 
     def __init__(self, **data: Any):
         try:
@@ -151,7 +189,21 @@ class JobSpec(BaseModel):
     @classmethod
     def _absolute_storage(cls, v: str) -> str:
         # resolved on the driver: workers write checkpoints here from their own cwd
-        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+        return check_protocol(v) if "://" in v else os.path.abspath(os.path.expanduser(v))
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_protocol(cls, v: str | None) -> str | None:
+        return check_protocol(v) if v and "://" in v else v
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        # one folder under storage: never a path, never '.' or '..' (the storage folder or its parent),
+        # nothing a shell or another filesystem reads differently
+        if v is not None and not RUN_ID_RE.fullmatch(v):
+            raise ValueError("not a folder name (allowed: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+        return v
 
     @field_validator("scenario")
     @classmethod
@@ -171,7 +223,8 @@ class JobSpec(BaseModel):
     def _resolve(self) -> "JobSpec":
         if self.run_id is None:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.run_id = f"{self.workload.name}-{self.strategy.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+            self.run_id = (f"{short_name(self.workload.name)}-{short_name(self.strategy.name)}-{stamp}-"
+                           f"{uuid.uuid4().hex[:4]}")
         workload = self.build_workload()
         strategy_cls = STRATEGIES.get(self.strategy.name)
         options = self.strategy_options()
@@ -179,6 +232,7 @@ class JobSpec(BaseModel):
         per_step = replicas * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
+            self._batch_from_workload = True
         strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size)
         if self.batch_size % per_step:
             what = f"workers({self.workers})" if replicas == self.workers else \
@@ -209,11 +263,23 @@ class JobSpec(BaseModel):
                              f"(strategies that can: those with uneven_batches, e.g. ddp, fsdp)")
         return self
 
+    def dataset_too_small(self, n_samples: int) -> str:
+        """The one-line error for one step's batch needing more samples than the
+        dataset holds, naming what the user set (a workload option, or batch_size)."""
+        why = f"batch_size={self.batch_size}"
+        if self._batch_from_workload:
+            why += (f" = workload.micro_batch({self.micro_batch}) x {self.replicas} replicas x "
+                    f"grad_accum({self.grad_accum})")
+        data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
+        if data and self._batch_from_workload:  # the workload options set made the batch or the dataset
+            return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
+        return f"{why}: larger than the dataset ({n_samples} samples{' with ' + data if data else ''})"
+
     # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
     def build_workload(self) -> Workload:
         cls = WORKLOADS.get(self.workload.name)
         try:
-            return cls(**self.workload.options)
+            return _finite(cls(**self.workload.options), "workload.")
         except ValidationError as e:
             raise ValueError(format_validation_error(e, "workload.")) from None
 
@@ -222,7 +288,7 @@ class JobSpec(BaseModel):
 
     def strategy_options(self) -> BaseModel:
         try:
-            return self.strategy_cls().Options(**self.strategy.options)
+            return _finite(self.strategy_cls().Options(**self.strategy.options), "strategy.")
         except ValidationError as e:
             raise ValueError(format_validation_error(e, "strategy.")) from None
 
@@ -269,6 +335,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b=value`` items to ``data`` in place (and return it); a name
+    shorthand (``workload: gpt-tiny``) becomes ``{name: gpt-tiny}`` when an option is set."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            cur = node.get(p)
+            if isinstance(cur, str) and p in ("workload", "strategy"):
+                cur = {"name": cur}
+            if cur is None:
+                cur = {}
+            if not isinstance(cur, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section (it holds {cur!r})")
+            node[p] = cur
+            node = cur
+        node[path[-1]] = value
+    return data
+
+
 def load_spec(
     *, config: str | None = None, overrides: list[str] = (), **fields: Any
 ) -> JobSpec:
@@ -283,20 +369,7 @@ def load_spec(
             data[k] = {**data[k], "name": v}
         else:
             data[k] = v
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for p in path[:-1]:
-            cur = node.get(p)
-            if isinstance(cur, str) and p in ("workload", "strategy"):
-                cur = {"name": cur}
-            if cur is None:
-                cur = {}
-            if not isinstance(cur, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-            node[p] = cur
-            node = cur
-        node[path[-1]] = value
+    apply_overrides(data, overrides)
     for key in ("workload", "strategy"):
         if key not in data:
             raise ConfigError(f"invalid job spec: {key}: required (give --{key} NAME or set it in --config)")

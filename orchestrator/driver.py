@@ -116,6 +116,20 @@ class RayGroup:
             self.wg = None
 
 
+def check_before_ray(spec: JobSpec) -> None:
+    """Fail fast, before Ray starts and anything is written: an address nothing
+    listens on, or a job this machine's embedded Ray cannot hold."""
+    from cluster import runtime as ray_runtime
+
+    if spec.cluster.address:
+        ray_runtime.check_reachable(spec.cluster.address)
+    elif ray_runtime.will_embed(spec.cluster.address):
+        import torch
+
+        ray_runtime.check_embedded(workers=spec.workers, gpus_per_worker=spec.cluster.gpus_per_worker,
+                                   gpus_here=torch.cuda.device_count())
+
+
 def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     """Run a job to the end. Raises ConfigError for bad input (before any worker
     starts) and RunFailed if a worker fails; the run folder keeps what was written."""
@@ -125,8 +139,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     from cluster.worker_group import Keeper
 
     t_start = time.perf_counter()
-    if spec.cluster.address:  # fail fast, before anything is written
-        ray_runtime.check_reachable(spec.cluster.address)
+    check_before_ray(spec)
     out = Progress(spec.steps, enabled=progress, stream=stream or sys.stderr)
     try:
         t0 = time.perf_counter()
@@ -135,7 +148,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if spec.global_batch > n_samples:
-        raise ConfigError(f"batch_size={spec.global_batch}: larger than the dataset ({n_samples} samples)")
+        raise ConfigError(spec.dataset_too_small(n_samples))
     data_s = time.perf_counter() - t0
     folder = RunFolder(spec.storage, spec.run_id)
     strategy_cls = spec.strategy_cls()
@@ -167,11 +180,9 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
-        if not runtime.embedded and spec.workers * cpus > runtime.total_cpus:
-            raise ConfigError(
-                f"workers={spec.workers}: needs {spec.workers * cpus:g} CPUs at cluster.cpus_per_worker={cpus:g}, "
-                f"the cluster has {runtime.total_cpus:g}"
-            )
+        if not runtime.embedded:  # before a placement group waits for what will never come
+            ray_runtime.check_placeable(workers=spec.workers, cpus_per_worker=cpus, nodes=ray_runtime.node_resources(),
+                                        gpus_per_worker=spec.cluster.gpus_per_worker)
         if runtime.embedded and spec.workers > runtime.total_cpus:
             out.note(f"note: {spec.workers} workers on {runtime.total_cpus:g} CPUs: {cpus:.2g} CPU and 1 thread "
                      f"each (a simulated cluster on one machine)")

@@ -3,8 +3,17 @@
 The job spec is resolved and validated here, before anything is sent; the
 cluster runs it with ``python -m orchestrator.submit RUN`` (this module's
 ``__main__``: ``polytrain run --config`` on the resolved spec), inside a
-runtime environment whose working_dir is this project, so the cluster needs
+runtime environment whose ``py_modules`` are an explicit list: polytrain's
+packages and the user's workload/strategy sources (never the folder around
+them, which may be a checkout with keys and checkpoints, or site-packages),
+each uploaded minus ``EXCLUDES`` and the user's ``--exclude`` patterns (Ray
+also honours a package's .gitignore and .rayignore). So the cluster needs
 nothing installed beyond Ray, torch and our dependencies, and downloads nothing.
+
+Token authentication (``RAY_AUTH_MODE=token``, the default of ``ray start``
+since Ray 2.60) is Ray's: its job client sends ``Authorization: Bearer`` with
+the token from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
+when ``RAY_AUTH_MODE=token`` is set here too.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import shlex
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -22,8 +32,16 @@ from cluster.runtime import ClusterError, check_reachable
 from orchestrator.config import ConfigError, JobSpec
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# never uploaded: run output, caches, VCS and build folders
-EXCLUDES = [".git", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info", "build", ".venv", "*.parquet"]
+PACKAGES = ("orchestrator", "strategies", "workloads", "cluster")  # what the cluster imports of ours
+# never uploaded (gitignore patterns, matched inside every uploaded package): secrets, environments,
+# checkpoints and run output, caches, VCS and build folders
+EXCLUDES = [
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    ".netrc", ".aws", ".ssh", "credentials*",
+    ".venv", "venv", "virtualenv", "site-packages",
+    "*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.bin", "checkpoints", "runs", "*.parquet",
+    ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "build",
+]
 CONNECT_TIMEOUT_S = 10.0
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -43,6 +61,9 @@ def client(address: str | None):
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--address {url!r}: expected the dashboard's http://HOST:PORT (default port 8265)")
     check_reachable(url, timeout_s=CONNECT_TIMEOUT_S)
+    warning = token_warning(url, sends_token=_sends_token())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/api/version", timeout=CONNECT_TIMEOUT_S) as r:
             body = json.loads(r.read().decode() or "{}")
@@ -73,11 +94,43 @@ def entrypoint(spec: JobSpec) -> str:
     return f"python -m orchestrator.submit {shlex.quote(blob)}"
 
 
-def runtime_env(spec: JobSpec) -> dict:
-    env = {"working_dir": PROJECT_ROOT, "excludes": EXCLUDES}
-    if spec.worker_sources():  # a workload/strategy from a local file or package
-        env["py_modules"] = spec.worker_sources()
-    return env
+def upload_list(spec: JobSpec) -> list[str]:
+    """What travels to the cluster: polytrain's packages, then the job's own
+    sources (a workload/strategy from a local file or package)."""
+    return [os.path.join(PROJECT_ROOT, p) for p in PACKAGES] + spec.worker_sources()
+
+
+def runtime_env(spec: JobSpec, excludes: list[str] = ()) -> dict:
+    return {"py_modules": upload_list(spec), "excludes": EXCLUDES + list(excludes)}
+
+
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host or "")).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def token_warning(url: str, *, sends_token: bool) -> str | None:
+    """The warning for a token that would cross the network unencrypted."""
+    parsed = urllib.parse.urlparse(url)
+    if sends_token and parsed.scheme == "http" and not _is_loopback(parsed.hostname):
+        return (f"polytrain: warning: the Ray auth token goes to {parsed.hostname} over plain http; "
+                f"use https or an SSH tunnel to a loopback address")
+    return None
+
+
+def _sends_token() -> bool:
+    """Whether Ray's job client will send an auth token (its own rule: RAY_AUTH_MODE=token and a token found)."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        return bool(get_auth_headers_if_auth_enabled({}))
+    except Exception:  # another Ray version: no token support to warn about
+        return False
 
 
 @dataclass
@@ -87,12 +140,12 @@ class Submitted:
     dashboard: str
 
 
-def submit(spec: JobSpec, *, address: str | None) -> Submitted:
+def submit(spec: JobSpec, *, address: str | None, excludes: list[str] = ()) -> Submitted:
     check_storage(spec)
     c = client(address)
     run_url = f"{spec.storage.rstrip('/')}/{spec.run_id}"
     try:
-        job_id = c.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env(spec),
+        job_id = c.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env(spec, excludes),
                               metadata={"polytrain_run": run_url, "polytrain_run_id": spec.run_id})
     except Exception as e:
         raise ClusterError(f"submit: {type(e).__name__}: {str(e).splitlines()[0]}") from None

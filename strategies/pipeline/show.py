@@ -13,8 +13,8 @@ def show(schedule: str, stages: int, microbatches: int, *, costs: tuple[float, f
     """Simulate ``schedule`` on ``stages`` ranks with ``microbatches`` micro-batches
     at per-rank costs (T_F, T_B, T_W) (default 1, 1, 1; a rank holding v stages
     spends 1/v of them on each) and ``comm`` per cross-rank transfer; print the
-    per-rank grid (if ``echo``), write the Gantt chart to ``out`` (default
-    ``<schedule>-p<stages>-m<microbatches>.png``) and return the text."""
+    per-rank grid (if ``echo``), write the Gantt chart to ``out`` when given
+    (nothing is written otherwise) and return the text."""
     f, b, w = costs or (1.0, 1.0, 1.0)
     if schedule == "auto":
         flat = [StageCost(f=f, b=b, w=w, comm=comm)] * stages
@@ -25,8 +25,8 @@ def show(schedule: str, stages: int, microbatches: int, *, costs: tuple[float, f
     else:
         sched = generate(schedule, stages, microbatches, chunks=chunks)
         result, origin = simulate(sched, uniform_costs(sched, f, b, w, comm)), ""
-    path = out or f"{schedule}-p{stages}-m{microbatches}.png"
-    draw_schedule(result, path)
+    if out:
+        draw_schedule(result, out)
     s = result.schedule
     lines = [
         f"{schedule}{origin}: p={stages}, m={microbatches}, {s.n_stages} stages, costs F={f:g} B={b:g} W={w:g}"
@@ -39,24 +39,28 @@ def show(schedule: str, stages: int, microbatches: int, *, costs: tuple[float, f
         text_grid(result),
         "",
         s.format(),
-        f"chart: {path}",
-    ]
+    ] + ([f"chart: {out}"] if out else [])
     text = "\n".join(lines)
     if echo:
         print(text)
     return text
 
 
-def show_run(run_url: str, *, step: int | None = None, out: str | None = None) -> str:
-    """The Gantt chart of a measured run from ``<run>/timeline.parquet`` (columns
-    step, rank, action, start, end), for ``step`` (default: the last); returns the PNG path."""
+def show_run(run_url: str, *, out: str, step: int | None = None) -> str:
+    """Draw the Gantt chart of a measured run from ``<run>/timeline.parquet`` (columns
+    step, rank, action, start, end), for ``step`` (default: the last), to ``out``; returns it.
+    A run folder without a timeline is a one-line ValueError."""
     import fsspec
     import pandas as pd
 
     from strategies.pipeline.gantt import draw_timeline
 
-    with fsspec.open(f"{run_url.rstrip('/')}/timeline.parquet", "rb") as f:
-        rows = pd.read_parquet(f)
+    url = f"{run_url.rstrip('/')}/timeline.parquet"
+    try:
+        with fsspec.open(url, "rb") as f:
+            rows = pd.read_parquet(f)
+    except FileNotFoundError:
+        raise ValueError(f"--run {run_url!r}: no timeline.parquet (only pipeline runs record one)") from None
     if step is None:
         step = int(rows["step"].max())
-    return draw_timeline(rows, out or f"timeline-step{step}.png", step=step)
+    return draw_timeline(rows, out, step=step)

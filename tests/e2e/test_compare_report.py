@@ -1,6 +1,7 @@
 """polytrain compare end to end: strategies x scenarios on one Ray, run folders,
 report files whose numbers equal those computed from the Parquet files, and a
-failing combination reported instead of stopping the rest."""
+combination failing at run time reported instead of stopping the rest (bad
+input in any combination stops the whole matrix before the first run)."""
 import base64
 import os
 import re
@@ -22,11 +23,31 @@ def _md_rows(md: str, scenario: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_compare_two_strategies_two_scenarios(ray_address, tmp_path, capsys):
+def test_compare_two_strategies_two_scenarios(ray_address, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from orchestrator.controller import RunFailed
+
+    compare = importlib.import_module("orchestrator.compare")  # the package exports a function of that name
+
     out = tmp_path / "cmp"
-    rc = main(["compare", "--workload", "gpt-tiny", "--strategies", "ddp,fsdp,ddp:no_such_option=1",
-               "--scenarios", "local,internet-1g", "--workers", "2", "--steps", "3", "--seed", "3", *TINY,
-               "--out", str(out), "--address", ray_address, "--quiet"])
+    args = ["--scenarios", "local,internet-1g", "--workers", "2", "--steps", "3", "--seed", "3", *TINY,
+            "--out", str(out), "--address", ray_address, "--quiet"]
+    # an invalid option in one combination: the whole matrix is refused before any run
+    assert main(["compare", "--workload", "gpt-tiny", "--strategies", "ddp,fsdp,ddp:no_such_option=1", *args]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.count("\n") == 1 and "strategy.no_such_option: unknown key" in printed.err
+    assert not out.exists()
+
+    real_run = compare.run
+
+    def failing_bucket(spec, **kw):  # a failure at run time, after validation
+        if spec.strategy.options.get("bucket_mb") == 7:
+            raise RunFailed("rank 1 failed: injected by the test (no_such_option)")
+        return real_run(spec, **kw)
+
+    monkeypatch.setattr(compare, "run", failing_bucket)
+    rc = main(["compare", "--workload", "gpt-tiny", "--strategies", "ddp,fsdp,ddp:bucket_mb=7", *args])
     assert rc == 0
     printed = capsys.readouterr()
     assert "4/6 runs succeeded" in printed.out and "[6/6]" in printed.err
@@ -45,7 +66,7 @@ def test_compare_two_strategies_two_scenarios(ray_address, tmp_path, capsys):
     md = (out / "report.md").read_text()
     images = [base64.b64decode(b) for b in re.findall(r"src='data:image/png;base64,([^']+)'", html)]
     assert len(images) == 2 * 6 and all(i.startswith(b"\x89PNG") for i in images)
-    assert md.count("ddp:no_such_option=1 failed") == 2 and "no_such_option" in html
+    assert md.count("ddp:bucket_mb=7 failed") == 2 and "no_such_option" in html
 
     for c in ok:
         m = pd.read_parquet(os.path.join(c["url"], "metrics.parquet"))

@@ -6,6 +6,7 @@ Ray on this machine, including other test sessions').
 """
 import http.server
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,14 +34,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+TOKEN = secrets.token_hex(32)  # what Ray's own generator makes (256 bits)
+
+
+def _env(auth: str = "disabled") -> dict:
+    """The environment of a head or a client: token auth on (with this session's token) or off."""
+    env = {**os.environ, "RAY_AUTH_MODE": auth, "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    if auth == "token":
+        env["RAY_AUTH_TOKEN"] = TOKEN
     return env
 
 
-def polytrain(*args, timeout=480) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=_env(),
+def polytrain(*args, timeout=480, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,8 +70,7 @@ def _stop_head(temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def dashboard():
+def _head(auth: str):
     """A Ray head with its dashboard (job submission needs it and its agent) on free ports."""
     temp_dir = tempfile.mkdtemp(prefix="pt-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash, agent, client = (_free_port() for _ in range(4))
@@ -72,7 +79,7 @@ def dashboard():
            f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}", "--num-cpus=2",
            "--include-dashboard=true", "--disable-usage-stats"]
     try:
-        started = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+        started = subprocess.run(cmd, env=_env(auth), capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr[-2000:]
         yield f"http://127.0.0.1:{dash}"
     finally:
@@ -80,12 +87,23 @@ def dashboard():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def dashboard():
+    yield from _head("disabled")
+
+
+@pytest.fixture(scope="module")
+def token_dashboard():
+    """A head with token authentication on (``ray start``'s default since Ray 2.60)."""
+    yield from _head("token")
+
+
 def _job_id(out: str) -> str:
     return next(line.split()[1] for line in out.splitlines() if line.startswith("job: "))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # three jobs; each starts fresh worker processes with the uploaded working_dir
+@pytest.mark.timeout(1500)  # three jobs; each starts fresh worker processes with the uploaded packages
 def test_submit_follow_status_logs_stop(dashboard, tmp_path):
     storage = str(tmp_path / "runs")
     ok = polytrain("submit", "--address", dashboard, *TINY, "--steps", "3", "--storage", storage,
@@ -162,3 +180,22 @@ def test_submit_needs_a_shared_storage(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", *TINY, "--steps", "2",
                  "--storage", "memory://x"]) == EXIT_INVALID
     assert "cannot see this process's memory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # starts its own head, then one job
+def test_submit_to_a_head_with_token_auth(token_dashboard, tmp_path):
+    storage = str(tmp_path / "runs")
+    # without the token: one line, exit 2, nothing submitted
+    anon = polytrain("submit", "--address", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
+                     "--run-id", "anon", timeout=120, env=_env("disabled"))
+    assert anon.returncode == 2 and anon.stderr.count("\n") == 1, anon.stdout[-2000:] + anon.stderr[-2000:]
+    assert not os.path.exists(os.path.join(storage, "anon"))
+    # with it (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN here, as Ray's client reads them): the job runs;
+    # a loopback address gets no plain-http warning
+    ok = polytrain("submit", "--address", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
+                   "--run-id", "authed", "--wait", env=_env("token"))
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert f"{_job_id(ok.stdout)}: SUCCEEDED" in ok.stdout and "warning" not in ok.stderr
+    df = pd.read_parquet(os.path.join(storage, "authed", "metrics.parquet"))
+    assert sorted(set(df.step)) == [1, 2]

@@ -1,0 +1,75 @@
+"""What `polytrain submit` uploads: an explicit list of packages, each zipped by
+Ray's own packaging with our excludes, so secrets, environments, checkpoints
+and run output never leave the machine."""
+import os
+import zipfile
+
+import pytest
+
+from orchestrator import submit as sub
+from orchestrator.config import JobSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "docs", "examples", "custom_workload.py")
+
+
+def _zipped(folder: str, excludes: list[str], tmp_path) -> set[str]:
+    """The files Ray would upload for ``folder`` as a py_module (its own packaging code)."""
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import create_package
+
+    target = tmp_path / f"{os.path.basename(folder)}.zip"
+    create_package(folder, Path(target), include_gitignore=True, include_parent_dir=True, excludes=excludes)
+    with zipfile.ZipFile(target) as z:
+        return {n for n in z.namelist() if not n.endswith("/")}
+
+
+def test_the_upload_is_our_packages_and_the_jobs_sources(tmp_path):
+    spec = JobSpec(workload=f"{EXAMPLE}:SineMLP", strategy="ddp", storage=str(tmp_path), run_id="r")
+    env = sub.runtime_env(spec, excludes=["*.csv"])
+    assert "working_dir" not in env  # never the folder around the packages (a checkout, or site-packages)
+    assert env["py_modules"] == [os.path.join(ROOT, p) for p in ("orchestrator", "strategies", "workloads",
+                                                                   "cluster")] + [EXAMPLE]
+    assert all(os.path.isfile(os.path.join(p, "__init__.py")) for p in env["py_modules"][:4])
+    assert env["excludes"][-1] == "*.csv" and set(sub.EXCLUDES) <= set(env["excludes"])
+    plain = JobSpec(workload="gpt-tiny", strategy="ddp", storage=str(tmp_path), run_id="r")
+    assert sub.runtime_env(plain)["py_modules"] == env["py_modules"][:4]
+
+
+def test_secrets_environments_checkpoints_and_runs_stay_behind(tmp_path):
+    pkg = tmp_path / "src" / "mypkg"
+    keep = ["__init__.py", "model.py", "sub/__init__.py", "configs/base.yaml", "README.md"]
+    drop = [".env", ".env.local", "server.pem", "tls.key", "id_rsa", "id_ed25519.pub", "store.p12",
+            ".ssh/config", ".aws/credentials", "credentials.json", ".netrc",
+            "venv/lib/python3.11/site.py", ".venv/bin/python", "model.pt", "weights.safetensors", "last.ckpt",
+            "checkpoints/step_10/__0_0.distcp", "sub/runs/r1/metrics.parquet", "runs/r2/spec.yaml",
+            ".git/HEAD", "sub/__pycache__/x.cpython-311.pyc", "mine.csv"]
+    for name in keep + drop:
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text("x")
+    got = _zipped(str(pkg), sub.runtime_env(JobSpec(workload="gpt-tiny", strategy="ddp", run_id="r",
+                                                      storage=str(tmp_path)), excludes=["*.csv"])["excludes"],
+                  tmp_path)
+    assert got == {f"mypkg/{n}" for n in keep}, sorted(got)
+
+
+def test_our_own_packages_upload_only_source(tmp_path):
+    for folder in sub.upload_list(JobSpec(workload="gpt-tiny", strategy="ddp", run_id="r", storage=str(tmp_path))):
+        names = _zipped(folder, sub.EXCLUDES, tmp_path)
+        assert names and all(n.endswith((".py", ".md", ".yaml", ".json", ".txt", ".typed")) for n in names), \
+            sorted(n for n in names if not n.endswith(".py"))
+
+
+@pytest.mark.parametrize("url, sends, warned", [
+    ("http://10.1.2.3:8265", True, True),
+    ("http://127.0.0.1:8265", True, False),
+    ("http://localhost:8265", True, False),
+    ("https://10.1.2.3:8265", True, False),
+    ("http://10.1.2.3:8265", False, False),
+])
+def test_a_token_over_plain_http_to_another_host_is_warned_about(url, sends, warned):
+    w = sub.token_warning(url, sends_token=sends)
+    assert (w is not None) == warned
+    if warned:
+        assert "10.1.2.3" in w and "plain http" in w and "\n" not in w
