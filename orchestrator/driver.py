@@ -1,7 +1,10 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -10,7 +13,7 @@ import pandas as pd
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.controller import Controller, GroupStatus, RunFailed
-from orchestrator.metrics import MetricsLog
+from orchestrator.metrics import MetricsLog, read_log
 from orchestrator.trainer import Attempt, pack_job, train_worker
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
@@ -33,11 +36,53 @@ class RunResult:
 
     @property
     def metrics(self) -> pd.DataFrame:
-        return RunFolder.from_url(self.url).read_table("metrics.parquet")
+        return read_log(RunFolder.from_url(self.url), "metrics")
 
     @property
     def events(self) -> pd.DataFrame:
-        return RunFolder.from_url(self.url).read_table("events.parquet")
+        return read_log(RunFolder.from_url(self.url), "events")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped from outside by SIGTERM (polytrain stop, Kubernetes, Slurm) or SIGHUP
+    (a closed terminal): handled as Ctrl-C; the CLI exits 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While a job runs in this process's main thread, SIGTERM and SIGHUP raise
+    ``Interrupted``: once, so that a second signal cannot cut short the teardown
+    the first one began. The handlers in place before come back afterwards
+    (library use). Yields a function that takes the signals back after something
+    else installed its own handler (``ray.init`` does)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield lambda: None
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    raised = []
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    def take():
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
+    take()
+    try:
+        yield take
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python; default is closest
 
 
 def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
@@ -118,7 +163,14 @@ class RayGroup:
 
 def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     """Run a job to the end. Raises ConfigError for bad input (before any worker
-    starts) and RunFailed if a worker fails; the run folder keeps what was written."""
+    starts) and RunFailed if a worker fails; KeyboardInterrupt on Ctrl-C, and its
+    subclass Interrupted on SIGTERM or SIGHUP, after tearing down. The run folder
+    keeps what was written."""
+    with stop_signals_interrupt() as take_signals:
+        return _run(spec, progress=progress, stream=stream, take_signals=take_signals)
+
+
+def _run(spec: JobSpec, *, progress: bool, stream, take_signals) -> RunResult:
     from cluster import runtime as ray_runtime
     import ray
 
@@ -154,16 +206,20 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     log = MetricsLog(folder, run_id=spec.run_id, workload=spec.workload.name,
                      strategy=spec.strategy.name, scenario=spec.scenario)
     if resume_url:
-        log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
+        gaps = log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
+        if gaps:
+            out.note(f"note: {len(gaps)} step(s) up to the checkpoint have no metric rows (event 'gap')")
         for note in notes:
             out.note(f"note: {note}")
             log.event("resume_fallback", detail=note)
         out.note(f"resuming from {resume_url} (step {resumed_step})")
         log.event("resume", step=resumed_step, detail=resume_url)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
+    log.sync()
 
     runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
                                 py_modules=spec.worker_sources())
+    take_signals()  # ray.init installs its own SIGTERM handler
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
@@ -203,13 +259,15 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
             ray.kill(keeper)  # the snapshots it owns go with it
             for phase, secs in phases:
                 log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
-    except KeyboardInterrupt:
-        log.event("interrupted", detail="Ctrl-C")
+    except KeyboardInterrupt as e:
+        log.event("interrupted", detail=str(e) if isinstance(e, Interrupted) else "Ctrl-C")
         raise
     finally:
         out.close()
-        runtime.shutdown()
-        log.flush()
+        try:
+            log.flush()  # single files again, before a teardown that may take seconds
+        finally:
+            runtime.shutdown()
     wall = time.perf_counter() - t_start
     log.event("finished", seconds=wall)
     log.flush()
