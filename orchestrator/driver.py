@@ -1,7 +1,6 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
@@ -55,33 +54,34 @@ class Interrupted(KeyboardInterrupt):
 STOP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
-@contextlib.contextmanager
-def stop_signals_interrupt():
+class StopSignals:
     """While a job runs in this process's main thread, SIGTERM and SIGHUP raise
     ``Interrupted``: once, so that a second signal cannot cut short the teardown
     the first one began. The handlers in place before come back afterwards
-    (library use). Yields a function that takes the signals back after something
-    else installed its own handler (``ray.init`` does)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield lambda: None
-        return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    raised = []
+    (library use); ``take()`` takes the signals back after something else
+    installed its own handler (``ray.init`` does)."""
 
-    def handler(signum, frame):
-        if not raised:
-            raised.append(signum)
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            self.take()
+        return self
+
+    def take(self) -> None:
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
             raise Interrupted(signum)
 
-    def take():
-        for s in STOP_SIGNALS:
-            signal.signal(s, handler)
-
-    take()
-    try:
-        yield take
-    finally:
-        for s, h in previous.items():
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python; default is closest
 
 
@@ -166,11 +166,16 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     starts) and RunFailed if a worker fails; KeyboardInterrupt on Ctrl-C, and its
     subclass Interrupted on SIGTERM or SIGHUP, after tearing down. The run folder
     keeps what was written."""
-    with stop_signals_interrupt() as take_signals:
-        return _run(spec, progress=progress, stream=stream, take_signals=take_signals)
+    with StopSignals() as stop:
+        try:
+            return _run(spec, progress=progress, stream=stream, stop=stop)
+        except KeyboardInterrupt as e:
+            if stop.received and not isinstance(e, Interrupted):  # Ray re-raises it as a plain KeyboardInterrupt
+                raise Interrupted(stop.received) from None
+            raise
 
 
-def _run(spec: JobSpec, *, progress: bool, stream, take_signals) -> RunResult:
+def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResult:
     from cluster import runtime as ray_runtime
     import ray
 
@@ -219,7 +224,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, take_signals) -> RunResult:
 
     runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
                                 py_modules=spec.worker_sources())
-    take_signals()  # ray.init installs its own SIGTERM handler
+    stop.take()  # ray.init installs its own SIGTERM handler
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
@@ -259,8 +264,8 @@ def _run(spec: JobSpec, *, progress: bool, stream, take_signals) -> RunResult:
             ray.kill(keeper)  # the snapshots it owns go with it
             for phase, secs in phases:
                 log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
-    except KeyboardInterrupt as e:
-        log.event("interrupted", detail=str(e) if isinstance(e, Interrupted) else "Ctrl-C")
+    except KeyboardInterrupt:
+        log.event("interrupted", detail=signal.Signals(stop.received).name if stop.received else "Ctrl-C")
         raise
     finally:
         out.close()

@@ -14,7 +14,7 @@ import torch
 from orchestrator import checkpoint
 from orchestrator.config import JobSpec
 from orchestrator.controller import Controller, GroupStatus
-from orchestrator.driver import Interrupted, RunResult, stop_signals_interrupt
+from orchestrator.driver import Interrupted, RunResult, StopSignals
 from orchestrator.metrics import METRIC_COLUMNS, MetricsLog, final_attempt, read_log
 from orchestrator.progress import Progress
 from orchestrator.report import load_run
@@ -240,12 +240,12 @@ def test_a_checkpoint_commits_only_after_its_hook_and_a_snapshot_never_waits(tmp
 def test_stop_signals_raise_interrupted_once_then_the_old_handler_is_back(sig):
     before = signal.getsignal(sig)
     with pytest.raises(Interrupted) as info:
-        with stop_signals_interrupt():
+        with StopSignals():
             os.kill(os.getpid(), sig)
             time.sleep(5)  # the handler raises before this ends
     assert info.value.signum == sig and isinstance(info.value, KeyboardInterrupt)
     assert signal.getsignal(sig) is before
-    with stop_signals_interrupt():  # a second signal while the first one's teardown runs is not raised
+    with StopSignals():  # a second signal while the first one's teardown runs is not raised
         with pytest.raises(Interrupted):
             os.kill(os.getpid(), sig)
             time.sleep(5)
@@ -258,12 +258,16 @@ def test_cli_exits_128_plus_the_signal(monkeypatch, tmp_path, capsys, sig, code)
     from orchestrator import driver
     from orchestrator.cli import main
 
-    def run(spec, **kw):
-        with stop_signals_interrupt():
+    def inside_ray(spec, **kw):  # Ray turns an exception raised in a signal handler into a plain KeyboardInterrupt
+        try:
             os.kill(os.getpid(), sig)
             time.sleep(5)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None
 
-    monkeypatch.setattr(driver, "run", run)
+    monkeypatch.setattr(driver, "_run", inside_ray)
+    before = signal.getsignal(sig)
     assert main(["run", "--workload", "gpt-tiny", "--strategy", "ddp", "--steps", "1", "--storage",
                  str(tmp_path)]) == code
     assert f"interrupted ({signal.Signals(sig).name})" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before
