@@ -222,8 +222,12 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
     log.sync()
 
-    runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
-                                py_modules=spec.worker_sources())
+    try:
+        runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
+                                    py_modules=spec.worker_sources())
+    except BaseException:
+        log.flush()  # single files, as after any run that ends
+        raise
     stop.take()  # ray.init installs its own SIGTERM handler
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
