@@ -81,7 +81,7 @@ class RankWorker:
         self._reports: list[dict] = []
         self._controls: list[dict] = []
         self._stored = threading.Condition(self._lock)  # notified when the driver answers a flush mark
-        self._stored_mark = None
+        self._stored_mark = float("-inf")  # the highest mark the driver has answered
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -105,8 +105,7 @@ class RankWorker:
         if mark is not None:
             with self._lock:
                 self._reports.append({"flush": mark})
-                return self._stored.wait_for(lambda: self._stored_mark is not None and self._stored_mark >= mark,
-                                             timeout=timeout_s)
+                return self._stored.wait_for(lambda: self._stored_mark >= mark, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -145,7 +144,7 @@ class RankWorker:
     def control(self, msg: dict) -> None:
         with self._lock:
             if "flushed" in msg:  # the answer to a flush mark, not a message for the rank's function
-                self._stored_mark = max(msg["flushed"], self._stored_mark or msg["flushed"])
+                self._stored_mark = max(self._stored_mark, msg["flushed"])
                 self._stored.notify_all()
             else:
                 self._controls.append(msg)

@@ -241,6 +241,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         t2 = time.perf_counter()
         ctx.report({"event": "phase:worker_setup", "rank": ctx.rank, "step": trainer.step, "seconds": t2 - t1,
                     "detail": f"rendezvous {t1 - t0:.2f}s{restored}"})
+
         def committing(step: int, url: str, seconds: float) -> None:
             # The event and every rank's rows up to this step reach storage before the
             # marker: a driver killed right after the commit loses none of them.
