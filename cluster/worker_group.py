@@ -37,7 +37,8 @@ class WorkerContext:
     controls: Callable[[], list[dict]] = field(default=lambda: [], repr=False)  # messages from the driver
     stash: Callable[[Any], Any] = field(default=lambda value: value, repr=False)  # value -> handle
     fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
-    flush: Callable[[float], None] = field(default=lambda timeout_s: None, repr=False)  # wait until reports are taken
+    # wait until reports are taken; with a mark, until the driver says it stored everything up to it
+    flush: Callable[..., bool] = field(default=lambda timeout_s, mark=None: True, repr=False)
 
     @property
     def init_method(self) -> str:
@@ -79,6 +80,8 @@ class RankWorker:
         self._lock = threading.Lock()
         self._reports: list[dict] = []
         self._controls: list[dict] = []
+        self._stored = threading.Condition(self._lock)  # notified when the driver answers a flush mark
+        self._stored_mark = float("-inf")  # the highest mark the driver has answered
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -91,10 +94,18 @@ class RankWorker:
         with self._lock:
             self._reports.append(row)
 
-    def _flush(self, timeout_s: float) -> None:
+    def _flush(self, timeout_s: float, mark: Any = None) -> bool:
         """Wait until the driver's poll has taken every report (or ``timeout_s``),
         then a moment more for that poll's reply to leave this process: a rank
-        about to die makes sure its last words arrive."""
+        about to die makes sure its last words arrive.
+
+        With a ``mark``: report ``{"flush": mark}`` and wait until the driver
+        answers with the control ``{"flushed": m}``, ``m >= mark`` (it has stored
+        what the mark stands for); False when ``timeout_s`` passed first."""
+        if mark is not None:
+            with self._lock:
+                self._reports.append({"flush": mark})
+                return self._stored.wait_for(lambda: self._stored_mark >= mark, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -102,6 +113,7 @@ class RankWorker:
                     break
             time.sleep(0.02)
         time.sleep(0.3)
+        return True
 
     def _take_controls(self) -> list[dict]:
         with self._lock:
@@ -131,7 +143,11 @@ class RankWorker:
 
     def control(self, msg: dict) -> None:
         with self._lock:
-            self._controls.append(msg)
+            if "flushed" in msg:  # the answer to a flush mark, not a message for the rank's function
+                self._stored_mark = max(self._stored_mark, msg["flushed"])
+                self._stored.notify_all()
+            else:
+                self._controls.append(msg)
 
 
 class WorkerGroup:

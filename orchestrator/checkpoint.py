@@ -58,15 +58,18 @@ class Checkpointer:
     """Saves every ``every`` steps (collective) and keeps the newest ``keep``."""
 
     def __init__(self, run_url: str, *, every: int, keep: int, rank: int, world: int, meta: dict[str, Any],
-                 written=lambda step: None):
+                 written=lambda step: None, committing=lambda step, url, seconds: None):
         self.run_url, self.every, self.keep = run_url, every, keep
         self.rank, self.world, self.meta = rank, world, meta
         self.written = written  # called between this rank's write and the commit (fault injection)
+        # rank 0, just before the marker: the driver stores every row up to this step first
+        self.committing = committing
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def save(self, trainer) -> str:
+        t0 = time.perf_counter()
         url = step_url(self.run_url, trainer.step)
         fs, path = fsspec.core.url_to_fs(url)
         trainer.strategy.save_checkpoint(f"{url}/state")
@@ -81,6 +84,7 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()  # every rank's shards are on storage before the marker
         if self.rank == 0:
+            self.committing(trainer.step, url, time.perf_counter() - t0)
             fs.pipe_file(f"{path}/{MARKER}", b"")
             self._prune()
         return url

@@ -1,4 +1,5 @@
-"""polytrain command line. Exit codes: 0 success, 1 failed run, 2 invalid input, 130 interrupted."""
+"""polytrain command line. Exit codes: 0 success, 1 failed run, 2 invalid input, 130 interrupted
+(Ctrl-C; 143 on SIGTERM, 129 on SIGHUP: 128 + the signal's number)."""
 from __future__ import annotations
 
 import argparse
@@ -384,9 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as e:
         print(f"polytrain: run failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("polytrain: interrupted; workers stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)  # driver.Interrupted: SIGTERM or SIGHUP
+        print(f"polytrain: interrupted{f' ({e})' if signum else ''}; workers stopped", file=sys.stderr)
+        return 128 + signum if signum else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

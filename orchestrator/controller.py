@@ -133,6 +133,7 @@ class Controller:
         """Run attempts until the job finishes; raises RunFailed when a policy gives up."""
         while True:
             self.state = "starting"
+            self.log.sync()  # what led here (failures, decisions) is on storage before a start that may take long
             group = self.make_group()
             try:
                 group.start(self.attempt)
@@ -169,6 +170,7 @@ class Controller:
             self.out.note(f"{outcome.message}; {decision.reason}")
         self.state = "restarting"
         if backoff:
+            self.log.sync()
             self.sleep(backoff)
         if isinstance(outcome, Failure):
             began = max(self._began.values(), default=0)
@@ -210,6 +212,7 @@ class Controller:
         self._began = {}
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
+        self._flush_marks: list[int] = []  # steps whose checkpoint commit waits for their rows to be stored
         shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, a.world, 1)
         self._straggle = StragglerState(shares=shares, decided_at=self.completed)
         last_progress = self.clock()
@@ -222,6 +225,8 @@ class Controller:
                 self._absorb(row, group)
             if self.completed > before:
                 last_progress = self.clock()
+            self._acknowledge(group)
+            self.log.maybe_flush()
             errors.update(status.errors)
             if errors:
                 first_error = first_error if first_error is not None else self.clock()
@@ -240,7 +245,6 @@ class Controller:
                                        startup_s=self.spec.cluster.collective_timeout_s)
             if self.clock() - last_progress > deadline:
                 return self._hang(deadline)
-            self.log.maybe_flush()
 
     def _hang(self, deadline: float) -> Failure:
         nxt = self.completed + 1
@@ -250,10 +254,22 @@ class Controller:
         return Failure(kind="hang", rank=rank, step=self.completed,
                        message=f"hang: no step completed for {deadline:.1f} s ({who})")
 
+    def _acknowledge(self, group: Group) -> None:
+        """Answer a rank waiting to commit the checkpoint of step N (``flush`` with a
+        mark): once every rank's rows up to N are here, store them, then say so."""
+        due = [m for m in self._flush_marks if m <= self.completed]
+        if due:
+            self._flush_marks = [m for m in self._flush_marks if m > self.completed]
+            self.log.sync()
+            group.control({"flushed": max(due)})
+
     def _absorb(self, row: dict, group: Group) -> None:
         a = self.attempt
         if "begin" in row:
             self._began[row["rank"]] = row["begin"]
+            return
+        if "flush" in row:
+            self._flush_marks.append(row["flush"])
             return
         if "event" in row:
             kind = row["event"]

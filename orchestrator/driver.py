@@ -1,7 +1,9 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -10,7 +12,7 @@ import pandas as pd
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.controller import Controller, GroupStatus, RunFailed
-from orchestrator.metrics import MetricsLog
+from orchestrator.metrics import MetricsLog, read_log
 from orchestrator.trainer import Attempt, pack_job, train_worker
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
@@ -33,11 +35,54 @@ class RunResult:
 
     @property
     def metrics(self) -> pd.DataFrame:
-        return RunFolder.from_url(self.url).read_table("metrics.parquet")
+        return read_log(RunFolder.from_url(self.url), "metrics")
 
     @property
     def events(self) -> pd.DataFrame:
-        return RunFolder.from_url(self.url).read_table("events.parquet")
+        return read_log(RunFolder.from_url(self.url), "events")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped from outside by SIGTERM (polytrain stop, Kubernetes, Slurm) or SIGHUP
+    (a closed terminal): handled as Ctrl-C; the CLI exits 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
+class StopSignals:
+    """While a job runs in this process's main thread, SIGTERM and SIGHUP raise
+    ``Interrupted``: once, so that a second signal cannot cut short the teardown
+    the first one began. The handlers in place before come back afterwards
+    (library use); ``take()`` takes the signals back after something else
+    installed its own handler (``ray.init`` does)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            self.take()
+        return self
+
+    def take(self) -> None:
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            raise Interrupted(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python; default is closest
 
 
 def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
@@ -132,7 +177,19 @@ def check_before_ray(spec: JobSpec) -> None:
 
 def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     """Run a job to the end. Raises ConfigError for bad input (before any worker
-    starts) and RunFailed if a worker fails; the run folder keeps what was written."""
+    starts) and RunFailed if a worker fails; KeyboardInterrupt on Ctrl-C, and its
+    subclass Interrupted on SIGTERM or SIGHUP, after tearing down. The run folder
+    keeps what was written."""
+    with StopSignals() as stop:
+        try:
+            return _run(spec, progress=progress, stream=stream, stop=stop)
+        except KeyboardInterrupt as e:
+            if stop.received and not isinstance(e, Interrupted):  # Ray re-raises it as a plain KeyboardInterrupt
+                raise Interrupted(stop.received) from None
+            raise
+
+
+def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResult:
     from cluster import runtime as ray_runtime
     import ray
 
@@ -167,16 +224,24 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     log = MetricsLog(folder, run_id=spec.run_id, workload=spec.workload.name,
                      strategy=spec.strategy.name, scenario=spec.scenario)
     if resume_url:
-        log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
+        gaps = log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
+        if gaps:
+            out.note(f"note: {len(gaps)} step(s) up to the checkpoint have no metric rows (event 'gap')")
         for note in notes:
             out.note(f"note: {note}")
             log.event("resume_fallback", detail=note)
         out.note(f"resuming from {resume_url} (step {resumed_step})")
         log.event("resume", step=resumed_step, detail=resume_url)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
+    log.sync()
 
-    runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
-                                py_modules=spec.worker_sources())
+    try:
+        runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
+                                    py_modules=spec.worker_sources())
+    except BaseException:
+        log.flush()  # single files, as after any run that ends
+        raise
+    stop.take()  # ray.init installs its own SIGTERM handler
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
@@ -215,12 +280,14 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
             for phase, secs in phases:
                 log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
     except KeyboardInterrupt:
-        log.event("interrupted", detail="Ctrl-C")
+        log.event("interrupted", detail=signal.Signals(stop.received).name if stop.received else "Ctrl-C")
         raise
     finally:
         out.close()
-        runtime.shutdown()
-        log.flush()
+        try:
+            log.flush()  # single files again, before a teardown that may take seconds
+        finally:
+            runtime.shutdown()
     wall = time.perf_counter() - t_start
     log.event("finished", seconds=wall)
     log.flush()

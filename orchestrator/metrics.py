@@ -1,12 +1,21 @@
-"""Per-(step, rank) metrics and run events, kept on the driver and written as Parquet.
+"""Per-(step, rank) metrics, run events and a pipeline's timeline, kept on the
+driver and written as Parquet.
 
-Both files are rewritten whole every few seconds (small: steps x ranks rows),
-each write atomic, so a failure mid-run loses nothing already flushed.
+Rows reach storage as they come: at least once a second while they arrive, the
+new rows of each table become one more immutable part under ``<run>/parts/``
+(see RunFolder), so a driver killed outright loses at most its last second.
+The parts are compacted into ``metrics.parquet``, ``events.parquet`` and
+``timeline.parquet`` whenever they hold as many rows as the file (or number
+``compact_parts``) and at the end of every run, which leaves single files.
+``read_log`` is the one way to read them: file plus parts, so a run whose
+driver was killed before compacting reads whole.
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
+import pandas as pd
 import pyarrow as pa
 
 from orchestrator.storage import RunFolder
@@ -31,6 +40,7 @@ METRIC_SCHEMA = pa.schema([
     ("wall_time", pa.float64()),  # unix time at the end of the step
 ])
 METRIC_COLUMNS = METRIC_SCHEMA.names
+LOGS = ("metrics", "events", "timeline")  # each <name>.parquet, plus its parts while a run writes it
 
 TIMELINE_SCHEMA = pa.schema([  # executed actions (a pipeline's F/B/W), one row each
     ("run_id", pa.string()),
@@ -71,63 +81,150 @@ def final_attempt(metrics):
     return metrics[metrics["attempt"] == last]
 
 
+def metrics_table(rows: list[dict]) -> pa.Table:
+    """Rows as a table: the required columns typed, strategy or workload extras
+    (float64) after them by name, rows by (step, rank), attempts in order."""
+    extras = sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    table = pa.Table.from_pylist(rows, schema=METRIC_SCHEMA)
+    for name in extras:
+        table = table.append_column(name, pa.array([r.get(name) for r in rows], type=pa.float64()))
+    return _arrange_metrics(table)
+
+
+def _arrange_metrics(table: pa.Table) -> pa.Table:
+    extras = sorted(set(table.column_names) - set(METRIC_COLUMNS))
+    return table.select(METRIC_COLUMNS + extras).sort_by([("step", "ascending"), ("rank", "ascending")])  # stable
+
+
+def read_log(folder: RunFolder, name: str) -> pd.DataFrame | None:
+    """A run's ``metrics``, ``events`` or ``timeline`` as written so far (compacted
+    file and parts alike: mid-run, or after the driver was killed); None when
+    the run has none. Every reader of a run folder goes through here."""
+    table = folder.read_log(name)
+    if table is None:
+        return None
+    return (_arrange_metrics(table) if name == "metrics" else table).to_pandas()
+
+
+def missing_steps(metrics: pd.DataFrame, up_to_step: int) -> list[int]:
+    """Steps 1..up_to_step that the final-attempt view does not hold whole: no
+    row, or rows from fewer ranks than that attempt ran."""
+    if "attempt" not in metrics:
+        metrics = metrics.assign(attempt=0.0)
+    world = metrics.groupby("attempt")["rank"].max() + 1
+    final = final_attempt(metrics)
+    ranks = final.groupby("step").agg(n=("rank", "nunique"), attempt=("attempt", "first"))
+    whole = {int(step) for step, r in ranks.iterrows() if r.n == world[r.attempt]}
+    return [s for s in range(1, up_to_step + 1) if s not in whole]
+
+
+def _ranges(steps: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'"""
+    runs: list[list[int]] = []
+    for s in steps:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 class MetricsLog:
+    """The driver's tables of one run: every row stays in memory (it is the
+    whole truth of what the compacted files hold) and goes to storage as a part
+    within ``flush_every_s`` (see the module's docstring)."""
+
     def __init__(self, folder: RunFolder, *, run_id: str, workload: str, strategy: str, scenario: str,
-                 flush_every_s: float = 5.0):
+                 flush_every_s: float = 1.0, compact_parts: int = 32, clock: Callable[[], float] = time.monotonic):
         self.folder = folder
         self.const = {"run_id": run_id, "workload": workload, "strategy": strategy, "scenario": scenario}
         self.rows: list[dict] = []
         self.events: list[dict] = []
         self.timeline: list[dict] = []
-        self.flush_every_s = flush_every_s
-        self._last_flush = time.monotonic()
-        self._dirty = False
+        self.flush_every_s, self.compact_parts, self.clock = flush_every_s, compact_parts, clock
+        self._last_sync = clock()
+        self._stored = dict.fromkeys(LOGS, 0)  # rows of each table on storage (parts or file)
+        self._parts = dict.fromkeys(LOGS, 0)  # parts written since the last compaction
+        self._compacted: dict[str, int | None] = dict.fromkeys(LOGS)  # rows at the last compaction; None: never
 
-    def keep_history(self, *, up_to_step: int) -> None:
-        """Resuming in this run folder: keep its metric rows up to the checkpoint's
-        step (later ones are redone) and all its events."""
-        if self.folder.exists("metrics.parquet"):
-            old = self.folder.read_table("metrics.parquet")
-            self.rows = [r for r in old.to_dict("records") if r["step"] <= up_to_step]
-        if self.folder.exists("events.parquet"):
-            self.events = self.folder.read_table("events.parquet").to_dict("records")
+    def _table(self, name: str, rows: list[dict]) -> pa.Table:
+        if name == "metrics":
+            return metrics_table(rows)
+        return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA if name == "events" else TIMELINE_SCHEMA)
+
+    def _rows(self, name: str) -> list[dict]:
+        return {"metrics": self.rows, "events": self.events, "timeline": self.timeline}[name]
+
+    def keep_history(self, *, up_to_step: int) -> list[int]:
+        """Resuming in this run folder: keep its metric rows (and timeline) up to the
+        checkpoint's step (later ones are redone) and all its events, parts of a
+        killed driver included, compacted now. Steps up to the checkpoint whose
+        rows never reached storage are named in a ``gap`` event and returned."""
+        metrics = read_log(self.folder, "metrics")
+        gaps = []
+        if metrics is not None and len(metrics):  # a run folder with no rows is another run's checkpoint
+            metrics = metrics[metrics.step <= up_to_step]
+            self.rows[:] = metrics.to_dict("records")
+            gaps = missing_steps(metrics, up_to_step)
+        events, timeline = read_log(self.folder, "events"), read_log(self.folder, "timeline")
+        self.events[:] = [] if events is None else events.to_dict("records")
+        self.timeline[:] = [] if timeline is None else timeline[timeline.step <= up_to_step].to_dict("records")
+        if gaps:
+            self.event("gap", step=gaps[0], detail=f"step(s) {_ranges(gaps)}: no metric rows (lost before they "
+                       f"reached storage); resumed from step {up_to_step}")
+        for name in LOGS:  # storage now holds exactly this history: redone steps' old rows are gone
+            if self._rows(name) or name != "timeline" or timeline is not None:
+                self._compact(name)
+        return gaps
 
     def add_row(self, row: dict) -> None:
         self.rows.append({**self.const, **row})
-        self._dirty = True
 
     def add_timeline(self, step: int, rank: int, actions: list[tuple[str, float, float]]) -> None:
         run_id = self.const["run_id"]
         self.timeline += [{"run_id": run_id, "step": step, "rank": rank, "action": a, "start": t0, "end": t1}
                           for a, t0, t1 in actions]
-        self._dirty = True
 
     def event(self, kind: str, *, rank: int = -1, step: int = -1, seconds: float = float("nan"), detail: str = "") -> None:
         self.events.append({
             "run_id": self.const["run_id"], "wall_time": time.time(), "kind": kind,
             "rank": rank, "step": step, "seconds": seconds, "detail": detail,
         })
-        self._dirty = True
+
+    def sync(self) -> None:
+        """Every row made so far is on storage: the new rows of each table as one part."""
+        for name in LOGS:
+            rows = self._rows(name)
+            if len(rows) > self._stored[name]:
+                self.folder.append_part(name, self._table(name, rows[self._stored[name]:]))
+                self._stored[name], self._parts[name] = len(rows), self._parts[name] + 1
+        self._last_sync = self.clock()
 
     def maybe_flush(self) -> None:
-        if self._dirty and time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
+        """From the controller's loop: new rows to storage once ``flush_every_s`` has
+        passed, and a compaction where the parts hold as many rows as the file
+        (so rewriting costs O(rows) over the run) or number ``compact_parts``."""
+        if self.clock() - self._last_sync < self.flush_every_s:
+            return
+        self.sync()
+        for name in LOGS:
+            held = self._compacted[name] or 0
+            if self._parts[name] and (self._parts[name] >= self.compact_parts or self._stored[name] >= 2 * held):
+                self._compact(name)
 
     def flush(self) -> None:
-        self.folder.write_table("metrics.parquet", self.metrics_table())
-        self.folder.write_table("events.parquet", pa.Table.from_pylist(self.events, schema=EVENT_SCHEMA))
-        if self.timeline:
-            self.folder.write_table("timeline.parquet", pa.Table.from_pylist(self.timeline, schema=TIMELINE_SCHEMA))
-        self._last_flush, self._dirty = time.monotonic(), False
+        """Everything on storage as single files: ``metrics.parquet`` and
+        ``events.parquet`` always, ``timeline.parquet`` when there is a timeline."""
+        self.sync()
+        for name in LOGS:
+            if self._parts[name] or self._compacted[name] is None and (name != "timeline" or self.timeline):
+                self._compact(name)
 
-    def metrics_table(self) -> pa.Table:
-        """Required columns first, typed; strategy or workload extras after them."""
-        extras = sorted({k for r in self.rows for k in r} - set(METRIC_COLUMNS))
-        rows = sorted(self.rows, key=lambda r: (r["step"], r["rank"]))
-        table = pa.Table.from_pylist(rows, schema=METRIC_SCHEMA)
-        for name in extras:
-            table = table.append_column(name, pa.array([r.get(name) for r in rows], type=pa.float64()))
-        return table
+    def _compact(self, name: str) -> None:
+        rows = self._rows(name)
+        self.folder.compact(name, self._table(name, rows))
+        self._stored[name] = self._compacted[name] = len(rows)
+        self._parts[name] = 0
 
 
 WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebuild)

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.metrics import WARMUP_STEPS, final_attempt, samples_mean, summarize
+from orchestrator.metrics import WARMUP_STEPS, final_attempt, read_log, samples_mean, summarize
 from orchestrator.storage import RunFolder
 
 # event kinds drawn on the failure timeline (prefix match)
@@ -71,21 +71,22 @@ def load_run(url: str) -> Run:
     """One run folder; a ConfigError (one line) when it has no metrics."""
     folder = RunFolder.from_url(url)
     try:
-        has_metrics = folder.exists("metrics.parquet")
+        metrics = read_log(folder, "metrics")
     except Exception as e:  # unknown protocol, missing credentials, ...
         raise ConfigError(f"run folder {url!r}: cannot read ({type(e).__name__}: {e})") from None
-    if not has_metrics:
+    if metrics is None:
         raise ConfigError(f"run folder {url!r}: no metrics.parquet (not a run folder, or no step finished)")
-    metrics = final_attempt(folder.read_table("metrics.parquet"))
+    metrics = final_attempt(metrics)
     if metrics.empty:
         raise ConfigError(f"run folder {url!r}: metrics.parquet has no rows (no step finished)")
     spec = {}
     if folder.exists("spec.yaml"):
         with folder.fs.open(f"{folder.path}/spec.yaml", "rb") as f:
             spec = yaml.safe_load(f.read()) or {}
-    events = folder.read_table("events.parquet") if folder.exists("events.parquet") else pd.DataFrame(
-        columns=["wall_time", "kind", "rank", "step", "seconds", "detail"])
-    timeline = folder.read_table("timeline.parquet") if folder.exists("timeline.parquet") else None
+    events = read_log(folder, "events")
+    if events is None:
+        events = pd.DataFrame(columns=["wall_time", "kind", "rank", "step", "seconds", "detail"])
+    timeline = read_log(folder, "timeline")
     label = strategy_label(spec["strategy"]) if "strategy" in spec else str(metrics.strategy.iloc[0])
     return Run(url=folder.url, label=label, scenario=str(metrics.scenario.iloc[0]), metrics=metrics,
                events=events, timeline=timeline)

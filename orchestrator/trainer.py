@@ -19,6 +19,11 @@ from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
 
 
+# How long rank 0 waits for the driver to store a checkpoint's rows before committing it
+# anyway: the driver answers within a poll or two; a driver that cannot must not stall training.
+COMMIT_WAIT_S = 30.0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -183,11 +188,7 @@ class RankTrainer:
                 self.control(msg)
             report(self.train_step())
             if checkpointer is not None and checkpointer.due(self.step):
-                t0 = time.perf_counter()
-                url = checkpointer.save(self)
-                if self.rank == 0:
-                    report({"event": "checkpoint", "rank": 0, "step": self.step,
-                            "seconds": time.perf_counter() - t0, "detail": url})
+                checkpointer.save(self)
             if snapshot is not None and self.step % self.spec.failure.snapshot_every == 0:
                 snapshot(self.step)
 
@@ -240,9 +241,16 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         t2 = time.perf_counter()
         ctx.report({"event": "phase:worker_setup", "rank": ctx.rank, "step": trainer.step, "seconds": t2 - t1,
                     "detail": f"rendezvous {t1 - t0:.2f}s{restored}"})
+
+        def committing(step: int, url: str, seconds: float) -> None:
+            # The event and every rank's rows up to this step reach storage before the
+            # marker: a driver killed right after the commit loses none of them.
+            ctx.report({"event": "checkpoint", "rank": 0, "step": step, "seconds": seconds, "detail": url})
+            ctx.flush(COMMIT_WAIT_S, mark=step)
+
         checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
                                     rank=ctx.rank, world=ctx.world, meta=ckpt_meta,
-                                    written=trainer.injector.during_checkpoint)
+                                    written=trainer.injector.during_checkpoint, committing=committing)
 
         def snapshot(step: int) -> None:
             t = time.perf_counter()
