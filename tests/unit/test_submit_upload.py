@@ -57,7 +57,8 @@ def test_secrets_environments_checkpoints_and_runs_stay_behind(tmp_path):
 def test_our_own_packages_upload_only_source(tmp_path):
     for folder in sub.upload_list(JobSpec(workload="gpt-tiny", strategy="ddp", run_id="r", storage=str(tmp_path))):
         names = _zipped(folder, sub.EXCLUDES, tmp_path)
-        assert names and all(n.endswith((".py", ".md", ".yaml", ".json", ".txt", ".typed")) for n in names), \
+        # source, and the package data pyproject.toml declares (workloads/corpora's shipped text)
+        assert names and all(n.endswith((".py", ".md", ".yaml", ".json", ".txt", ".typed", ".xz")) for n in names), \
             sorted(n for n in names if not n.endswith(".py"))
 
 
