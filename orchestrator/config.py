@@ -83,6 +83,7 @@ class FailureSpec(BaseModel):
     hang_floor_s: float = Field(60.0, gt=0, description="... and never sooner than this")
     nan: Literal["skip", "rollback", "fail"] = Field(
         "skip", description="a non-finite loss: skip the update, roll back to the last snapshot, or fail the run")
+    max_nan_steps: int = Field(5, ge=1, description="nan='skip': fail the run after this many non-finite steps in a row")
 
 
 class StragglerSpec(BaseModel):

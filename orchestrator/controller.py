@@ -103,13 +103,13 @@ def presumed_fired(injections: list[str], failure: Failure, completed: int, bega
 
 class Controller:
     def __init__(self, spec: JobSpec, make_group: Callable[[], Group], log: MetricsLog, out: Progress, *,
-                 first: Attempt, newest_checkpoint: Callable[[], tuple[int, str] | None] = lambda: None,
+                 first: Attempt, newest_checkpoint: Callable[..., tuple[int, str] | None] = lambda before=None: None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  grace_s: float = 3.0, start_step: int = 0, first_step_at: Callable[[int], None] = lambda step: None,
                  forget: Callable[[list], None] = lambda handles: None):
         self.spec, self.make_group, self.log, self.out = spec, make_group, log, out
         self.attempt = first
-        self.newest_checkpoint = newest_checkpoint
+        self.newest_checkpoint = newest_checkpoint  # (before=None | step) -> the newest committed one older than that
         self.clock, self.sleep, self.grace_s = clock, sleep, grace_s
         self.first_step_at = first_step_at
         self.forget = forget  # releases stashed snapshot parts that are no longer needed
@@ -127,6 +127,7 @@ class Controller:
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
         self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
         self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
+        self._nan_run: tuple[int, int] | None = None  # (first step, rank) of the non-finite steps in a row, if any
 
     # -- the state machine ------------------------------------------------------------------------
     def run(self) -> tuple[float, str | None]:
@@ -192,10 +193,15 @@ class Controller:
         self.log.event("restart", step=restored, detail=f"attempt {self.attempt.number}: {new_world} workers from {where}")
         self.out.note(f"restarting: {new_world} workers from {where}")
 
+    def _rollback_before(self) -> int | None:
+        """The first non-finite step while a NaN rollback is pending: restored state must be older."""
+        p = self._pending_outcome
+        return p.step if isinstance(p, Failure) and p.kind == "nan" else None
+
     def _restore_source(self) -> tuple[int, object, str] | None:
         """The newest state to restart from: a whole in-memory snapshot, unless a
         committed checkpoint is newer."""
-        ckpt = self.newest_checkpoint()
+        ckpt = self.newest_checkpoint(before=self._rollback_before())
         snap = self.snapshot
         if snap and (ckpt is None or snap[0] >= ckpt[0]):
             return snap[0], snap[1], "snapshot"
@@ -293,15 +299,26 @@ class Controller:
         self.out.update(step, loss, tokens=sum(r["tokens"] for r in rows), samples=sum(r["samples"] for r in rows),
                         ended=max(r["wall_time"] for r in rows))
         if not math.isfinite(loss) and any(r["samples"] for r in rows):
-            self._nan(step)
+            self._nan(step, rows)
+        else:
+            self._nan_run = None
         self._stragglers(step, rows, group)
 
-    def _nan(self, step: int) -> None:
-        policy = self.spec.failure.nan
-        self.log.event("nan_loss", step=step, detail=f"non-finite loss; failure.nan={policy!r}"
-                       + (" (the update was skipped)" if policy == "skip" else ""))
-        if policy != "skip" and self._pending_outcome is None:
-            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=f"non-finite loss at step {step}")
+    def _nan(self, step: int, rows: list[dict]) -> None:
+        f = self.spec.failure
+        bad = sorted(r["rank"] for r in rows if r["samples"] and not math.isfinite(r["loss"]))
+        first = self._nan_run[0] if self._nan_run else step
+        self._nan_run = (first, bad[0] if bad else -1)
+        self.log.event("nan_loss", rank=self._nan_run[1], step=step, detail=f"non-finite loss; failure.nan={f.nan!r}"
+                       + (" (the update was skipped)" if f.nan == "skip" else ""))
+        if self._pending_outcome is not None:
+            return
+        where = f"at step {step} (rank {self._nan_run[1]})"
+        if f.nan != "skip":
+            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=f"non-finite loss {where}")
+        elif step - first + 1 >= f.max_nan_steps:  # skipping forever would train nothing and exit 0
+            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=(
+                f"non-finite loss {where}, {step - first + 1} steps in a row since step {first}"))
 
     def _snapshot_part(self, row: dict) -> None:
         key = (self.attempt.number, row["step"])
@@ -309,6 +326,9 @@ class Controller:
         parts[row["rank"]] = (row["handle"], row.get("seconds", 0.0))
         if len(parts) == self.attempt.world:
             del self._partial[key]
+            if self._rollback_before() is not None and row["step"] >= self._rollback_before():
+                self.forget([h for h, _ in parts.values()])  # holds the non-finite step: never restored
+                return
             if self.snapshot:
                 self.forget(self.snapshot[1])
             self.snapshot = (row["step"], [parts[r][0] for r in range(self.attempt.world)])

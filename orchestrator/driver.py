@@ -183,10 +183,10 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
                                       run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)
         payload = pack_job(workload, strategy_cls)
 
-        def newest_checkpoint():
+        def newest_checkpoint(before=None):
             try:
                 url, meta, _ = checkpoint.resolve("latest", run_url=folder.url, fmt=ckpt_meta["format"],
-                                                  shapes=ckpt_meta["shapes"])
+                                                  shapes=ckpt_meta["shapes"], before=before)
                 return meta["step"], url
             except checkpoint.CheckpointError:
                 return None

@@ -42,6 +42,9 @@ class FailurePolicy:
         s = self.spec
         if failure.kind == "nan" and s.nan == "fail":
             return FailureDecision(action="raise", world=world, reason="failure.nan='fail'")
+        if failure.kind == "nan" and s.nan == "skip":  # only the controller's run of skipped steps ends here
+            return FailureDecision(action="raise", world=world,
+                                   reason=f"failure.nan='skip' allows failure.max_nan_steps={s.max_nan_steps} in a row")
         if failures > s.max_failures:
             return FailureDecision(action="raise", world=world,
                                    reason=f"{failures} failures, more than failure.max_failures={s.max_failures}")

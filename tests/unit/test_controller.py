@@ -94,7 +94,8 @@ def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=Non
     log.folder.create(spec.to_yaml())
     ctl = Controller(spec, lambda: group, log, Progress(steps, enabled=False, stream=io.StringIO()),
                      first=Attempt(world=world, injections=list(spec.inject)), clock=Clock(), sleep=lambda s: None,
-                     grace_s=0.5, newest_checkpoint=lambda: checkpoint)
+                     grace_s=0.5, newest_checkpoint=lambda before=None: checkpoint if checkpoint is None or before is None
+                     or checkpoint[0] < before else None)
     return ctl, attempts, group, log
 
 
@@ -183,6 +184,41 @@ def test_nan_policies(tmp_path, policy):
     assert len(attempts) == (2 if policy == "rollback" else 1)
     if policy == "rollback":
         assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+def test_nan_skip_fails_after_max_nan_steps_in_a_row(tmp_path):
+    script = lambda a, s: ("nan",) if 3 <= s <= 5 or 7 <= s <= 12 else None  # 3 in a row, then 6
+    ctl, attempts, _, log = make(tmp_path, steps=20, script=script, failure={"max_nan_steps": 4, "max_failures": 3})
+    with pytest.raises(RunFailed, match=r"non-finite loss at step 10 \(rank 0\), 4 steps in a row since step 7 "
+                                        r"\(failure.nan='skip' allows failure.max_nan_steps=4 in a row\)"):
+        ctl.run()
+    assert len(attempts) == 1 and ctl.state == "errored"
+    assert kinds(log).count("nan_loss") == 7 and "failure:nan" in kinds(log)
+
+
+def test_nan_skip_below_max_nan_steps_finishes(tmp_path):
+    script = lambda a, s: ("nan",) if 3 <= s <= 6 else None
+    ctl, _, _, log = make(tmp_path, script=script)  # the default allows 5 in a row
+    ctl.run()
+    assert ctl.state == "finished" and kinds(log).count("nan_loss") == 4
+
+
+def test_max_nan_steps_is_at_least_one():
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"failure.max_nan_steps=0"):
+        JobSpec(workload=W, strategy="ddp", workers=2, failure={"max_nan_steps": 0})
+
+
+@pytest.mark.parametrize("checkpoint", [None, (6, "file:///ck/step_6")])
+def test_nan_rollback_restores_state_older_than_the_nan_step(tmp_path, checkpoint):
+    # the snapshot (and checkpoint) of step 6 hold the non-finite step 6: step 4's is the newest usable one
+    script = lambda a, s: ("nan",) if a.number == 0 and s == 6 else None
+    ctl, attempts, _, log = make(tmp_path, script=script, checkpoint=checkpoint,
+                                 failure={"nan": "rollback", "max_failures": 1})
+    ctl.run()
+    assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"] and attempts[1].resume_url is None
+    assert next(e for e in log.events if e["kind"] == "restart")["step"] == 4
 
 
 def test_a_newer_checkpoint_wins_over_an_older_snapshot(tmp_path):
