@@ -178,7 +178,7 @@ class Controller:
         shares = self.attempt.shares
         if removed is not None:  # fewer workers: even shares again, uneven where the batch does not divide
             injections = renumber(injections, removed)
-            even = initial_shares(self.spec.global_batch, new_world, 1)
+            even = initial_shares(self.spec.global_batch, self._replicas(new_world), 1)
             shares = list(even) if len(set(even)) > 1 else None
         source = self._restore_source()
         lost_from = self.completed
@@ -216,8 +216,9 @@ class Controller:
         self._began = {}
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
-        shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, a.world, 1)
-        self._straggle = StragglerState(shares=shares, decided_at=self.completed)
+        replicas = self._replicas(a.world)
+        shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, replicas, 1)
+        self._straggle = StragglerState(shares=shares, decided_at=self.completed, ranks_per_replica=a.world // replicas)
         last_progress = self.clock()
         errors: dict[int, str] = {}
         first_error = None
@@ -247,6 +248,11 @@ class Controller:
             if self.clock() - last_progress > deadline:
                 return self._hang(deadline)
             self.log.maybe_flush()
+
+    def _replicas(self, world: int) -> int:
+        """Data-parallel replicas of ``world`` ranks: batch shares are per replica
+        (replica i: ranks i*g .. i*g+g-1, as pipeline and sequence lay them out)."""
+        return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())
 
     def _hang(self, deadline: float) -> Failure:
         nxt = self.completed + 1

@@ -85,7 +85,8 @@ class StragglerDecision:
 class StragglerState:
     """What the policy needs from earlier decisions (kept by the controller)."""
 
-    shares: tuple[int, ...]
+    shares: tuple[int, ...]  # samples per data-parallel replica
+    ranks_per_replica: int = 1  # replica i is ranks i*g .. i*g+g-1 (pipeline stages, sequence shards)
     drop: tuple[int, ...] = ()
     decided_at: int = 0  # step of the last mitigation decision
     history: list[dict[int, float]] = field(default_factory=list)  # per step: rank -> compute seconds per sample
@@ -118,7 +119,7 @@ class StragglerPolicy:
         s = self.spec
         if s.mitigation == "none" or step - state.decided_at < s.window:
             return StragglerDecision(action="none")  # let the last decision show its effect first
-        world = len(state.shares)
+        world = len(state.shares)  # replicas
         if s.mitigation == "backup":
             # Re-decide every window: a dropped rank is measured again the step after.
             found = self.stragglers([h for h in state.history if not set(h) & set(state.drop)] or state.history)
@@ -135,7 +136,7 @@ class StragglerPolicy:
             worst = max(found, key=lambda r: state.history[-1].get(r, 0.0))
             return StragglerDecision(action="evict", stragglers=tuple(found),
                                      reason=f"rank {worst} is slower than {s.factor:g}x the median; restart without it")
-        shares = self.rebalanced(state.history[-s.window:], world)
+        shares = self.rebalanced(per_replica(state.history[-s.window:], state.ranks_per_replica), world)
         # hysteresis: measurement noise must not reshuffle shares every window
         if max(abs(a - b) for a, b in zip(shares, state.shares)) <= max(self.quantum, self.global_batch // (20 * world)):
             return StragglerDecision(action="none")
@@ -161,6 +162,17 @@ class StragglerPolicy:
             alloc[order[i % world]] += 1
             i += 1
         return tuple(a * self.quantum for a in alloc)
+
+
+def per_replica(history: list[dict[int, float]], ranks_per_replica: int) -> list[dict[int, float]]:
+    """Per-rank compute seconds per sample -> per replica: a replica is as slow as its slowest rank."""
+    out = []
+    for per_rank in history:
+        step: dict[int, float] = {}
+        for r, t in per_rank.items():
+            step[r // ranks_per_replica] = max(t, step.get(r // ranks_per_replica, t))
+        out.append(step)
+    return out
 
 
 def initial_shares(global_batch: int, world: int, quantum: int) -> tuple[int, ...]:

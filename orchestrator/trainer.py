@@ -33,7 +33,7 @@ class Attempt:
     world: int
     resume_url: str | None = None  # a checked, committed checkpoint to restore ...
     snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
-    shares: list[int] | None = None  # samples per rank; None: an even split
+    shares: list[int] | None = None  # samples per data-parallel replica; None: an even split
     injections: list[str] = field(default_factory=list)  # those that have not fired yet
 
 
@@ -91,7 +91,7 @@ class RankTrainer:
         replica, replicas = self.strategy.data_shard()
         self.loader = ShardedLoader(
             workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
-            shares=shares if replicas == world else None,
+            shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
@@ -104,7 +104,7 @@ class RankTrainer:
     # -- controls from the driver ------------------------------------------------------------
     def control(self, msg: dict) -> None:
         """Queue a change that takes effect at step ``msg['step']`` on every rank:
-        ``shares`` (samples per rank) and ``drop`` (ranks whose gradient is left out)."""
+        ``shares`` (samples per data-parallel replica) and ``drop`` (ranks whose gradient is left out)."""
         if msg["step"] <= self.step:
             raise RuntimeError(f"control for step {msg['step']} arrived at step {self.step}: the driver's margin "
                                f"was too small; this rank cannot apply it in step with its peers")

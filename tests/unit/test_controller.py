@@ -6,7 +6,7 @@ import pytest
 from orchestrator.config import JobSpec
 from orchestrator.controller import Controller, GroupStatus, RunFailed, presumed_fired, renumber, root_cause
 from orchestrator.metrics import MetricsLog
-from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState
+from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState, per_replica
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 from orchestrator.trainer import Attempt
@@ -53,7 +53,7 @@ class FakeGroup:
             return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
         rows = []
         for r in range(self.a.world):
-            n = self.shares[r]
+            n = self.shares[r * len(self.shares) // self.a.world]  # shares are per replica of consecutive ranks
             loss = float("nan") if what and what[0] == "nan" else 2.0
             rows.append({"step": nxt, "rank": r, "loss": loss, "samples": n, "tokens": 0, "step_time_s": 1.0,
                          "compute_s": self.speed.get(r, 0.1) * n, "wall_time": float(nxt)})
@@ -85,9 +85,10 @@ class Clock:
         return self.t
 
 
-def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=None, **spec_kw):
-    spec = JobSpec(workload=W, strategy="ddp", workers=world, steps=steps, batch_size=8, storage=str(tmp_path),
-                   run_id="r", **spec_kw)
+def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=None, strategy="ddp", batch_size=8,
+         **spec_kw):
+    spec = JobSpec(workload=W, strategy=strategy, workers=world, steps=steps, batch_size=batch_size,
+                   storage=str(tmp_path), run_id="r", **spec_kw)
     attempts: list[Attempt] = []
     group = FakeGroup(attempts, steps, script)
     log = MetricsLog(RunFolder(spec.storage, spec.run_id), run_id="r", workload="w", strategy="ddp", scenario="local")
@@ -263,7 +264,31 @@ def test_evict_restarts_without_the_straggler(tmp_path):
     assert "evict" in kinds(log)
 
 
+@pytest.mark.parametrize("strategy, batch_size, replicas", [
+    ({"name": "sequence", "ulysses": 2}, 1, 1),  # the README's tour: ulysses x ring = 4 ranks, one replica
+    ({"name": "sequence", "ulysses": 2, "ring": 1}, 2, 2),
+    ({"name": "pipeline", "stages": 2, "microbatches": 2}, 4, 2),  # pipeline x dp
+])
+def test_batch_shares_are_per_replica_not_per_rank(tmp_path, strategy, batch_size, replicas):
+    ctl, attempts, _, log = make(tmp_path, world=4, steps=3, strategy=strategy, batch_size=batch_size)
+    ctl.run()
+    assert ctl.state == "finished" and len(attempts) == 1
+    assert ctl._straggle.shares == (batch_size // replicas,) * replicas
+    assert ctl._straggle.ranks_per_replica == 4 // replicas
+
+
 # -- policies alone -------------------------------------------------------------------------------
+
+
+def test_rebalance_is_over_replicas_a_replica_as_slow_as_its_slowest_rank():
+    spec = JobSpec(workload=W, strategy="ddp", workers=4, steps=5,
+                   straggler={"mitigation": "rebalance", "patience": 3, "window": 3})
+    pol = StragglerPolicy(spec.straggler, global_batch=16)
+    slow3 = {0: 1.0, 1: 1.0, 2: 1.0, 3: 3.0}  # rank 3 is in replica 1 (ranks 2, 3)
+    d = pol.make_decision(StragglerState(shares=(8, 8), ranks_per_replica=2, history=[slow3] * 3), step=10)
+    assert d.action == "rebalance" and d.stragglers == (3,) and d.shares == (12, 4)
+    assert per_replica([slow3, {0: 2.0, 2: 1.0}], 2) == [{0: 1.0, 1: 3.0}, {0: 2.0, 1: 1.0}]
+
 
 
 def test_failure_policy_decisions():
