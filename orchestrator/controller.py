@@ -114,7 +114,8 @@ class Controller:
         self.first_step_at = first_step_at
         self.forget = forget  # releases stashed snapshot parts that are no longer needed
         self.failure_policy = FailurePolicy(spec.failure)
-        self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1)
+        self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1,
+                                                min_workers=spec.failure.min_workers)
         self.state = "starting"
         self.completed = start_step  # the last step every rank finished
         self._first_done = False
@@ -355,11 +356,14 @@ class Controller:
                            f"{self.spec.straggler.factor:g}x the median for {self.spec.straggler.patience} steps")
             self.out.note(f"straggler: rank(s) {found} at step {step}")
         d = self.straggler_policy.make_decision(st, step)
-        if d.action == "none":
+        if d.action == "none" or d.action == "keep" and st.kept == d.stragglers:
             return
         st.decided_at = step
         self.log.event(f"decision:{d.action}", step=step, detail=d.reason)
         self.out.note(f"{d.action}: {d.reason}")
+        if d.action == "keep":  # said once per set of stragglers
+            st.kept = d.stragglers
+            return
         if d.action == "evict":
             worst = max(d.stragglers, key=lambda r: st.history[-1].get(r, 0.0))
             self._pending_outcome = self._pending_outcome or _Evict(rank=worst, reason=d.reason)

@@ -74,7 +74,7 @@ def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s:
 
 @dataclass(frozen=True, kw_only=True)
 class StragglerDecision:
-    action: Literal["none", "rebalance", "backup", "evict"]
+    action: Literal["none", "rebalance", "backup", "evict", "keep"]  # keep: evict would go below min_workers
     stragglers: tuple[int, ...] = ()
     shares: tuple[int, ...] = ()  # rebalance: samples per rank
     drop: tuple[int, ...] = ()  # backup: ranks whose gradient is left out
@@ -88,6 +88,7 @@ class StragglerState:
     shares: tuple[int, ...]  # samples per data-parallel replica
     ranks_per_replica: int = 1  # replica i is ranks i*g .. i*g+g-1 (pipeline stages, sequence shards)
     drop: tuple[int, ...] = ()
+    kept: tuple[int, ...] = ()  # stragglers already reported as kept (evict at failure.min_workers)
     decided_at: int = 0  # step of the last mitigation decision
     history: list[dict[int, float]] = field(default_factory=list)  # per step: rank -> compute seconds per sample
 
@@ -97,8 +98,9 @@ class StragglerPolicy:
     x the median of the other ranks for ``patience`` consecutive steps. Per-sample, so a rank given fewer samples is not
     mistaken for a recovered one."""
 
-    def __init__(self, spec: StragglerSpec, *, global_batch: int, quantum: int = 1):
+    def __init__(self, spec: StragglerSpec, *, global_batch: int, quantum: int = 1, min_workers: int = 1):
         self.spec, self.global_batch, self.quantum = spec, global_batch, quantum
+        self.min_workers = min_workers  # failure.min_workers: evict never shrinks below it
 
     def stragglers(self, history: list[dict[int, float]]) -> list[int]:
         p = self.spec.patience
@@ -134,6 +136,11 @@ class StragglerPolicy:
             return StragglerDecision(action="none")
         if s.mitigation == "evict":
             worst = max(found, key=lambda r: state.history[-1].get(r, 0.0))
+            ranks = world * state.ranks_per_replica
+            if ranks - 1 < self.min_workers:
+                return StragglerDecision(action="keep", stragglers=tuple(found),
+                                         reason=f"rank {worst} stays: evicting it would leave {ranks - 1} workers, "
+                                         f"fewer than failure.min_workers={self.min_workers}")
             return StragglerDecision(action="evict", stragglers=tuple(found),
                                      reason=f"rank {worst} is slower than {s.factor:g}x the median; restart without it")
         shares = self.rebalanced(per_replica(state.history[-s.window:], state.ranks_per_replica), world)

@@ -277,6 +277,16 @@ def test_batch_shares_are_per_replica_not_per_rank(tmp_path, strategy, batch_siz
     assert ctl._straggle.ranks_per_replica == 4 // replicas
 
 
+def test_evict_never_shrinks_below_min_workers(tmp_path):
+    ctl, attempts, _, log = make(tmp_path, world=4, steps=30, inject=["slow:rank=2,factor=4"],
+                                 straggler={"mitigation": "evict", "patience": 3, "window": 4},
+                                 failure={"min_workers": 4})
+    ctl.run()
+    assert ctl.state == "finished" and [a.world for a in attempts] == [4] and "evict" not in kinds(log)
+    keep = [e for e in log.events if e["kind"] == "decision:keep"]
+    assert len(keep) == 1 and "rank 2 stays" in keep[0]["detail"] and "failure.min_workers=4" in keep[0]["detail"]
+
+
 # -- policies alone -------------------------------------------------------------------------------
 
 
