@@ -38,6 +38,9 @@ class WorkerContext:
     stash: Callable[[Any], Any] = field(default=lambda value: value, repr=False)  # value -> handle
     fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
     flush: Callable[[float], None] = field(default=lambda timeout_s: None, repr=False)  # wait until reports are taken
+    # registers a function whose value every poll carries as {"live": value, "rank": r}: read on the
+    # polling thread, so it answers while the job's thread is stuck (in a collective, say)
+    live: Callable[[Callable[[], dict]], None] = field(default=lambda fn: None, repr=False)
 
     @property
     def init_method(self) -> str:
@@ -79,6 +82,7 @@ class RankWorker:
         self._lock = threading.Lock()
         self._reports: list[dict] = []
         self._controls: list[dict] = []
+        self._live: tuple[int, Callable[[], dict]] | None = None  # (rank, what poll() reports of it now)
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -122,11 +126,14 @@ class RankWorker:
         ctx.report, ctx.controls, ctx.flush = self._report, self._take_controls, self._flush
         ctx.stash = self._stash
         ctx.fetch = self._fetch
+        ctx.live = lambda live: setattr(self, "_live", (ctx.rank, live))
         return fn(ctx, *args)
 
     def poll(self) -> list[dict]:
         with self._lock:
             rows, self._reports = self._reports, []
+        if self._live is not None:
+            rows.append({"live": self._live[1](), "rank": self._live[0]})
         return rows
 
     def control(self, msg: dict) -> None:

@@ -13,6 +13,7 @@ without Ray. The Ray implementation lives in orchestrator/driver.py.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections import deque
@@ -60,12 +61,50 @@ class _Evict:
     reason: str
 
 
+def is_echo(msg: str) -> bool:
+    """An error that is the echo of another rank's death or hang (a collective that lost its peer)."""
+    return any(p in msg.lower() for p in _PEER_FAILURE)
+
+
 def root_cause(errors: dict[int, str]) -> tuple[int, str]:
     """The first error that is not the echo of a peer's death."""
     for rank, msg in sorted(errors.items()):
-        if not any(p in msg.lower() for p in _PEER_FAILURE):
+        if not is_echo(msg):
             return rank, msg
     return min(errors.items())
+
+
+def laggard(began: dict[int, int], live: dict[int, dict], world: int, completed: int) -> tuple[int, str] | None:
+    """The one rank behind all the others, that they are waiting for: the only one
+    that never began the step the others are in, or, all in one step, the only one
+    that entered fewer of its communication calls. None unless that is proven
+    (a rank that sent no progress, or a tie for last)."""
+    steps = [max(began.get(r, 0), completed) for r in range(world)]  # every rank began the completed steps
+    low = min(steps)
+    behind = [r for r in range(world) if steps[r] == low]
+    if len(behind) == 1 and world > 1:
+        return behind[0], f"never started step {low + 1}"
+    ops = {r: live[r]["ops"] for r in behind if r in live and live[r].get("step") == low}
+    if len(ops) < len(behind) or len(behind) < 2:
+        return None
+    least = min(ops.values())
+    last = [r for r in behind if ops[r] == least]
+    if len(last) > 1:
+        return None
+    rank = last[0]
+    waiting = next((live[r]["op"] for r in behind if ops[r] > least), "") or "a collective"
+    return rank, f"stopped after {least} communication calls of step {low}; its peers wait in {waiting}"
+
+
+def one_line(rank: int, msg: str, cause: int, live: dict) -> str:
+    """A rank's error for the events: an echo says whom it was waiting on and
+    in what, the cause keeps its own first line."""
+    if not is_echo(msg) or rank == cause:
+        return msg.splitlines()[0] if msg else msg
+    op = live.get("op") or "a collective"
+    reason = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", msg.split(": ", 1)[-1]).splitlines()[0][:120]
+    who = f"rank {cause}" if cause >= 0 else "a peer"
+    return f"peer lost: waiting on {who} in {op} ({reason})"
 
 
 def renumber(injections: list[str], removed: int) -> list[str]:
@@ -125,6 +164,7 @@ class Controller:
         self.last_checkpoint: str | None = None
         self.fired: set[str] = set()  # injections that fired: never again in this run
         self._began: dict[int, int] = {}  # rank -> the last step it reported starting, this attempt
+        self._live: dict[int, dict] = {}  # rank -> its latest progress (step, communication calls), this attempt
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
         self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
         self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
@@ -215,6 +255,7 @@ class Controller:
         a = self.attempt
         self._steps: dict[int, dict[int, dict]] = {}
         self._began = {}
+        self._live: dict[int, dict] = {}
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
         replicas = self._replicas(a.world)
@@ -234,18 +275,15 @@ class Controller:
             if errors:
                 first_error = first_error if first_error is not None else self.clock()
                 if self.clock() - first_error >= self.grace_s or len(errors) + len(status.finished) >= a.world:
-                    rank, msg = root_cause(errors)
-                    for r, m in sorted(errors.items()):
-                        self.log.event("worker_error", rank=r, step=self.completed, detail=m)
-                    kind = "died" if "died" in msg else "error"
-                    return Failure(kind=kind, rank=rank, step=self.completed, message=msg)
+                    return self._failed(errors)
                 continue
             if self._pending_outcome is not None:
                 return self._pending_outcome
             if len(status.finished) >= a.world:
                 return None
             deadline = hang_deadline_s(self.spec.failure, list(self._recent),
-                                       startup_s=self.spec.cluster.collective_timeout_s)
+                                       startup_s=self.spec.cluster.collective_timeout_s,
+                                       collective_timeout_s=self.spec.cluster.collective_timeout_s)
             if self.clock() - last_progress > deadline:
                 return self._hang(deadline)
             self.log.maybe_flush()
@@ -255,18 +293,35 @@ class Controller:
         (replica i: ranks i*g .. i*g+g-1, as pipeline and sequence lay them out)."""
         return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())
 
+    def _failed(self, errors: dict[int, str]) -> Failure:
+        """The failure the errors add up to. Errors that are all echoes (every
+        peer's collective timed out) blame the rank progress shows they waited
+        for, or no rank (-1: restart at the same size) when none is proven."""
+        rank, msg = root_cause(errors)
+        kind = "died" if "died" in msg else "error"
+        if is_echo(msg):
+            lag = laggard(self._began, self._live, self.attempt.world, self.completed)
+            rank, kind = (lag[0], "hang") if lag else (-1, kind)
+            msg = f"hang: rank {lag[0]} {lag[1]} (and their collectives failed)" if lag else \
+                f"every rank lost a peer, none shown to be the cause: {one_line(-1, msg, -2, {})}"
+        for r, m in sorted(errors.items()):
+            self.log.event("worker_error", rank=r, step=self.completed,
+                           detail=one_line(r, m, rank, self._live.get(r, {})))
+        return Failure(kind=kind, rank=rank, step=self.completed, message=msg)
+
     def _hang(self, deadline: float) -> Failure:
-        nxt = self.completed + 1
-        stuck = [r for r in range(self.attempt.world) if self._began.get(r, 0) < nxt]
-        rank = stuck[0] if len(stuck) == 1 else -1
-        who = f"rank {rank} never started step {nxt}" if rank >= 0 else f"no rank finished step {nxt}"
-        return Failure(kind="hang", rank=rank, step=self.completed,
+        lag = laggard(self._began, self._live, self.attempt.world, self.completed)
+        who = f"rank {lag[0]} {lag[1]}" if lag else f"no rank finished step {self.completed + 1}, none shown to hold up the others"
+        return Failure(kind="hang", rank=lag[0] if lag else -1, step=self.completed,
                        message=f"hang: no step completed for {deadline:.1f} s ({who})")
 
     def _absorb(self, row: dict, group: Group) -> None:
         a = self.attempt
         if "begin" in row:
             self._began[row["rank"]] = row["begin"]
+            return
+        if "live" in row:  # where the rank is now (orchestrator.trainer.RankTrainer.progress)
+            self._live[row["rank"]] = row["live"]
             return
         if "event" in row:
             kind = row["event"]

@@ -60,13 +60,24 @@ class FailurePolicy:
                                reason=f"replace the lost worker (restart {failures} of {s.max_failures})")
 
 
-def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s: float) -> float:
+# The controller's hang deadline stays this fraction of the backend's collective
+# timeout, so it fires first and names the hung rank from progress, before every
+# waiting peer's collective times out with an error that only echoes the hang.
+HANG_BEFORE_COLLECTIVE_TIMEOUT = 0.8
+
+
+def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s: float,
+                    collective_timeout_s: float) -> float:
     """Seconds without a completed step after which the group is declared hung:
     a multiple of the recent median step time, never below the floor; before
-    the attempt's first step, the start-up allowance."""
+    the attempt's first step, the start-up allowance. Always at most
+    HANG_BEFORE_COLLECTIVE_TIMEOUT x ``collective_timeout_s``: a step that long
+    has timed out in the backend anyway."""
     if not recent_step_s:
-        return max(spec.hang_floor_s, startup_s)
-    return max(spec.hang_floor_s, spec.hang_factor * statistics.median(recent_step_s))
+        wanted = max(spec.hang_floor_s, startup_s)
+    else:
+        wanted = max(spec.hang_floor_s, spec.hang_factor * statistics.median(recent_step_s))
+    return min(wanted, HANG_BEFORE_COLLECTIVE_TIMEOUT * collective_timeout_s)
 
 
 # -- stragglers -----------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class RankTrainer:
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
         self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
+        self.began = 0  # the step in progress (== step between steps)
         self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
@@ -97,6 +98,12 @@ class RankTrainer:
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
+
+    def progress(self) -> dict:
+        """Where this rank is now (read from another thread): the step it began and
+        the communication calls it entered in it, so the driver can name the rank
+        its peers wait for."""
+        return {"step": max(self.began, self.step), **self.comm.progress()}  # step: after a restore too
 
     def _fired(self, inj, step: int) -> None:
         self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})
@@ -135,6 +142,7 @@ class RankTrainer:
         self._apply_controls(step)
         self.injector.before_step(step)
         self.report({"begin": step, "rank": self.rank})  # lets the driver tell a hung rank from its waiting peers
+        self.began = step
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         t_data = time.perf_counter() - t0
@@ -230,6 +238,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
                               report=ctx.report, flush=lambda: ctx.flush(5.0))
+        ctx.live(trainer.progress)
         restored = ""
         if attempt.snapshot:
             restore_snapshot(trainer, ctx.fetch(attempt.snapshot))

@@ -50,3 +50,14 @@ def test_metrics_written_atomically_with_required_columns_first():
     events = folder.read_table("events.parquet")
     assert events.kind.tolist() == ["phase:ray_start"] and events.seconds[0] == 1.5
     assert not folder.fs.exists(f"{folder.path}/.metrics.parquet.tmp")
+
+
+def test_comm_progress_counts_the_calls_entered_since_take_stats():
+    from cluster import Comm
+
+    comm = Comm()
+    comm.charge(lambda a: None, 8, 8, op="all_gather")
+    comm.charge(lambda a: None, 8, 8, op="all_reduce")
+    assert comm.progress() == {"ops": 2, "op": "all_reduce", "in_flight": 0}
+    comm.take_stats()  # a step's start
+    assert comm.progress()["ops"] == 0

@@ -4,9 +4,13 @@ import io
 import pytest
 
 from orchestrator.config import JobSpec
-from orchestrator.controller import Controller, GroupStatus, RunFailed, presumed_fired, renumber, root_cause
+from orchestrator.controller import (
+    Controller, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
+)
 from orchestrator.metrics import MetricsLog
-from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState, per_replica
+from orchestrator.policies import (
+    Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, per_replica,
+)
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 from orchestrator.trainer import Attempt
@@ -51,6 +55,16 @@ class FakeGroup:
         if what and what[0] == "hang":
             self.hung = True
             return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
+        if what and what[0] in ("hang_in", "timeout"):  # every rank began; rank what[1] entered fewer calls
+            hung, ops = what[1], what[2]
+            rows = [{"begin": nxt, "rank": r} for r in range(self.a.world)]
+            rows += [{"live": {"step": nxt, "ops": ops if r == hung else 3, "op": "all_reduce", "in_flight": 1},
+                      "rank": r} for r in range(self.a.world)]
+            if what[0] == "hang_in":
+                self.hung = True
+                return GroupStatus(rows=rows)
+            gloo = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms"
+            return GroupStatus(rows=rows, errors={r: f"rank {r} failed: {gloo}" for r in range(self.a.world) if r != hung})
         rows = []
         for r in range(self.a.world):
             n = self.shares[r * len(self.shares) // self.a.world]  # shares are per replica of consecutive ranks
@@ -170,6 +184,57 @@ def test_a_hang_is_detected_and_names_the_rank_that_never_started(tmp_path):
     hang = next(e for e in log.events if e["kind"] == "failure:hang")
     assert hang["rank"] == 0 and "rank 0 never started step 5" in hang["detail"]
     assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+def test_a_rank_hung_inside_a_step_is_named_and_elastic_drops_only_it(tmp_path):
+    # every rank began step 5; rank 2 entered 1 communication call, its peers 3 (they wait for it)
+    script = lambda a, s: ("hang_in", 2, 1) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, inject=["slow:rank=3,factor=1.5"],
+                                 failure={"max_failures": 1, "hang_floor_s": 5, "elastic": True})
+    ctl.run()
+    hang = next(e for e in log.events if e["kind"] == "failure:hang")
+    assert hang["rank"] == 2 and "rank 2 stopped after 1 communication calls of step 5" in hang["detail"]
+    assert "peers wait in all_reduce" in hang["detail"]
+    assert attempts[1].world == 3 and attempts[1].injections == ["slow:rank=2,factor=1.5"]  # rank 3 moved down
+
+
+def test_peers_timing_out_blame_the_rank_they_waited_for_not_the_lowest(tmp_path):
+    script = lambda a, s: ("timeout", 2, 1) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    failure = next(e for e in log.events if e["kind"].startswith("failure:"))
+    assert failure["kind"] == "failure:hang" and failure["rank"] == 2 and attempts[1].world == 3
+    # one line per rank, saying whom it waited on, without gloo's source path
+    errors = {e["rank"]: e["detail"] for e in log.events if e["kind"] == "worker_error"}
+    assert errors == {r: "peer lost: waiting on rank 2 in all_reduce (RuntimeError: Timed out waiting 30000ms)" for r in (0, 1, 3)}
+
+
+def test_when_no_rank_is_proven_bad_elastic_restarts_at_the_same_size(tmp_path):
+    script = lambda a, s: ("timeout", 2, 3) if a.number == 0 and s == 5 else None  # rank 2 is where the others are
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    failure = next(e for e in log.events if e["kind"].startswith("failure:"))
+    assert failure["rank"] == -1 and "none shown to be the cause" in failure["detail"]
+    assert [a.world for a in attempts] == [4, 4]
+
+
+def test_laggard_is_named_only_when_proven():
+    live = lambda *ops: {r: {"step": 5, "ops": n, "op": "all_gather"} for r, n in enumerate(ops)}
+    assert laggard({0: 5, 1: 4, 2: 5}, {}, 3, 4) == (1, "never started step 5")
+    assert laggard({}, {}, 3, 4) is None  # all at the completed step: a tie
+    assert laggard({0: 5, 1: 5, 2: 5}, live(4, 2, 4), 3, 4)[0] == 1
+    assert laggard({0: 5, 1: 5, 2: 5}, live(4, 2, 2), 3, 4) is None  # a tie for last
+    assert laggard({0: 5, 1: 5, 2: 5}, {0: {"step": 5, "ops": 4}, 1: {"step": 5, "ops": 2}}, 3, 4) is None  # 2 silent
+    assert laggard({0: 5, 1: 5}, {0: {"step": 5, "ops": 4}, 1: {"step": 4, "ops": 0}}, 2, 4) is None  # stale
+
+
+def test_the_hang_deadline_fires_before_the_collective_timeout():
+    f = JobSpec(workload=W, strategy="ddp", failure={"hang_floor_s": 60, "hang_factor": 10}).failure
+    assert hang_deadline_s(f, [1.0], startup_s=300, collective_timeout_s=300) == 60  # the floor
+    assert hang_deadline_s(f, [20.0], startup_s=300, collective_timeout_s=300) == 200  # 10 x the median step
+    assert hang_deadline_s(f, [40.0], startup_s=300, collective_timeout_s=300) == 240  # capped: 0.8 x 300
+    assert hang_deadline_s(f, [], startup_s=300, collective_timeout_s=300) == 240  # the first step too
+    assert hang_deadline_s(f, [1.0], startup_s=50, collective_timeout_s=50) == 40  # below the floor if it must
 
 
 @pytest.mark.parametrize("policy", ["skip", "rollback", "fail"])
