@@ -27,7 +27,7 @@ from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, initial_shares,
 )
 from orchestrator.progress import Progress
-from orchestrator.trainer import Attempt
+from orchestrator.trainer import Attempt, SnapshotLost
 
 # Messages of errors that are the echo of another rank's death, not a cause.
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
@@ -189,12 +189,18 @@ class Controller:
 
     def _recover(self, outcome: Failure | _Evict) -> None:
         world = self.attempt.world
-        removed = None
+        removed, snapshot_lost = None, False
         if isinstance(outcome, _Evict):
             self.log.event("evict", rank=outcome.rank, step=self.completed, detail=outcome.reason)
             new_world, backoff, removed = world - 1, 0.0, outcome.rank
             self.out.note(f"evicting rank {outcome.rank}: {outcome.reason}")
             detected = self.clock()
+        elif SnapshotLost.__name__ in outcome.message and self.attempt.snapshot:
+            # Not a worker's fault and not counted: every retry would pick the lost snapshot again
+            detected, new_world, backoff = self.clock(), world, 0.0
+            self.forget(self.attempt.snapshot)
+            lost, self.snapshot, snapshot_lost = self.snapshot, None, True
+            self.log.event("snapshot_lost", rank=outcome.rank, step=lost[0] if lost else -1, detail=outcome.message)
         else:
             self.failures += 1
             detected = self.clock()
@@ -223,6 +229,8 @@ class Controller:
             shares = list(even) if len(set(even)) > 1 else None
         source = self._restore_source()
         lost_from = self.completed
+        if snapshot_lost and self._recovering is not None:  # the same loss, still being recovered from
+            detected, lost_from = self._recovering[:2]
         restored = source[0] if source else 0
         self._recovering = (detected, lost_from, restored)
         self.completed = restored
@@ -231,6 +239,8 @@ class Controller:
                                resume_url=source[1] if source and source[2] == "checkpoint" else None)
         where = {None: "the start (no snapshot or checkpoint yet)", "snapshot": f"the in-memory snapshot of step {restored}",
                  "checkpoint": f"checkpoint {source[1] if source else ''}"}[source[2] if source else None]
+        if snapshot_lost:
+            self.out.note(f"the in-memory snapshot cannot be fetched; falling back to {where}")
         self.log.event("restart", step=restored, detail=f"attempt {self.attempt.number}: {new_world} workers from {where}")
         self.out.note(f"restarting: {new_world} workers from {where}")
 

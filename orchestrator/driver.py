@@ -122,7 +122,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
     from cluster import runtime as ray_runtime
     import ray
 
-    from cluster.worker_group import Keeper
+    from cluster.worker_group import start_keeper
 
     t_start = time.perf_counter()
     if spec.cluster.address:  # fail fast, before anything is written
@@ -177,7 +177,7 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
                      f"each (a simulated cluster on one machine)")
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        keeper = Keeper.remote()
+        keeper = start_keeper()
         phases: list = []
         make_group = lambda: RayGroup(spec, cpus=cpus, keeper=keeper, payload=payload,  # noqa: E731
                                       run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)

@@ -51,6 +51,11 @@ def network_floor(scenario: str, injector: FaultInjector, step: Callable[[], int
     return floor
 
 
+class SnapshotLost(RuntimeError):
+    """The in-memory snapshot to restore cannot be fetched (its Keeper or object
+    is gone): the controller falls back to the newest committed checkpoint."""
+
+
 class _Poisoned:
     """The workload with its loss made NaN on demand (the ``nan`` injection)."""
 
@@ -241,7 +246,11 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         ctx.live(trainer.progress)
         restored = ""
         if attempt.snapshot:
-            restore_snapshot(trainer, ctx.fetch(attempt.snapshot))
+            try:
+                parts = ctx.fetch(attempt.snapshot)
+            except Exception as e:  # RayActorError (Keeper lost), ObjectLostError, KeyError (a restarted Keeper)
+                raise SnapshotLost(f"the in-memory snapshot cannot be fetched ({type(e).__name__})") from None
+            restore_snapshot(trainer, parts)
             restored = f", restored the in-memory snapshot of step {trainer.step}"
         elif attempt.resume_url:
             restore(trainer, attempt.resume_url)
