@@ -309,6 +309,14 @@ class Controller:
         for, or no rank (-1: restart at the same size) when none is proven."""
         rank, msg = root_cause(errors)
         kind = "died" if "died" in msg else "error"
+        if kind == "died":  # one of ours? then say so, not what Ray guesses
+            fired = presumed_fired(self.attempt.injections, Failure(kind=kind, rank=rank, step=self.completed,
+                                   message=msg), self.completed, max(self._began.values(), default=0)) | self.fired
+            kill = next((i for i in self.attempt.injections if i in fired and i.startswith("kill:")
+                         and parse_injection(i).rank == rank), None)
+            if kill:
+                msg = f"rank {rank} failed: its worker process died (injected {kill})"
+                errors = {**errors, rank: msg}
         if is_echo(msg):
             lag = laggard(self._began, self._live, self.attempt.world, self.completed)
             rank, kind = (lag[0], "hang") if lag else (-1, kind)

@@ -1,6 +1,7 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,18 @@ def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
 FAILURE_GRACE_S = 3.0
 
 
+def death_cause(ray_detail: str) -> str:
+    """Why a worker process died, in a few words, from Ray's exit detail (which
+    cannot tell a SIGKILL from an abrupt exit: both close the connection)."""
+    sig = re.search(r"receives a (SIG[A-Z]+)", ray_detail)
+    if sig:
+        return f"killed from outside: {sig.group(1)}"
+    code = re.search(r"exits with an exit code (\d+)", ray_detail)
+    if code:
+        return f"exited with code {code.group(1)}"
+    return "killed from outside by a signal (SIGKILL, the OOM killer) or exited abruptly"
+
+
 def _failure_message(rank: int, err: BaseException) -> str:
     import ray
 
@@ -56,7 +69,7 @@ def _failure_message(rank: int, err: BaseException) -> str:
     if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
         return f"rank {rank} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     if isinstance(err, ray.exceptions.RayActorError):
-        return f"rank {rank} failed: its worker process died ({type(err).__name__})"
+        return f"rank {rank} failed: its worker process died ({death_cause(str(err))})"
     return f"rank {rank} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 

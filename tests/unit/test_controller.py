@@ -142,6 +142,43 @@ def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
     assert sorted(r["attempt"] for r in log.rows if r["step"] == 5 and r["rank"] == 0) == [0.0, 1.0]
 
 
+def test_an_injected_kill_is_named_as_such(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died (killed from outside by a signal)") \
+        if a.number == 0 and s == 6 else None
+    ctl, _, _, log = make(tmp_path, script=script, failure={"max_failures": 1}, inject=["kill:rank=1,step=6"])
+    ctl.run()
+    died = next(e for e in log.events if e["kind"] == "failure:died")
+    assert died["detail"] == "rank 1 failed: its worker process died (injected kill:rank=1,step=6)"
+
+
+def test_ray_exit_details_become_a_few_words():
+    from orchestrator.driver import death_cause
+
+    sigkill = "Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: " \
+        "(1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called"
+    assert death_cause(sigkill) == "killed from outside by a signal (SIGKILL, the OOM killer) or exited abruptly"
+    assert death_cause("Worker exits unexpectedly. Worker exits with an exit code 1. The process receives a SIGTERM.") \
+        == "killed from outside: SIGTERM"
+    assert death_cause("Worker exits unexpectedly. Worker exits with an exit code 3.") == "exited with code 3"
+
+
+def test_the_raylets_worker_death_advice_is_not_printed(monkeypatch, capsys):
+    from ray._private import worker
+
+    from cluster.runtime import quiet_worker_deaths
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored after the test
+    quiet_worker_deaths()
+    quiet_worker_deaths()  # once only
+    died = "A worker died or was killed while executing a task by an unexpected system error. ... (1) the process " \
+        "was killed by the OOM killer due to high memory usage, (2) ray stop --force was called"
+    worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": ["a placement group is pending"], "pid": "raylet", "is_err": False},
+                              ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "OOM killer" not in out and "a placement group is pending" in out
+
+
 def test_faults_whose_report_was_lost_are_presumed_fired():
     inj = ["kill:rank=1,step=6", "hang:rank=0,step=9", "kill:rank=0,step=4,at=checkpoint", "nan:step=3",
            "slow:rank=1,factor=2"]
