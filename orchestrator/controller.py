@@ -266,6 +266,7 @@ class Controller:
         self._steps: dict[int, dict[int, dict]] = {}
         self._began = {}
         self._live: dict[int, dict] = {}
+        self._nan_run = None
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
         replicas = self._replicas(a.world)
