@@ -67,10 +67,22 @@ def _failure_message(rank: int, err: BaseException) -> str:
 
     cause = getattr(err, "cause", None)
     if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
-        return f"rank {rank} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        return f"rank {rank} failed: {type(cause).__name__}: {one_line(str(cause))}"
     if isinstance(err, ray.exceptions.RayActorError):
         return f"rank {rank} failed: its worker process died ({death_cause(str(err))})"
-    return f"rank {rank} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return f"rank {rank} failed: {type(err).__name__}: {one_line(str(err))}"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error's first line; where that line only announces what follows (ends
+    with ':'), the following lines joined onto it, up to ``limit`` characters."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if not lines[0].endswith(":") or len(lines) == 1:
+        return lines[0]
+    joined = " ".join(lines)
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
 class RayGroup:

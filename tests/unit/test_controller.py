@@ -162,6 +162,15 @@ def test_ray_exit_details_become_a_few_words():
     assert death_cause("Worker exits unexpectedly. Worker exits with an exit code 3.") == "exited with code 3"
 
 
+def test_an_error_is_one_line_with_what_its_first_line_announces():
+    from orchestrator.driver import one_line
+
+    assert one_line("ValueError: bad\n  at frame\n") == "ValueError: bad"
+    text = "Error(s) in loading state_dict for GPT:\n\tMissing key(s): \"head.weight\".\n"
+    assert one_line(text) == 'Error(s) in loading state_dict for GPT: Missing key(s): "head.weight".'
+    assert len(one_line("x:\n" + "y" * 1000)) == 300 and one_line("") == ""
+
+
 def test_the_raylets_worker_death_advice_is_not_printed(monkeypatch, capsys):
     from ray._private import worker
 
