@@ -87,7 +87,7 @@ def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s:
 class StragglerDecision:
     action: Literal["none", "rebalance", "backup", "evict", "keep"]  # keep: evict would go below min_workers
     stragglers: tuple[int, ...] = ()
-    shares: tuple[int, ...] = ()  # rebalance: samples per rank
+    shares: tuple[int, ...] = ()  # rebalance: samples per data-parallel replica
     drop: tuple[int, ...] = ()  # backup: ranks whose gradient is left out
     reason: str = ""
 
