@@ -218,7 +218,7 @@ class Controller:
         self.state = "restarting"
         if backoff:
             self.sleep(backoff)
-        if isinstance(outcome, Failure):
+        if isinstance(outcome, Failure) and not snapshot_lost:  # it failed before any step: nothing fired
             began = max(self._began.values(), default=0)
             self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
         injections = [i for i in self.attempt.injections if i not in self.fired]  # both in canonical form

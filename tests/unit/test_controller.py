@@ -336,13 +336,15 @@ def test_nan_rollback_restores_state_older_than_the_nan_step(tmp_path, checkpoin
 @pytest.mark.parametrize("checkpoint", [(3, "file:///ck/step_3"), None])
 def test_a_snapshot_that_cannot_be_fetched_falls_back_to_the_newest_checkpoint(tmp_path, checkpoint):
     def script(a, s):
-        if a.number == 0 and s == 6:
+        if a.number == 0 and s == 5:
             return "error", 1, "rank 1 failed: its worker process died (ActorDiedError)"
         if a.snapshot:  # its Keeper was lost: every rank fails to fetch it
             return "error", 0, "rank 0 failed: SnapshotLost: the in-memory snapshot cannot be fetched (KeyError)"
-    ctl, attempts, _, log = make(tmp_path, script=script, checkpoint=checkpoint, failure={"max_failures": 1})
+    ctl, attempts, _, log = make(tmp_path, script=script, checkpoint=checkpoint, failure={"max_failures": 1},
+                                 inject=["kill:rank=0,step=5"])
     ctl.run()  # the lost snapshot is not a failure of the job's: max_failures=1 still suffices
     assert ctl.state == "finished" and attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+    assert attempts[2].injections == ["kill:rank=0,step=5"]  # rank 0 never reached step 5: it fires later
     assert attempts[2].snapshot is None and attempts[2].resume_url == (checkpoint[1] if checkpoint else None)
     lost = next(e for e in log.events if e["kind"] == "snapshot_lost")
     assert lost["step"] == 4 and "SnapshotLost" in lost["detail"]
