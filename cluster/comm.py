@@ -271,7 +271,8 @@ class Comm:
         on the backend's thread, so DDP waits for it."""
         work = self.all_reduce(tensor, async_op=True)
 
-        def done(_fut: torch.futures.Future) -> torch.Tensor:
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            fut.value()  # raises if the all-reduce failed (a peer lost): DDP must not step on an unreduced gradient
             if isinstance(work, _TimedWork):
                 self._hold(work._done_by)
             return tensor
