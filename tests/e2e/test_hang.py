@@ -7,6 +7,7 @@ from orchestrator import JobSpec, run
 from orchestrator.controller import RunFailed
 
 
+@pytest.mark.slow
 def test_the_hung_rank_is_named_before_the_collectives_time_out(ray_address, tmp_path):
     spec = JobSpec(workload={"name": "gpt-tiny", "n_layers": 1, "d_model": 32, "seq_len": 32}, strategy="ddp",
                    workers=2, steps=6, batch_size=4, storage=str(tmp_path), run_id="hung",

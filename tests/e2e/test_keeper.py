@@ -38,6 +38,7 @@ def _alive(class_name: str) -> list[int]:
     return [a["Pid"] for a in state.actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
 
 
+@pytest.mark.slow
 def test_a_lost_snapshot_falls_back_to_the_newest_checkpoint(ray_address, tmp_path):
     from tests.e2e.test_failures import _run
 
