@@ -78,6 +78,7 @@ class _Ledger:
         self.link_in_flight = dict.fromkeys(LINKS, 0)
         self.link_busy_since = dict.fromkeys(LINKS, 0.0)
         self.nodes: tuple[int, ...] = ()  # node of each global rank; (): one node
+        self.last_op = ""  # the latest call entered: what a hung rank (or its waiting peers) is in
         # (op, bytes sent, bytes received, global ranks taking part) -> the least seconds
         # the call may take on the simulated network (cluster.network); None: no simulation
         self.floor: Callable[[str, int, int, tuple[int, ...]], float] | None = None
@@ -141,10 +142,11 @@ class Comm:
         so each call's bytes and time are charged to its link class. Shared by sub-groups."""
         self._ledger.nodes = tuple(nodes)
 
-    def _begin(self, sent: int, received: int, link: str) -> float:
+    def _begin(self, sent: int, received: int, link: str, op: str = "call") -> float:
         now = time.perf_counter()
         led = self._ledger
         with led.lock:
+            led.last_op = op
             s = led.stats
             s.bytes_sent += sent
             s.bytes_received += received
@@ -185,6 +187,14 @@ class Comm:
                     led.link_busy_since[link] = now
         return stats
 
+    def progress(self) -> dict:
+        """Calls entered since the last ``take_stats`` (the step's, in the training
+        loop), the latest one's name and how many are unfinished: read from another
+        thread while this rank may be stuck in one."""
+        led = self._ledger
+        with led.lock:
+            return {"ops": led.stats.calls, "op": led.last_op, "in_flight": led.in_flight}
+
     def add_wait(self, seconds: float) -> None:
         with self._ledger.lock:
             self._ledger.stats.wait_s += seconds
@@ -224,7 +234,7 @@ class Comm:
         call's global ``ranks`` where its group is not this Comm's."""
         ranks = self._ranks(peers, ranks)
         link = self._link(ranks)
-        start = self._begin(sent, received, link)
+        start = self._begin(sent, received, link, op)
         done_by = start + self._floor(op, sent, received, ranks)
         if not async_op:
             try:
@@ -261,7 +271,8 @@ class Comm:
         on the backend's thread, so DDP waits for it."""
         work = self.all_reduce(tensor, async_op=True)
 
-        def done(_fut: torch.futures.Future) -> torch.Tensor:
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            fut.value()  # raises if the all-reduce failed (a peer lost): DDP must not step on an unreduced gradient
             if isinstance(work, _TimedWork):
                 self._hold(work._done_by)
             return tensor
@@ -335,7 +346,7 @@ class Comm:
         """Post point-to-point work; in flight until its wait (gloo's p2p Works have no future)."""
         ranks = self._ranks(peers)
         link = self._link(ranks)
-        self._last_launch = start = self._begin(sent, received, link)
+        self._last_launch = start = self._begin(sent, received, link, op)
         return _EndsOnWait(post(), self, start + self._floor(op, sent, received, ranks), link)
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],

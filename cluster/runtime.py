@@ -99,6 +99,33 @@ def node_resources() -> list[dict]:
     """Total resources of each alive node of the connected Ray cluster."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
+# Ray's raylet tells the driver of every worker process that dies, with advice
+# about the OOM killer and `ray stop --force`, in the middle of the progress; the
+# controller prints its own line for its workers (which rank, and why).
+_WORKER_DIED = "A worker died or was killed while executing a task"
+
+
+def quiet_worker_deaths() -> None:
+    """Drop the raylet's worker-death advice from this driver's terminal; every
+    other raylet message still prints. Ray has no option for it: its driver
+    prints errors pushed by the raylet through ``print_to_stdstream``, looked up
+    at each call, which this wraps (once; a no-op if Ray renames it)."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "polytrain_quiet", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            data = {**data, "lines": [ln for ln in data.get("lines", []) if _WORKER_DIED not in ln]}
+            if not data["lines"]:
+                return None
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.polytrain_quiet = True
+    worker.print_to_stdstream = print_to_stdstream
+
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on an address nothing listens on; Ray itself retries for minutes."""
@@ -129,6 +156,7 @@ def start(*, address: str | None, num_cpus: float | None = None, dashboard: bool
         quiet["runtime_env"] = {"py_modules": list(py_modules)}
     # Ray would otherwise warn on every start about things users cannot act on.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    quiet_worker_deaths()
     owned = not ray.is_initialized()
     if not owned:
         embedded = _embedded_here

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.dist import free_port, node_ip
 from cluster.runtime import ClusterError
@@ -39,6 +39,9 @@ class WorkerContext:
     fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
     # wait until reports are taken; with a mark, until the driver says it stored everything up to it
     flush: Callable[..., bool] = field(default=lambda timeout_s, mark=None: True, repr=False)
+    # registers a function whose value every poll carries as {"live": value, "rank": r}: read on the
+    # polling thread, so it answers while the job's thread is stuck (in a collective, say)
+    live: Callable[[Callable[[], dict]], None] = field(default=lambda fn: None, repr=False)
 
     @property
     def init_method(self) -> str:
@@ -50,7 +53,7 @@ class Keeper:
     """Holds what workers stash (in-memory snapshots) in Ray's object store, as
     the owner of those objects: an object dies with its owner, so a worker must
     not own the snapshot it would be restored from. One per job, on the
-    driver's node; a node that dies takes only its workers, not this."""
+    driver's node (``start_keeper``); a node that dies takes only its workers, not this."""
 
     def __init__(self):
         self.refs: dict[str, ray.ObjectRef] = {}
@@ -67,6 +70,19 @@ class Keeper:
         for k in keys:
             self.refs.pop(k, None)
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def start_keeper():
+    """The job's Keeper, on the driver's node (hard affinity: a node that dies
+    must not take the snapshots with it while the driver lives on). Restarted,
+    empty, if its process dies, so later snapshots have an owner; a snapshot it
+    lost is then reported missing and the controller falls back to a checkpoint."""
+    here = ray.get_runtime_context().get_node_id()
+    return Keeper.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+                          max_restarts=-1).remote()
+
 
 @ray.remote(max_concurrency=2)  # one thread runs the job, one answers poll() and control()
 class RankWorker:
@@ -82,6 +98,7 @@ class RankWorker:
         self._controls: list[dict] = []
         self._stored = threading.Condition(self._lock)  # notified when the driver answers a flush mark
         self._stored_mark = float("-inf")  # the highest mark the driver has answered
+        self._live: tuple[int, Callable[[], dict]] | None = None  # (rank, what poll() reports of it now)
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -134,11 +151,14 @@ class RankWorker:
         ctx.report, ctx.controls, ctx.flush = self._report, self._take_controls, self._flush
         ctx.stash = self._stash
         ctx.fetch = self._fetch
+        ctx.live = lambda live: setattr(self, "_live", (ctx.rank, live))
         return fn(ctx, *args)
 
     def poll(self) -> list[dict]:
         with self._lock:
             rows, self._reports = self._reports, []
+        if self._live is not None:
+            rows.append({"live": self._live[1](), "rank": self._live[0]})
         return rows
 
     def control(self, msg: dict) -> None:

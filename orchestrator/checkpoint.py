@@ -190,13 +190,15 @@ def _check_dcp_files(url: str) -> None:
             raise CheckpointError(f"{url}/{name}: truncated ({have} bytes, metadata needs {size})")
 
 
-def resolve(resume: str, *, run_url: str, fmt: str, shapes: dict[str, list[int]]) -> tuple[str, dict, list[str]]:
+def resolve(resume: str, *, run_url: str, fmt: str, shapes: dict[str, list[int]],
+            before: int | None = None) -> tuple[str, dict, list[str]]:
     """The checkpoint to resume from: ``latest`` (this run's newest loadable one,
-    falling back past broken ones, each named in the notes) or an explicit URL."""
+    older than step ``before`` if given, falling back past broken ones, each
+    named in the notes) or an explicit URL."""
     if resume != "latest":
         return resume, check(resume, fmt=fmt, shapes=shapes), []
     notes = []
-    for _, url in committed(run_url):
+    for _, url in [c for c in committed(run_url) if before is None or c[0] < before]:
         try:
             return url, check(url, fmt=fmt, shapes=shapes), notes
         except CheckpointError as e:

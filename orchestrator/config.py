@@ -114,11 +114,12 @@ class FailureSpec(BaseModel):
     snapshot_every: int = Field(10, ge=1, description="keep an in-memory snapshot in Ray's object store every N steps")
     snapshots: bool = Field(True, description="in-memory snapshots on (restore from them first, else the newest checkpoint)")
     elastic: bool = Field(False, description="on failure, continue with the healthy workers instead of replacing the lost one")
-    min_workers: int = Field(1, ge=1, description="elastic: never shrink below this many workers")
+    min_workers: int = Field(1, ge=1, description="elastic and straggler evict: never shrink below this many workers")
     hang_factor: float = Field(10.0, gt=1, description="a step is hung after hang_factor x the recent median step time ...")
     hang_floor_s: float = Field(60.0, gt=0, description="... and never sooner than this")
     nan: Literal["skip", "rollback", "fail"] = Field(
         "skip", description="a non-finite loss: skip the update, roll back to the last snapshot, or fail the run")
+    max_nan_steps: int = Field(5, ge=1, description="nan='skip': fail the run after this many non-finite steps in a row")
 
 
 class StragglerSpec(BaseModel):

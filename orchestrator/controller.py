@@ -13,6 +13,7 @@ without Ray. The Ray implementation lives in orchestrator/driver.py.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, initial_shares,
 )
 from orchestrator.progress import Progress
-from orchestrator.trainer import Attempt
+from orchestrator.trainer import Attempt, SnapshotLost
 
 # Messages of errors that are the echo of another rank's death, not a cause.
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
@@ -60,12 +61,50 @@ class _Evict:
     reason: str
 
 
+def is_echo(msg: str) -> bool:
+    """An error that is the echo of another rank's death or hang (a collective that lost its peer)."""
+    return any(p in msg.lower() for p in _PEER_FAILURE)
+
+
 def root_cause(errors: dict[int, str]) -> tuple[int, str]:
     """The first error that is not the echo of a peer's death."""
     for rank, msg in sorted(errors.items()):
-        if not any(p in msg.lower() for p in _PEER_FAILURE):
+        if not is_echo(msg):
             return rank, msg
     return min(errors.items())
+
+
+def laggard(began: dict[int, int], live: dict[int, dict], world: int, completed: int) -> tuple[int, str] | None:
+    """The one rank behind all the others, that they are waiting for: the only one
+    that never began the step the others are in, or, all in one step, the only one
+    that entered fewer of its communication calls. None unless that is proven
+    (a rank that sent no progress, or a tie for last)."""
+    steps = [max(began.get(r, 0), completed) for r in range(world)]  # every rank began the completed steps
+    low = min(steps)
+    behind = [r for r in range(world) if steps[r] == low]
+    if len(behind) == 1 and world > 1:
+        return behind[0], f"never started step {low + 1}"
+    ops = {r: live[r]["ops"] for r in behind if r in live and live[r].get("step") == low}
+    if len(ops) < len(behind) or len(behind) < 2:
+        return None
+    least = min(ops.values())
+    last = [r for r in behind if ops[r] == least]
+    if len(last) > 1:
+        return None
+    rank = last[0]
+    waiting = next((live[r]["op"] for r in behind if ops[r] > least), "") or "a collective"
+    return rank, f"stopped after {least} communication calls of step {low}; its peers wait in {waiting}"
+
+
+def one_line(rank: int, msg: str, cause: int, live: dict) -> str:
+    """A rank's error for the events: an echo says whom it was waiting on and
+    in what, the cause keeps its own first line."""
+    if not is_echo(msg) or rank == cause:
+        return msg.splitlines()[0] if msg else msg
+    op = live.get("op") or "a collective"
+    reason = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", msg.split(": ", 1)[-1]).splitlines()[0][:120]
+    who = f"rank {cause}" if cause >= 0 else "a peer"
+    return f"peer lost: waiting on {who} in {op} ({reason})"
 
 
 def renumber(injections: list[str], removed: int) -> list[str]:
@@ -103,18 +142,19 @@ def presumed_fired(injections: list[str], failure: Failure, completed: int, bega
 
 class Controller:
     def __init__(self, spec: JobSpec, make_group: Callable[[], Group], log: MetricsLog, out: Progress, *,
-                 first: Attempt, newest_checkpoint: Callable[[], tuple[int, str] | None] = lambda: None,
+                 first: Attempt, newest_checkpoint: Callable[..., tuple[int, str] | None] = lambda before=None: None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  grace_s: float = 3.0, start_step: int = 0, first_step_at: Callable[[int], None] = lambda step: None,
                  forget: Callable[[list], None] = lambda handles: None):
         self.spec, self.make_group, self.log, self.out = spec, make_group, log, out
         self.attempt = first
-        self.newest_checkpoint = newest_checkpoint
+        self.newest_checkpoint = newest_checkpoint  # (before=None | step) -> the newest committed one older than that
         self.clock, self.sleep, self.grace_s = clock, sleep, grace_s
         self.first_step_at = first_step_at
         self.forget = forget  # releases stashed snapshot parts that are no longer needed
         self.failure_policy = FailurePolicy(spec.failure)
-        self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1)
+        self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1,
+                                                min_workers=spec.failure.min_workers)
         self.state = "starting"
         self.completed = start_step  # the last step every rank finished
         self._first_done = False
@@ -124,9 +164,11 @@ class Controller:
         self.last_checkpoint: str | None = None
         self.fired: set[str] = set()  # injections that fired: never again in this run
         self._began: dict[int, int] = {}  # rank -> the last step it reported starting, this attempt
+        self._live: dict[int, dict] = {}  # rank -> its latest progress (step, communication calls), this attempt
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
         self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
         self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
+        self._nan_run: tuple[int, int] | None = None  # (first step, rank) of the non-finite steps in a row, if any
 
     # -- the state machine ------------------------------------------------------------------------
     def run(self) -> tuple[float, str | None]:
@@ -148,12 +190,18 @@ class Controller:
 
     def _recover(self, outcome: Failure | _Evict) -> None:
         world = self.attempt.world
-        removed = None
+        removed, snapshot_lost = None, False
         if isinstance(outcome, _Evict):
             self.log.event("evict", rank=outcome.rank, step=self.completed, detail=outcome.reason)
             new_world, backoff, removed = world - 1, 0.0, outcome.rank
             self.out.note(f"evicting rank {outcome.rank}: {outcome.reason}")
             detected = self.clock()
+        elif SnapshotLost.__name__ in outcome.message and self.attempt.snapshot:
+            # Not a worker's fault and not counted: every retry would pick the lost snapshot again
+            detected, new_world, backoff = self.clock(), world, 0.0
+            self.forget(self.attempt.snapshot)
+            lost, self.snapshot, snapshot_lost = self.snapshot, None, True
+            self.log.event("snapshot_lost", rank=outcome.rank, step=lost[0] if lost else -1, detail=outcome.message)
         else:
             self.failures += 1
             detected = self.clock()
@@ -172,17 +220,19 @@ class Controller:
         if backoff:
             self.log.sync()
             self.sleep(backoff)
-        if isinstance(outcome, Failure):
+        if isinstance(outcome, Failure) and not snapshot_lost:  # it failed before any step: nothing fired
             began = max(self._began.values(), default=0)
             self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
         injections = [i for i in self.attempt.injections if i not in self.fired]  # both in canonical form
         shares = self.attempt.shares
         if removed is not None:  # fewer workers: even shares again, uneven where the batch does not divide
             injections = renumber(injections, removed)
-            even = initial_shares(self.spec.global_batch, new_world, 1)
+            even = initial_shares(self.spec.global_batch, self._replicas(new_world), 1)
             shares = list(even) if len(set(even)) > 1 else None
         source = self._restore_source()
         lost_from = self.completed
+        if snapshot_lost and self._recovering is not None:  # the same loss, still being recovered from
+            detected, lost_from = self._recovering[:2]
         restored = source[0] if source else 0
         self._recovering = (detected, lost_from, restored)
         self.completed = restored
@@ -191,13 +241,20 @@ class Controller:
                                resume_url=source[1] if source and source[2] == "checkpoint" else None)
         where = {None: "the start (no snapshot or checkpoint yet)", "snapshot": f"the in-memory snapshot of step {restored}",
                  "checkpoint": f"checkpoint {source[1] if source else ''}"}[source[2] if source else None]
+        if snapshot_lost:
+            self.out.note(f"the in-memory snapshot cannot be fetched; falling back to {where}")
         self.log.event("restart", step=restored, detail=f"attempt {self.attempt.number}: {new_world} workers from {where}")
         self.out.note(f"restarting: {new_world} workers from {where}")
+
+    def _rollback_before(self) -> int | None:
+        """The first non-finite step while a NaN rollback is pending: restored state must be older."""
+        p = self._pending_outcome
+        return p.step if isinstance(p, Failure) and p.kind == "nan" else None
 
     def _restore_source(self) -> tuple[int, object, str] | None:
         """The newest state to restart from: a whole in-memory snapshot, unless a
         committed checkpoint is newer."""
-        ckpt = self.newest_checkpoint()
+        ckpt = self.newest_checkpoint(before=self._rollback_before())
         snap = self.snapshot
         if snap and (ckpt is None or snap[0] >= ckpt[0]):
             return snap[0], snap[1], "snapshot"
@@ -210,11 +267,14 @@ class Controller:
         a = self.attempt
         self._steps: dict[int, dict[int, dict]] = {}
         self._began = {}
+        self._live: dict[int, dict] = {}
+        self._nan_run = None
         self._recent = deque(maxlen=20)
         self._pending_outcome: Failure | _Evict | None = None
         self._flush_marks: list[int] = []  # steps whose checkpoint commit waits for their rows to be stored
-        shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, a.world, 1)
-        self._straggle = StragglerState(shares=shares, decided_at=self.completed)
+        replicas = self._replicas(a.world)
+        shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, replicas, 1)
+        self._straggle = StragglerState(shares=shares, decided_at=self.completed, ranks_per_replica=a.world // replicas)
         last_progress = self.clock()
         errors: dict[int, str] = {}
         first_error = None
@@ -231,27 +291,51 @@ class Controller:
             if errors:
                 first_error = first_error if first_error is not None else self.clock()
                 if self.clock() - first_error >= self.grace_s or len(errors) + len(status.finished) >= a.world:
-                    rank, msg = root_cause(errors)
-                    for r, m in sorted(errors.items()):
-                        self.log.event("worker_error", rank=r, step=self.completed, detail=m)
-                    kind = "died" if "died" in msg else "error"
-                    return Failure(kind=kind, rank=rank, step=self.completed, message=msg)
+                    return self._failed(errors)
                 continue
             if self._pending_outcome is not None:
                 return self._pending_outcome
             if len(status.finished) >= a.world:
                 return None
             deadline = hang_deadline_s(self.spec.failure, list(self._recent),
-                                       startup_s=self.spec.cluster.collective_timeout_s)
+                                       startup_s=self.spec.cluster.collective_timeout_s,
+                                       collective_timeout_s=self.spec.cluster.collective_timeout_s)
             if self.clock() - last_progress > deadline:
                 return self._hang(deadline)
 
+    def _replicas(self, world: int) -> int:
+        """Data-parallel replicas of ``world`` ranks: batch shares are per replica
+        (replica i: ranks i*g .. i*g+g-1, as pipeline and sequence lay them out)."""
+        return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())
+
+    def _failed(self, errors: dict[int, str]) -> Failure:
+        """The failure the errors add up to. Errors that are all echoes (every
+        peer's collective timed out) blame the rank progress shows they waited
+        for, or no rank (-1: restart at the same size) when none is proven."""
+        rank, msg = root_cause(errors)
+        kind = "died" if "died" in msg else "error"
+        if kind == "died":  # one of ours? then say so, not what Ray guesses
+            fired = presumed_fired(self.attempt.injections, Failure(kind=kind, rank=rank, step=self.completed,
+                                   message=msg), self.completed, max(self._began.values(), default=0)) | self.fired
+            kill = next((i for i in self.attempt.injections if i in fired and i.startswith("kill:")
+                         and parse_injection(i).rank == rank), None)
+            if kill:
+                msg = f"rank {rank} failed: its worker process died (injected {kill})"
+                errors = {**errors, rank: msg}
+        if is_echo(msg):
+            lag = laggard(self._began, self._live, self.attempt.world, self.completed)
+            rank, kind = (lag[0], "hang") if lag else (-1, kind)
+            msg = f"hang: rank {lag[0]} {lag[1]} (and their collectives failed)" if lag else \
+                f"every rank lost a peer, none shown to be the cause: {one_line(-1, msg, -2, {})}"
+        for r, m in sorted(errors.items()):
+            self.log.event("worker_error", rank=r, step=self.completed,
+                           detail=one_line(r, m, rank, self._live.get(r, {})))
+        return Failure(kind=kind, rank=rank, step=self.completed, message=msg)
+
     def _hang(self, deadline: float) -> Failure:
-        nxt = self.completed + 1
-        stuck = [r for r in range(self.attempt.world) if self._began.get(r, 0) < nxt]
-        rank = stuck[0] if len(stuck) == 1 else -1
-        who = f"rank {rank} never started step {nxt}" if rank >= 0 else f"no rank finished step {nxt}"
-        return Failure(kind="hang", rank=rank, step=self.completed,
+        lag = laggard(self._began, self._live, self.attempt.world, self.completed)
+        who = f"rank {lag[0]} {lag[1]}" if lag else f"no rank finished step {self.completed + 1}, none shown to hold up the others"
+        return Failure(kind="hang", rank=lag[0] if lag else -1, step=self.completed,
                        message=f"hang: no step completed for {deadline:.1f} s ({who})")
 
     def _acknowledge(self, group: Group) -> None:
@@ -270,6 +354,9 @@ class Controller:
             return
         if "flush" in row:
             self._flush_marks.append(row["flush"])
+            return
+        if "live" in row:  # where the rank is now (orchestrator.trainer.RankTrainer.progress)
+            self._live[row["rank"]] = row["live"]
             return
         if "event" in row:
             kind = row["event"]
@@ -309,15 +396,26 @@ class Controller:
         self.out.update(step, loss, tokens=sum(r["tokens"] for r in rows), samples=sum(r["samples"] for r in rows),
                         ended=max(r["wall_time"] for r in rows))
         if not math.isfinite(loss) and any(r["samples"] for r in rows):
-            self._nan(step)
+            self._nan(step, rows)
+        else:
+            self._nan_run = None
         self._stragglers(step, rows, group)
 
-    def _nan(self, step: int) -> None:
-        policy = self.spec.failure.nan
-        self.log.event("nan_loss", step=step, detail=f"non-finite loss; failure.nan={policy!r}"
-                       + (" (the update was skipped)" if policy == "skip" else ""))
-        if policy != "skip" and self._pending_outcome is None:
-            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=f"non-finite loss at step {step}")
+    def _nan(self, step: int, rows: list[dict]) -> None:
+        f = self.spec.failure
+        bad = sorted(r["rank"] for r in rows if r["samples"] and not math.isfinite(r["loss"]))
+        first = self._nan_run[0] if self._nan_run else step
+        self._nan_run = (first, bad[0] if bad else -1)
+        self.log.event("nan_loss", rank=self._nan_run[1], step=step, detail=f"non-finite loss; failure.nan={f.nan!r}"
+                       + (" (the update was skipped)" if f.nan == "skip" else ""))
+        if self._pending_outcome is not None:
+            return
+        where = f"at step {step} (rank {self._nan_run[1]})"
+        if f.nan != "skip":
+            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=f"non-finite loss {where}")
+        elif step - first + 1 >= f.max_nan_steps:  # skipping forever would train nothing and exit 0
+            self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=(
+                f"non-finite loss {where}, {step - first + 1} steps in a row since step {first}"))
 
     def _snapshot_part(self, row: dict) -> None:
         key = (self.attempt.number, row["step"])
@@ -325,6 +423,9 @@ class Controller:
         parts[row["rank"]] = (row["handle"], row.get("seconds", 0.0))
         if len(parts) == self.attempt.world:
             del self._partial[key]
+            if self._rollback_before() is not None and row["step"] >= self._rollback_before():
+                self.forget([h for h, _ in parts.values()])  # holds the non-finite step: never restored
+                return
             if self.snapshot:
                 self.forget(self.snapshot[1])
             self.snapshot = (row["step"], [parts[r][0] for r in range(self.attempt.world)])
@@ -345,11 +446,14 @@ class Controller:
                            f"{self.spec.straggler.factor:g}x the median for {self.spec.straggler.patience} steps")
             self.out.note(f"straggler: rank(s) {found} at step {step}")
         d = self.straggler_policy.make_decision(st, step)
-        if d.action == "none":
+        if d.action == "none" or d.action == "keep" and st.kept == d.stragglers:
             return
         st.decided_at = step
         self.log.event(f"decision:{d.action}", step=step, detail=d.reason)
         self.out.note(f"{d.action}: {d.reason}")
+        if d.action == "keep":  # said once per set of stragglers
+            st.kept = d.stragglers
+            return
         if d.action == "evict":
             worst = max(d.stragglers, key=lambda r: st.history[-1].get(r, 0.0))
             self._pending_outcome = self._pending_outcome or _Evict(rank=worst, reason=d.reason)

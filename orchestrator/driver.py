@@ -1,6 +1,7 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -94,15 +95,39 @@ def _cpus_per_worker(spec: JobSpec, total_cpus: float, embedded: bool) -> float:
 FAILURE_GRACE_S = 3.0
 
 
+def death_cause(ray_detail: str) -> str:
+    """Why a worker process died, in a few words, from Ray's exit detail (which
+    cannot tell a SIGKILL from an abrupt exit: both close the connection)."""
+    sig = re.search(r"receives a (SIG[A-Z]+)", ray_detail)
+    if sig:
+        return f"killed from outside: {sig.group(1)}"
+    code = re.search(r"exits with an exit code (\d+)", ray_detail)
+    if code:
+        return f"exited with code {code.group(1)}"
+    return "killed from outside by a signal (SIGKILL, the OOM killer) or exited abruptly"
+
+
 def _failure_message(rank: int, err: BaseException) -> str:
     import ray
 
     cause = getattr(err, "cause", None)
     if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
-        return f"rank {rank} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        return f"rank {rank} failed: {type(cause).__name__}: {one_line(str(cause))}"
     if isinstance(err, ray.exceptions.RayActorError):
-        return f"rank {rank} failed: its worker process died ({type(err).__name__})"
-    return f"rank {rank} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return f"rank {rank} failed: its worker process died ({death_cause(str(err))})"
+    return f"rank {rank} failed: {type(err).__name__}: {one_line(str(err))}"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error's first line; where that line only announces what follows (ends
+    with ':'), the following lines joined onto it, up to ``limit`` characters."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if not lines[0].endswith(":") or len(lines) == 1:
+        return lines[0]
+    joined = " ".join(lines)
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
 class RayGroup:
@@ -193,7 +218,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
     from cluster import runtime as ray_runtime
     import ray
 
-    from cluster.worker_group import Keeper
+    from cluster.worker_group import start_keeper
 
     t_start = time.perf_counter()
     check_before_ray(spec)
@@ -253,16 +278,16 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
                      f"each (a simulated cluster on one machine)")
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        keeper = Keeper.remote()
+        keeper = start_keeper()
         phases: list = []
         make_group = lambda: RayGroup(spec, cpus=cpus, keeper=keeper, payload=payload,  # noqa: E731
                                       run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)
         payload = pack_job(workload, strategy_cls)
 
-        def newest_checkpoint():
+        def newest_checkpoint(before=None):
             try:
                 url, meta, _ = checkpoint.resolve("latest", run_url=folder.url, fmt=ckpt_meta["format"],
-                                                  shapes=ckpt_meta["shapes"])
+                                                  shapes=ckpt_meta["shapes"], before=before)
                 return meta["step"], url
             except checkpoint.CheckpointError:
                 return None

@@ -42,6 +42,9 @@ class FailurePolicy:
         s = self.spec
         if failure.kind == "nan" and s.nan == "fail":
             return FailureDecision(action="raise", world=world, reason="failure.nan='fail'")
+        if failure.kind == "nan" and s.nan == "skip":  # only the controller's run of skipped steps ends here
+            return FailureDecision(action="raise", world=world,
+                                   reason=f"failure.nan='skip' allows failure.max_nan_steps={s.max_nan_steps} in a row")
         if failures > s.max_failures:
             return FailureDecision(action="raise", world=world,
                                    reason=f"{failures} failures, more than failure.max_failures={s.max_failures}")
@@ -57,13 +60,24 @@ class FailurePolicy:
                                reason=f"replace the lost worker (restart {failures} of {s.max_failures})")
 
 
-def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s: float) -> float:
+# The controller's hang deadline stays this fraction of the backend's collective
+# timeout, so it fires first and names the hung rank from progress, before every
+# waiting peer's collective times out with an error that only echoes the hang.
+HANG_BEFORE_COLLECTIVE_TIMEOUT = 0.8
+
+
+def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s: float,
+                    collective_timeout_s: float) -> float:
     """Seconds without a completed step after which the group is declared hung:
     a multiple of the recent median step time, never below the floor; before
-    the attempt's first step, the start-up allowance."""
+    the attempt's first step, the start-up allowance. Always at most
+    HANG_BEFORE_COLLECTIVE_TIMEOUT x ``collective_timeout_s``: a step that long
+    has timed out in the backend anyway."""
     if not recent_step_s:
-        return max(spec.hang_floor_s, startup_s)
-    return max(spec.hang_floor_s, spec.hang_factor * statistics.median(recent_step_s))
+        wanted = max(spec.hang_floor_s, startup_s)
+    else:
+        wanted = max(spec.hang_floor_s, spec.hang_factor * statistics.median(recent_step_s))
+    return min(wanted, HANG_BEFORE_COLLECTIVE_TIMEOUT * collective_timeout_s)
 
 
 # -- stragglers -----------------------------------------------------------------------------------
@@ -71,9 +85,9 @@ def hang_deadline_s(spec: FailureSpec, recent_step_s: list[float], *, startup_s:
 
 @dataclass(frozen=True, kw_only=True)
 class StragglerDecision:
-    action: Literal["none", "rebalance", "backup", "evict"]
+    action: Literal["none", "rebalance", "backup", "evict", "keep"]  # keep: evict would go below min_workers
     stragglers: tuple[int, ...] = ()
-    shares: tuple[int, ...] = ()  # rebalance: samples per rank
+    shares: tuple[int, ...] = ()  # rebalance: samples per data-parallel replica
     drop: tuple[int, ...] = ()  # backup: ranks whose gradient is left out
     reason: str = ""
 
@@ -82,8 +96,10 @@ class StragglerDecision:
 class StragglerState:
     """What the policy needs from earlier decisions (kept by the controller)."""
 
-    shares: tuple[int, ...]
+    shares: tuple[int, ...]  # samples per data-parallel replica
+    ranks_per_replica: int = 1  # replica i is ranks i*g .. i*g+g-1 (pipeline stages, sequence shards)
     drop: tuple[int, ...] = ()
+    kept: tuple[int, ...] = ()  # stragglers already reported as kept (evict at failure.min_workers)
     decided_at: int = 0  # step of the last mitigation decision
     history: list[dict[int, float]] = field(default_factory=list)  # per step: rank -> compute seconds per sample
 
@@ -93,8 +109,9 @@ class StragglerPolicy:
     x the median of the other ranks for ``patience`` consecutive steps. Per-sample, so a rank given fewer samples is not
     mistaken for a recovered one."""
 
-    def __init__(self, spec: StragglerSpec, *, global_batch: int, quantum: int = 1):
+    def __init__(self, spec: StragglerSpec, *, global_batch: int, quantum: int = 1, min_workers: int = 1):
         self.spec, self.global_batch, self.quantum = spec, global_batch, quantum
+        self.min_workers = min_workers  # failure.min_workers: evict never shrinks below it
 
     def stragglers(self, history: list[dict[int, float]]) -> list[int]:
         p = self.spec.patience
@@ -115,7 +132,7 @@ class StragglerPolicy:
         s = self.spec
         if s.mitigation == "none" or step - state.decided_at < s.window:
             return StragglerDecision(action="none")  # let the last decision show its effect first
-        world = len(state.shares)
+        world = len(state.shares)  # replicas
         if s.mitigation == "backup":
             # Re-decide every window: a dropped rank is measured again the step after.
             found = self.stragglers([h for h in state.history if not set(h) & set(state.drop)] or state.history)
@@ -130,9 +147,14 @@ class StragglerPolicy:
             return StragglerDecision(action="none")
         if s.mitigation == "evict":
             worst = max(found, key=lambda r: state.history[-1].get(r, 0.0))
+            ranks = world * state.ranks_per_replica
+            if ranks - 1 < self.min_workers:
+                return StragglerDecision(action="keep", stragglers=tuple(found),
+                                         reason=f"rank {worst} stays: evicting it would leave {ranks - 1} workers, "
+                                         f"fewer than failure.min_workers={self.min_workers}")
             return StragglerDecision(action="evict", stragglers=tuple(found),
                                      reason=f"rank {worst} is slower than {s.factor:g}x the median; restart without it")
-        shares = self.rebalanced(state.history[-s.window:], world)
+        shares = self.rebalanced(per_replica(state.history[-s.window:], state.ranks_per_replica), world)
         # hysteresis: measurement noise must not reshuffle shares every window
         if max(abs(a - b) for a, b in zip(shares, state.shares)) <= max(self.quantum, self.global_batch // (20 * world)):
             return StragglerDecision(action="none")
@@ -158,6 +180,17 @@ class StragglerPolicy:
             alloc[order[i % world]] += 1
             i += 1
         return tuple(a * self.quantum for a in alloc)
+
+
+def per_replica(history: list[dict[int, float]], ranks_per_replica: int) -> list[dict[int, float]]:
+    """Per-rank compute seconds per sample -> per replica: a replica is as slow as its slowest rank."""
+    out = []
+    for per_rank in history:
+        step: dict[int, float] = {}
+        for r, t in per_rank.items():
+            step[r // ranks_per_replica] = max(t, step.get(r // ranks_per_replica, t))
+        out.append(step)
+    return out
 
 
 def initial_shares(global_batch: int, world: int, quantum: int) -> tuple[int, ...]:

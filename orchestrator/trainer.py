@@ -38,7 +38,7 @@ class Attempt:
     world: int
     resume_url: str | None = None  # a checked, committed checkpoint to restore ...
     snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
-    shares: list[int] | None = None  # samples per rank; None: an even split
+    shares: list[int] | None = None  # samples per data-parallel replica; None: an even split
     injections: list[str] = field(default_factory=list)  # those that have not fired yet
 
 
@@ -54,6 +54,11 @@ def network_floor(scenario: str, injector: FaultInjector, step: Callable[[], int
         return base + injector.comm_delay_s(step())
 
     return floor
+
+
+class SnapshotLost(RuntimeError):
+    """The in-memory snapshot to restore cannot be fetched (its Keeper or object
+    is gone): the controller falls back to the newest committed checkpoint."""
 
 
 class _Poisoned:
@@ -86,6 +91,7 @@ class RankTrainer:
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
         self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
+        self.began = 0  # the step in progress (== step between steps)
         self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
@@ -96,12 +102,18 @@ class RankTrainer:
         replica, replicas = self.strategy.data_shard()
         self.loader = ShardedLoader(
             workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
-            shares=shares if replicas == world else None,
+            shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
+
+    def progress(self) -> dict:
+        """Where this rank is now (read from another thread): the step it began and
+        the communication calls it entered in it, so the driver can name the rank
+        its peers wait for."""
+        return {"step": max(self.began, self.step), **self.comm.progress()}  # step: after a restore too
 
     def _fired(self, inj, step: int) -> None:
         self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})
@@ -109,7 +121,7 @@ class RankTrainer:
     # -- controls from the driver ------------------------------------------------------------
     def control(self, msg: dict) -> None:
         """Queue a change that takes effect at step ``msg['step']`` on every rank:
-        ``shares`` (samples per rank) and ``drop`` (ranks whose gradient is left out)."""
+        ``shares`` (samples per data-parallel replica) and ``drop`` (ranks whose gradient is left out)."""
         if msg["step"] <= self.step:
             raise RuntimeError(f"control for step {msg['step']} arrived at step {self.step}: the driver's margin "
                                f"was too small; this rank cannot apply it in step with its peers")
@@ -140,6 +152,7 @@ class RankTrainer:
         self._apply_controls(step)
         self.injector.before_step(step)
         self.report({"begin": step, "rank": self.rank})  # lets the driver tell a hung rank from its waiting peers
+        self.began = step
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         t_data = time.perf_counter() - t0
@@ -231,9 +244,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
                               report=ctx.report, flush=lambda: ctx.flush(5.0))
+        ctx.live(trainer.progress)
         restored = ""
         if attempt.snapshot:
-            restore_snapshot(trainer, ctx.fetch(attempt.snapshot))
+            try:
+                parts = ctx.fetch(attempt.snapshot)
+            except Exception as e:  # RayActorError (Keeper lost), ObjectLostError, KeyError (a restarted Keeper)
+                raise SnapshotLost(f"the in-memory snapshot cannot be fetched ({type(e).__name__})") from None
+            restore_snapshot(trainer, parts)
             restored = f", restored the in-memory snapshot of step {trainer.step}"
         elif attempt.resume_url:
             restore(trainer, attempt.resume_url)

@@ -105,8 +105,9 @@ def test_exhausted_failures_exit_1_and_keep_what_was_written(ray_address, tmp_pa
                  "--set", "workload.d_model=32", "--set", "workload.n_layers=1", "--set", "workload.seq_len=32",
                  "--checkpoint-every", "2", "--inject", "kill:rank=1,step=6"])
     assert code == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "rank 1 failed: its worker process died" in err and "failure.max_failures=0" in err
+    assert "(injected kill:rank=1,step=6)" in err and "OOM killer" not in out + err  # ours, not Ray's advice
     df = pd.read_parquet(tmp_path / "dies" / "metrics.parquet")
     assert sorted(set(df.step)) == [1, 2, 3, 4, 5]
     url = str(tmp_path / "dies" / "checkpoints" / "step_4")

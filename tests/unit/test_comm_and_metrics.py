@@ -50,3 +50,34 @@ def test_metrics_written_atomically_with_required_columns_first():
     events = folder.read_table("events.parquet")
     assert events.kind.tolist() == ["phase:ray_start"] and events.seconds[0] == 1.5
     assert not folder.fs.exists(f"{folder.path}/.metrics.parquet.tmp")
+
+
+def test_comm_progress_counts_the_calls_entered_since_take_stats():
+    from cluster import Comm
+
+    comm = Comm()
+    comm.charge(lambda a: None, 8, 8, op="all_gather")
+    comm.charge(lambda a: None, 8, 8, op="all_reduce")
+    assert comm.progress() == {"ops": 2, "op": "all_reduce", "in_flight": 0}
+    comm.take_stats()  # a step's start
+    assert comm.progress()["ops"] == 0
+
+
+def test_a_failed_async_all_reduce_fails_the_future_ddp_waits_on(monkeypatch):
+    """A peer lost mid all-reduce must fail the step, not hand DDP the unreduced gradient."""
+    import torch
+
+    from cluster import Comm
+    from cluster import comm as comm_module
+
+    class Failed:
+        def get_future(self):
+            fut = torch.futures.Future()
+            fut.set_exception(RuntimeError("Connection closed by peer"))
+            return fut
+
+    monkeypatch.setattr(comm_module.dist, "all_reduce", lambda *a, **k: Failed())
+    comm = Comm()
+    comm.world = 2  # as if in a group of two
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        comm.all_reduce_async(torch.ones(3)).wait()

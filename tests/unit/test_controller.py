@@ -4,9 +4,13 @@ import io
 import pytest
 
 from orchestrator.config import JobSpec
-from orchestrator.controller import Controller, GroupStatus, RunFailed, presumed_fired, renumber, root_cause
+from orchestrator.controller import (
+    Controller, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
+)
 from orchestrator.metrics import MetricsLog
-from orchestrator.policies import Failure, FailurePolicy, StragglerPolicy, StragglerState
+from orchestrator.policies import (
+    Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, per_replica,
+)
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 from orchestrator.trainer import Attempt
@@ -51,9 +55,19 @@ class FakeGroup:
         if what and what[0] == "hang":
             self.hung = True
             return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
+        if what and what[0] in ("hang_in", "timeout"):  # every rank began; rank what[1] entered fewer calls
+            hung, ops = what[1], what[2]
+            rows = [{"begin": nxt, "rank": r} for r in range(self.a.world)]
+            rows += [{"live": {"step": nxt, "ops": ops if r == hung else 3, "op": "all_reduce", "in_flight": 1},
+                      "rank": r} for r in range(self.a.world)]
+            if what[0] == "hang_in":
+                self.hung = True
+                return GroupStatus(rows=rows)
+            gloo = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms"
+            return GroupStatus(rows=rows, errors={r: f"rank {r} failed: {gloo}" for r in range(self.a.world) if r != hung})
         rows = []
         for r in range(self.a.world):
-            n = self.shares[r]
+            n = self.shares[r * len(self.shares) // self.a.world]  # shares are per replica of consecutive ranks
             loss = float("nan") if what and what[0] == "nan" else 2.0
             rows.append({"step": nxt, "rank": r, "loss": loss, "samples": n, "tokens": 0, "step_time_s": 1.0,
                          "compute_s": self.speed.get(r, 0.1) * n, "wall_time": float(nxt)})
@@ -85,16 +99,18 @@ class Clock:
         return self.t
 
 
-def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=None, **spec_kw):
-    spec = JobSpec(workload=W, strategy="ddp", workers=world, steps=steps, batch_size=8, storage=str(tmp_path),
-                   run_id="r", **spec_kw)
+def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=None, strategy="ddp", batch_size=8,
+         **spec_kw):
+    spec = JobSpec(workload=W, strategy=strategy, workers=world, steps=steps, batch_size=batch_size,
+                   storage=str(tmp_path), run_id="r", **spec_kw)
     attempts: list[Attempt] = []
     group = FakeGroup(attempts, steps, script)
     log = MetricsLog(RunFolder(spec.storage, spec.run_id), run_id="r", workload="w", strategy="ddp", scenario="local")
     log.folder.create(spec.to_yaml())
     ctl = Controller(spec, lambda: group, log, Progress(steps, enabled=False, stream=io.StringIO()),
                      first=Attempt(world=world, injections=list(spec.inject)), clock=Clock(), sleep=lambda s: None,
-                     grace_s=0.5, newest_checkpoint=lambda: checkpoint)
+                     grace_s=0.5, newest_checkpoint=lambda before=None: checkpoint if checkpoint is None or before is None
+                     or checkpoint[0] < before else None)
     return ctl, attempts, group, log
 
 
@@ -124,6 +140,52 @@ def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
     assert kinds(log).count("failure:died") == 1 and "decision:restart" in kinds(log) and "recovered" in kinds(log)
     # step 5 was run twice; both kept, tagged with their attempt
     assert sorted(r["attempt"] for r in log.rows if r["step"] == 5 and r["rank"] == 0) == [0.0, 1.0]
+
+
+def test_an_injected_kill_is_named_as_such(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died (killed from outside by a signal)") \
+        if a.number == 0 and s == 6 else None
+    ctl, _, _, log = make(tmp_path, script=script, failure={"max_failures": 1}, inject=["kill:rank=1,step=6"])
+    ctl.run()
+    died = next(e for e in log.events if e["kind"] == "failure:died")
+    assert died["detail"] == "rank 1 failed: its worker process died (injected kill:rank=1,step=6)"
+
+
+def test_ray_exit_details_become_a_few_words():
+    from orchestrator.driver import death_cause
+
+    sigkill = "Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: " \
+        "(1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called"
+    assert death_cause(sigkill) == "killed from outside by a signal (SIGKILL, the OOM killer) or exited abruptly"
+    assert death_cause("Worker exits unexpectedly. Worker exits with an exit code 1. The process receives a SIGTERM.") \
+        == "killed from outside: SIGTERM"
+    assert death_cause("Worker exits unexpectedly. Worker exits with an exit code 3.") == "exited with code 3"
+
+
+def test_an_error_is_one_line_with_what_its_first_line_announces():
+    from orchestrator.driver import one_line
+
+    assert one_line("ValueError: bad\n  at frame\n") == "ValueError: bad"
+    text = "Error(s) in loading state_dict for GPT:\n\tMissing key(s): \"head.weight\".\n"
+    assert one_line(text) == 'Error(s) in loading state_dict for GPT: Missing key(s): "head.weight".'
+    assert len(one_line("x:\n" + "y" * 1000)) == 300 and one_line("") == ""
+
+
+def test_the_raylets_worker_death_advice_is_not_printed(monkeypatch, capsys):
+    from ray._private import worker
+
+    from cluster.runtime import quiet_worker_deaths
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored after the test
+    quiet_worker_deaths()
+    quiet_worker_deaths()  # once only
+    died = "A worker died or was killed while executing a task by an unexpected system error. ... (1) the process " \
+        "was killed by the OOM killer due to high memory usage, (2) ray stop --force was called"
+    worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": ["a placement group is pending"], "pid": "raylet", "is_err": False},
+                              ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "OOM killer" not in out and "a placement group is pending" in out
 
 
 def test_faults_whose_report_was_lost_are_presumed_fired():
@@ -170,6 +232,57 @@ def test_a_hang_is_detected_and_names_the_rank_that_never_started(tmp_path):
     assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
 
 
+def test_a_rank_hung_inside_a_step_is_named_and_elastic_drops_only_it(tmp_path):
+    # every rank began step 5; rank 2 entered 1 communication call, its peers 3 (they wait for it)
+    script = lambda a, s: ("hang_in", 2, 1) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, inject=["slow:rank=3,factor=1.5"],
+                                 failure={"max_failures": 1, "hang_floor_s": 5, "elastic": True})
+    ctl.run()
+    hang = next(e for e in log.events if e["kind"] == "failure:hang")
+    assert hang["rank"] == 2 and "rank 2 stopped after 1 communication calls of step 5" in hang["detail"]
+    assert "peers wait in all_reduce" in hang["detail"]
+    assert attempts[1].world == 3 and attempts[1].injections == ["slow:rank=2,factor=1.5"]  # rank 3 moved down
+
+
+def test_peers_timing_out_blame_the_rank_they_waited_for_not_the_lowest(tmp_path):
+    script = lambda a, s: ("timeout", 2, 1) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    failure = next(e for e in log.events if e["kind"].startswith("failure:"))
+    assert failure["kind"] == "failure:hang" and failure["rank"] == 2 and attempts[1].world == 3
+    # one line per rank, saying whom it waited on, without gloo's source path
+    errors = {e["rank"]: e["detail"] for e in log.events if e["kind"] == "worker_error"}
+    assert errors == {r: "peer lost: waiting on rank 2 in all_reduce (RuntimeError: Timed out waiting 30000ms)" for r in (0, 1, 3)}
+
+
+def test_when_no_rank_is_proven_bad_elastic_restarts_at_the_same_size(tmp_path):
+    script = lambda a, s: ("timeout", 2, 3) if a.number == 0 and s == 5 else None  # rank 2 is where the others are
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    failure = next(e for e in log.events if e["kind"].startswith("failure:"))
+    assert failure["rank"] == -1 and "none shown to be the cause" in failure["detail"]
+    assert [a.world for a in attempts] == [4, 4]
+
+
+def test_laggard_is_named_only_when_proven():
+    live = lambda *ops: {r: {"step": 5, "ops": n, "op": "all_gather"} for r, n in enumerate(ops)}
+    assert laggard({0: 5, 1: 4, 2: 5}, {}, 3, 4) == (1, "never started step 5")
+    assert laggard({}, {}, 3, 4) is None  # all at the completed step: a tie
+    assert laggard({0: 5, 1: 5, 2: 5}, live(4, 2, 4), 3, 4)[0] == 1
+    assert laggard({0: 5, 1: 5, 2: 5}, live(4, 2, 2), 3, 4) is None  # a tie for last
+    assert laggard({0: 5, 1: 5, 2: 5}, {0: {"step": 5, "ops": 4}, 1: {"step": 5, "ops": 2}}, 3, 4) is None  # 2 silent
+    assert laggard({0: 5, 1: 5}, {0: {"step": 5, "ops": 4}, 1: {"step": 4, "ops": 0}}, 2, 4) is None  # stale
+
+
+def test_the_hang_deadline_fires_before_the_collective_timeout():
+    f = JobSpec(workload=W, strategy="ddp", failure={"hang_floor_s": 60, "hang_factor": 10}).failure
+    assert hang_deadline_s(f, [1.0], startup_s=300, collective_timeout_s=300) == 60  # the floor
+    assert hang_deadline_s(f, [20.0], startup_s=300, collective_timeout_s=300) == 200  # 10 x the median step
+    assert hang_deadline_s(f, [40.0], startup_s=300, collective_timeout_s=300) == 240  # capped: 0.8 x 300
+    assert hang_deadline_s(f, [], startup_s=300, collective_timeout_s=300) == 240  # the first step too
+    assert hang_deadline_s(f, [1.0], startup_s=50, collective_timeout_s=50) == 40  # below the floor if it must
+
+
 @pytest.mark.parametrize("policy", ["skip", "rollback", "fail"])
 def test_nan_policies(tmp_path, policy):
     script = lambda a, s: ("nan",) if a.number == 0 and s == 5 else None
@@ -183,6 +296,60 @@ def test_nan_policies(tmp_path, policy):
     assert len(attempts) == (2 if policy == "rollback" else 1)
     if policy == "rollback":
         assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+def test_nan_skip_fails_after_max_nan_steps_in_a_row(tmp_path):
+    script = lambda a, s: ("nan",) if 3 <= s <= 5 or 7 <= s <= 12 else None  # 3 in a row, then 6
+    ctl, attempts, _, log = make(tmp_path, steps=20, script=script, failure={"max_nan_steps": 4, "max_failures": 3})
+    with pytest.raises(RunFailed, match=r"non-finite loss at step 10 \(rank 0\), 4 steps in a row since step 7 "
+                                        r"\(failure.nan='skip' allows failure.max_nan_steps=4 in a row\)"):
+        ctl.run()
+    assert len(attempts) == 1 and ctl.state == "errored"
+    assert kinds(log).count("nan_loss") == 7 and "failure:nan" in kinds(log)
+
+
+def test_nan_skip_below_max_nan_steps_finishes(tmp_path):
+    script = lambda a, s: ("nan",) if 3 <= s <= 6 else None
+    ctl, _, _, log = make(tmp_path, script=script)  # the default allows 5 in a row
+    ctl.run()
+    assert ctl.state == "finished" and kinds(log).count("nan_loss") == 4
+
+
+def test_max_nan_steps_is_at_least_one():
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"failure.max_nan_steps=0"):
+        JobSpec(workload=W, strategy="ddp", workers=2, failure={"max_nan_steps": 0})
+
+
+@pytest.mark.parametrize("checkpoint", [None, (6, "file:///ck/step_6")])
+def test_nan_rollback_restores_state_older_than_the_nan_step(tmp_path, checkpoint):
+    # the snapshot (and checkpoint) of step 6 hold the non-finite step 6: step 4's is the newest usable one
+    script = lambda a, s: ("nan",) if a.number == 0 and s == 6 else None
+    ctl, attempts, _, log = make(tmp_path, script=script, checkpoint=checkpoint,
+                                 failure={"nan": "rollback", "max_failures": 1})
+    ctl.run()
+    assert attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"] and attempts[1].resume_url is None
+    assert next(e for e in log.events if e["kind"] == "restart")["step"] == 4
+
+
+@pytest.mark.parametrize("checkpoint", [(3, "file:///ck/step_3"), None])
+def test_a_snapshot_that_cannot_be_fetched_falls_back_to_the_newest_checkpoint(tmp_path, checkpoint):
+    def script(a, s):
+        if a.number == 0 and s == 5:
+            return "error", 1, "rank 1 failed: its worker process died (ActorDiedError)"
+        if a.snapshot:  # its Keeper was lost: every rank fails to fetch it
+            return "error", 0, "rank 0 failed: SnapshotLost: the in-memory snapshot cannot be fetched (KeyError)"
+    ctl, attempts, _, log = make(tmp_path, script=script, checkpoint=checkpoint, failure={"max_failures": 1},
+                                 inject=["kill:rank=0,step=5"])
+    ctl.run()  # the lost snapshot is not a failure of the job's: max_failures=1 still suffices
+    assert ctl.state == "finished" and attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
+    assert attempts[2].injections == ["kill:rank=0,step=5"]  # rank 0 never reached step 5: it fires later
+    assert attempts[2].snapshot is None and attempts[2].resume_url == (checkpoint[1] if checkpoint else None)
+    lost = next(e for e in log.events if e["kind"] == "snapshot_lost")
+    assert lost["step"] == 4 and "SnapshotLost" in lost["detail"]
+    restart = [e for e in log.events if e["kind"] == "restart"][-1]
+    assert restart["step"] == (3 if checkpoint else 0)
 
 
 def test_a_newer_checkpoint_wins_over_an_older_snapshot(tmp_path):
@@ -227,7 +394,41 @@ def test_evict_restarts_without_the_straggler(tmp_path):
     assert "evict" in kinds(log)
 
 
+@pytest.mark.parametrize("strategy, batch_size, replicas", [
+    ({"name": "sequence", "ulysses": 2}, 1, 1),  # the README's tour: ulysses x ring = 4 ranks, one replica
+    ({"name": "sequence", "ulysses": 2, "ring": 1}, 2, 2),
+    ({"name": "pipeline", "stages": 2, "microbatches": 2}, 4, 2),  # pipeline x dp
+])
+def test_batch_shares_are_per_replica_not_per_rank(tmp_path, strategy, batch_size, replicas):
+    ctl, attempts, _, log = make(tmp_path, world=4, steps=3, strategy=strategy, batch_size=batch_size)
+    ctl.run()
+    assert ctl.state == "finished" and len(attempts) == 1
+    assert ctl._straggle.shares == (batch_size // replicas,) * replicas
+    assert ctl._straggle.ranks_per_replica == 4 // replicas
+
+
+def test_evict_never_shrinks_below_min_workers(tmp_path):
+    ctl, attempts, _, log = make(tmp_path, world=4, steps=30, inject=["slow:rank=2,factor=4"],
+                                 straggler={"mitigation": "evict", "patience": 3, "window": 4},
+                                 failure={"min_workers": 4})
+    ctl.run()
+    assert ctl.state == "finished" and [a.world for a in attempts] == [4] and "evict" not in kinds(log)
+    keep = [e for e in log.events if e["kind"] == "decision:keep"]
+    assert len(keep) == 1 and "rank 2 stays" in keep[0]["detail"] and "failure.min_workers=4" in keep[0]["detail"]
+
+
 # -- policies alone -------------------------------------------------------------------------------
+
+
+def test_rebalance_is_over_replicas_a_replica_as_slow_as_its_slowest_rank():
+    spec = JobSpec(workload=W, strategy="ddp", workers=4, steps=5,
+                   straggler={"mitigation": "rebalance", "patience": 3, "window": 3})
+    pol = StragglerPolicy(spec.straggler, global_batch=16)
+    slow3 = {0: 1.0, 1: 1.0, 2: 1.0, 3: 3.0}  # rank 3 is in replica 1 (ranks 2, 3)
+    d = pol.make_decision(StragglerState(shares=(8, 8), ranks_per_replica=2, history=[slow3] * 3), step=10)
+    assert d.action == "rebalance" and d.stragglers == (3,) and d.shares == (12, 4)
+    assert per_replica([slow3, {0: 2.0, 2: 1.0}], 2) == [{0: 1.0, 1: 3.0}, {0: 2.0, 1: 1.0}]
+
 
 
 def test_failure_policy_decisions():
