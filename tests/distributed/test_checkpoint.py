@@ -208,7 +208,7 @@ class _MakesAFolder:
 
 def test_metadata_is_verified_before_it_is_unpickled(tmp_path):
     run_url = str(tmp_path / "run")
-    run_ranks(train_and_save, 2, tmp_path, "ddp", run_url, 3, 3)
+    full = run_ranks(train_and_save, 2, tmp_path, "ddp", run_url, 3)
     shapes = checkpoint.model_shapes(_trainer(0, 1, "single")[0].workload)
     url = checkpoint.step_url(run_url, 3)
     metadata = os.path.join(url, "state", ".metadata")
@@ -223,6 +223,7 @@ def test_metadata_is_verified_before_it_is_unpickled(tmp_path):
         f.write(good)
     # truncated, missing and added files are caught from one listing, without reading them
     rng = os.path.join(url, "rng_rank1.pt")
+    rng_bytes = open(rng, "rb").read()
     with open(rng, "r+b") as f:
         f.truncate(10)
     with pytest.raises(CheckpointError, match=r"/rng_rank1\.pt: truncated \(10 bytes, the manifest says \d+\)$"):
@@ -230,24 +231,23 @@ def test_metadata_is_verified_before_it_is_unpickled(tmp_path):
     os.remove(rng)
     with pytest.raises(CheckpointError, match=r"/rng_rank1\.pt: missing$"):
         checkpoint.check(url, fmt="dcp", shapes=shapes)
-    # a manifest lost from a checkpoint that had one is refused; one written before manifests is not
-    os.rename(os.path.join(url, "manifest"), os.path.join(tmp_path, "manifest"))
+    with open(rng, "wb") as f:
+        f.write(rng_bytes)
+    with open(os.path.join(url, "state", "notes.txt"), "w") as f:
+        f.write("added later")
+    with pytest.raises(CheckpointError, match=r"state/notes\.txt: not in the manifest"):
+        checkpoint.check(url, fmt="dcp", shapes=shapes)
+    os.remove(os.path.join(url, "state", "notes.txt"))
+    # a manifest lost from a checkpoint that had one is refused
+    shutil.rmtree(os.path.join(url, "manifest"))
     with pytest.raises(CheckpointError, match=r"/manifest: missing \(trainer.json says it was written\)"):
         checkpoint.check(url, fmt="dcp", shapes=shapes)
-
-
-def test_checkpoint_without_manifest_loads_unverified(tmp_path):
-    """One written before manifests existed: check passes without `manifest` in
-    its metadata (the driver warns, one line) and the ranks load it."""
-    run_url = str(tmp_path / "run")
-    full = run_ranks(train_and_save, 2, tmp_path, "ddp", run_url, 3)
-    url = checkpoint.step_url(run_url, 3)
-    shutil.rmtree(os.path.join(url, "manifest"))
+    # one written before manifests existed passes without `manifest` in its metadata
+    # (the driver warns, one line) and the ranks load it
     record = json.loads(open(os.path.join(url, "trainer.json")).read())
     del record["manifest"]
     with open(os.path.join(url, "trainer.json"), "w") as f:
         json.dump(record, f)
-    shapes = checkpoint.model_shapes(_trainer(0, 1, "single")[0].workload)
     assert "manifest" not in checkpoint.check(url, fmt="dcp", shapes=shapes)
     assert "\n" not in checkpoint.NO_MANIFEST
     resumed = run_ranks(resume_and_train, 2, tmp_path, "ddp", url)
