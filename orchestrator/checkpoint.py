@@ -236,8 +236,12 @@ class Checkpointer:
             if fs.exists(f"{path}/{CORRUPT}"):
                 fs.rm(f"{path}/{CORRUPT}")
         if dist.is_initialized():
-            dist.barrier()
-        sizes = _files(fs, path)
+            dist.barrier()  # every rank's files are written
+            box = [_files(fs, path) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)  # one listing, and the same on every rank
+            sizes = box[0]
+        else:
+            sizes = _files(fs, path)
         files = {}
         for rel in shares(sizes, self.world)[self.rank]:
             size, digest = _digest(fs, f"{path}/{rel}")
