@@ -11,6 +11,7 @@ import yaml
 
 from orchestrator import JobSpec, checkpoint, run
 from orchestrator.metrics import METRIC_COLUMNS
+from tests.distributed.test_checkpoint import flip_dcp_weight
 
 
 def _check_metrics(df: pd.DataFrame, *, steps: int, workers: int, strategy: str) -> None:
@@ -96,7 +97,15 @@ def test_checkpoint_then_resume_latest_in_the_same_run(ray_address, tmp_path, ca
     record = json.loads((step4 / "trainer.json").read_text())
     del record["manifest"]
     (step4 / "trainer.json").write_text(json.dumps(record))
-    assert main(["run", *common, "--steps", "4", "--resume", "latest"]) == 0
+    assert main(["run", *common, "--steps", "6", "--resume", "latest"]) == 0  # and saves step 6 anew
     events = pd.read_parquet(tmp_path / "ck" / "events.parquet")
     assert "step_6/state/.metadata: does not match" in events[events.kind == "resume_fallback"].detail.iloc[-1]
     assert events[events.kind == "resume_unverified"].detail.iloc[-1].endswith(f"step_4: {checkpoint.NO_MANIFEST}")
+    # a flipped bit in a shard: the driver cannot see it, the ranks refuse it before loading, the
+    # restart falls back to step 4
+    shard = flip_dcp_weight(str(step6 / "state"))
+    assert main(["run", *common, "--steps", "6", "--resume", "latest", "--max-failures", "1"]) == 0
+    events = pd.read_parquet(tmp_path / "ck" / "events.parquet")
+    failure = events[events.kind == "failure:error"].detail.iloc[-1]
+    assert f"CheckpointError: {step6}/state/{shard}: does not match the manifest" in failure and "\n" not in failure
+    assert events[events.kind == "restart"].step.iloc[-1] == 4
