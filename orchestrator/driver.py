@@ -255,6 +255,9 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
         for note in notes:
             out.note(f"note: {note}")
             log.event("resume_fallback", detail=note)
+        if not meta.get("manifest"):
+            out.note(f"warning: {resume_url}: {checkpoint.NO_MANIFEST}")
+            log.event("resume_unverified", detail=f"{resume_url}: {checkpoint.NO_MANIFEST}")
         out.note(f"resuming from {resume_url} (step {resumed_step})")
         log.event("resume", step=resumed_step, detail=resume_url)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")

@@ -34,6 +34,12 @@ def _reader(url: str):
     return FsspecReader(url)
 
 
+def read_metadata(url: str):
+    """DCP's metadata of the checkpoint folder ``url`` (reads no tensors). It is a
+    pickle: the driver verifies it against the checkpoint's manifest first."""
+    return _reader(url).read_metadata()
+
+
 def save_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
     """Collective: model and optimizer state (sharded as they are held) and small
     ``extra`` values (e.g. the LR schedule) under the folder ``url``."""

@@ -25,14 +25,13 @@ from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from pydantic import Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cluster import Comm, all_gather_bytes, all_to_all_bytes, nbytes, ring_allreduce_bytes
 from strategies.base import StepStats
-from strategies.checkpoint import is_local, load_state, save_state
+from strategies.checkpoint import load_state, read_metadata, save_state
 from strategies.ddp import DDP, DDPOptions
 from workloads import Batch, Workload
 
@@ -232,13 +231,7 @@ class Compressed(DDP):
 
 
 def _checkpoint_keys(url: str) -> dict[str, Any]:
-    if is_local(url):
-        reader = dcp.FileSystemReader(url.removeprefix("file://"))
-    else:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        reader = FsspecReader(url)
-    return reader.read_metadata().state_dict_metadata
+    return read_metadata(url).state_dict_metadata
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:

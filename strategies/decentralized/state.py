@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed.checkpoint as dcp
 
-from strategies.checkpoint import _reader, _writer
+from strategies.checkpoint import _reader, _writer, read_metadata
 
 _RANK_KEY = re.compile(r"^rank(\d+)\.")
 
@@ -23,7 +23,7 @@ def save_per_rank(url: str, *, rank: int, shared: dict[str, Any], own: dict[str,
 
 def saved_world(url: str) -> int:
     """How many ranks wrote the checkpoint (from DCP's metadata; reads no tensors)."""
-    keys = _reader(url).read_metadata().state_dict_metadata
+    keys = read_metadata(url).state_dict_metadata
     ranks = {int(m.group(1)) for k in keys if (m := _RANK_KEY.match(k))}
     if not ranks:
         raise ValueError(f"{url}: no per-rank entries (not written by a decentralized strategy)")

@@ -150,3 +150,44 @@ def test_every_collective_pays_the_network_model(tmp_path, strategy):
         assert floors and all(f >= 0.005 for f in floors), (strategy, floors)
         assert row["comm_s"] >= max(floors) - 1e-3, (strategy, row["comm_s"], max(floors))
         assert row["step_time_s"] >= max(floors)
+
+
+def _largest_float(obj, best=None):
+    """The largest float32 tensor anywhere in a loaded DeepSpeed file."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.dtype == torch.float32 and (best is None or obj.numel() > best.numel()) else best
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for child in children:
+        best = _largest_float(child, best)
+    return best
+
+
+def test_zero_checkpoint_is_verified(tmp_path):
+    """DeepSpeed's files are in the manifest too: a truncated one is refused on
+    the driver (one listing), a flipped bit by the ranks before DeepSpeed loads."""
+    import os
+
+    from orchestrator import checkpoint
+    from tests.distributed.test_checkpoint import _one_line_errors, flip_float_bit, resume_and_train, train_and_save
+
+    run_url = str(tmp_path / "run")
+    run_ranks(train_and_save, 2, tmp_path, "zero2", run_url, 2, 2)
+    url = checkpoint.step_url(run_url, 2)
+    shapes = checkpoint.model_shapes(_trainer(0, 1, "single").workload)
+    state = os.path.join(url, "state", "polytrain")
+    optim = next(f for f in sorted(os.listdir(state)) if f.endswith("optim_states.pt"))
+    file = os.path.join(state, optim)
+    good = open(file, "rb").read()
+    with open(file, "r+b") as f:
+        f.truncate(len(good) // 2)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"polytrain/{optim}: truncated \(\d+ bytes, the manifest"):
+        checkpoint.check(url, fmt="deepspeed", shapes=shapes)
+    with open(file, "wb") as f:
+        f.write(good)
+    assert all(r["start"] == 2 for r in run_ranks(resume_and_train, 2, tmp_path, "zero2", url, 2))  # intact: loads
+    flip_float_bit(file, _largest_float(torch.load(file, weights_only=False)))
+    assert checkpoint.check(url, fmt="deepspeed", shapes=shapes)["step"] == 2  # the driver reads no shard
+    with pytest.raises(AssertionError) as e:
+        run_ranks(resume_and_train, 2, tmp_path, "zero2", url, 2)
+    errors = _one_line_errors(e, 2)
+    assert errors[0] == errors[1] and errors[0].startswith(f"{url}/state/polytrain/{optim}: does not match"), errors

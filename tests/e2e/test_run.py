@@ -1,5 +1,7 @@
 """polytrain run end to end on Ray: exit code, run folder, metric rows and columns."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,8 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator import JobSpec, run
+from orchestrator import JobSpec, checkpoint, run
 from orchestrator.metrics import METRIC_COLUMNS
+from tests.distributed.test_checkpoint import flip_dcp_weight
 
 
 def _check_metrics(df: pd.DataFrame, *, steps: int, workers: int, strategy: str) -> None:
@@ -83,3 +86,26 @@ def test_checkpoint_then_resume_latest_in_the_same_run(ray_address, tmp_path, ca
     # an explicit URL that is not there: one line, exit 2
     assert main(["run", *common, "--steps", "6", "--resume", str(tmp_path / "nope")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    # a .metadata that is not what was written: refused before it is unpickled, one line, exit 2
+    step6, step4 = tmp_path / "ck" / "checkpoints" / "step_6", tmp_path / "ck" / "checkpoints" / "step_4"
+    (step6 / "state" / ".metadata").write_bytes(b"not what was written")
+    assert main(["run", *common, "--steps", "6", "--resume", str(step6)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_6/state/.metadata: does not match the manifest" in err, err
+    # `latest` falls back past it to step 4, written before manifests existed: loaded, with a warning
+    shutil.rmtree(step4 / "manifest")
+    record = json.loads((step4 / "trainer.json").read_text())
+    del record["manifest"]
+    (step4 / "trainer.json").write_text(json.dumps(record))
+    assert main(["run", *common, "--steps", "6", "--resume", "latest"]) == 0  # and saves step 6 anew
+    events = pd.read_parquet(tmp_path / "ck" / "events.parquet")
+    assert "step_6/state/.metadata: does not match" in events[events.kind == "resume_fallback"].detail.iloc[-1]
+    assert events[events.kind == "resume_unverified"].detail.iloc[-1].endswith(f"step_4: {checkpoint.NO_MANIFEST}")
+    # a flipped bit in a shard: the driver cannot see it, the ranks refuse it before loading, the
+    # restart falls back to step 4
+    shard = flip_dcp_weight(str(step6 / "state"))
+    assert main(["run", *common, "--steps", "6", "--resume", "latest", "--max-failures", "1"]) == 0
+    events = pd.read_parquet(tmp_path / "ck" / "events.parquet")
+    failure = events[events.kind == "failure:error"].detail.iloc[-1]
+    assert f"CheckpointError: {step6}/state/{shard}: does not match the manifest" in failure and "\n" not in failure
+    assert events[events.kind == "restart"].step.iloc[-1] == 4
