@@ -74,6 +74,15 @@ def root_cause(errors: dict[int, str]) -> tuple[int, str]:
     return min(errors.items())
 
 
+def shared_error(errors: dict[int, str], world: int) -> str | None:
+    """The error every rank of the group raised alike (a corrupt checkpoint, an
+    option every rank rejects): no one rank's fault, so none is blamed or dropped."""
+    if world < 2 or len(errors) < world:
+        return None
+    bodies = {m.removeprefix(f"rank {r} failed: ") for r, m in errors.items()}
+    return bodies.pop() if len(bodies) == 1 else None
+
+
 def laggard(began: dict[int, int], live: dict[int, dict], world: int, completed: int) -> tuple[int, str] | None:
     """The one rank behind all the others, that they are waiting for: the only one
     that never began the step the others are in, or, all in one step, the only one
@@ -322,7 +331,10 @@ class Controller:
             if kill:
                 msg = f"rank {rank} failed: its worker process died (injected {kill})"
                 errors = {**errors, rank: msg}
-        if is_echo(msg):
+        common = shared_error(errors, self.attempt.world)
+        if common is not None and not is_echo(common):
+            rank, msg = -1, f"every rank failed alike: {common}"
+        elif is_echo(msg):
             lag = laggard(self._began, self._live, self.attempt.world, self.completed)
             rank, kind = (lag[0], "hang") if lag else (-1, kind)
             msg = f"hang: rank {lag[0]} {lag[1]} (and their collectives failed)" if lag else \

@@ -52,6 +52,8 @@ class FakeGroup:
         if what and what[0] == "error":
             return GroupStatus(errors={what[1]: what[2], **({0: "rank 0 failed: gloo: Connection closed by peer"}
                                                             if what[1] != 0 else {})})
+        if what and what[0] == "every":  # every rank raises the same error
+            return GroupStatus(errors={r: f"rank {r} failed: {what[1]}" for r in range(self.a.world)})
         if what and what[0] == "hang":
             self.hung = True
             return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
@@ -262,6 +264,16 @@ def test_when_no_rank_is_proven_bad_elastic_restarts_at_the_same_size(tmp_path):
     failure = next(e for e in log.events if e["kind"].startswith("failure:"))
     assert failure["rank"] == -1 and "none shown to be the cause" in failure["detail"]
     assert [a.world for a in attempts] == [4, 4]
+
+
+def test_an_error_every_rank_raises_alike_blames_none_and_elastic_keeps_them_all(tmp_path):
+    corrupt = "CheckpointError: /r/checkpoints/step_4/state/__0_0.distcp: does not match the manifest"
+    script = lambda a, s: ("every", corrupt) if a.number == 0 and s == 5 else None
+    ctl, attempts, _, log = make(tmp_path, world=4, script=script, failure={"max_failures": 1, "elastic": True})
+    ctl.run()
+    failure = next(e for e in log.events if e["kind"].startswith("failure:"))
+    assert failure["rank"] == -1 and failure["detail"].startswith("every rank failed alike: CheckpointError")
+    assert [a.world for a in attempts] == [4, 4]  # no healthy rank dropped
 
 
 def test_laggard_is_named_only_when_proven():
