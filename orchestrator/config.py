@@ -14,7 +14,7 @@ import uuid
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.faults import Injection, parse_injection
 from cluster.network import parse_scenario
@@ -170,7 +170,6 @@ class JobSpec(BaseModel):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     straggler: StragglerSpec = Field(default_factory=StragglerSpec)
     inject: list[str] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
-    _batch_from_workload: bool = PrivateAttr(False)  # batch_size was not given: error messages name what was
 
     def __init__(self, **data: Any):
         try:
@@ -233,7 +232,6 @@ class JobSpec(BaseModel):
         per_step = replicas * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
-            self._batch_from_workload = True
         strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size)
         if self.batch_size % per_step:
             what = f"workers({self.workers})" if replicas == self.workers else \
@@ -267,12 +265,15 @@ class JobSpec(BaseModel):
     def dataset_too_small(self, n_samples: int) -> str:
         """The one-line error for one step's batch needing more samples than the
         dataset holds, naming what the user set (a workload option, or batch_size)."""
+        # a batch of micro_batch x replicas x grad_accum is what the workload's options make it
+        # (given or not: spec.yaml records it resolved, and a spec read back must equal its original)
+        from_workload = self.batch_size == self.micro_batch * self.replicas * self.grad_accum
         why = f"batch_size={self.batch_size}"
-        if self._batch_from_workload:
+        if from_workload:
             why += (f" = workload.micro_batch({self.micro_batch}) x {self.replicas} replicas x "
                     f"grad_accum({self.grad_accum})")
         data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
-        if data and self._batch_from_workload:  # the workload options set made the batch or the dataset
+        if data and from_workload:  # the workload options set made the batch or the dataset
             return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
         return f"{why}: larger than the dataset ({n_samples} samples{' with ' + data if data else ''})"
 
