@@ -42,45 +42,47 @@ def _scaled(n: str) -> str:
     return str(max(1, math.ceil(int(n) / SCALE)))
 
 
-def small(words: list[str], tmp: pathlib.Path) -> list[str]:
-    """The command at a small size, writing only under ``tmp``, on the session's Ray."""
-    out, it = [], iter(words)
+def small(words: list[str], out: pathlib.Path) -> list[str]:
+    """The command at a small size, on the session's Ray, every path it names
+    (``--out``, ``--config``, ``cmp/``) and its run folders under ``out``."""
+    args, it = [], iter(words)
     for w in it:
         if w in ("--steps", "--checkpoint-every"):
-            out += [w, _scaled(next(it))]
+            args += [w, _scaled(next(it))]
         elif w == "--inject":
-            out += [w, re.sub(r"step=(\d+)", lambda m: f"step={_scaled(m.group(1))}", next(it))]
-        elif w in ("--out", "--config") or w.endswith("/") or (ROOT / w.split(":")[0]).is_file():
-            if w in ("--out", "--config"):
-                out.append(w)
-                w = next(it)
-            base = w.split(":")[0]
-            out.append(str(ROOT / w) if (ROOT / base).is_file() else str(tmp / w))
+            args += [w, re.sub(r"step=(\d+)", lambda m: f"step={_scaled(m.group(1))}", next(it))]
+        elif w in ("--out", "--config"):
+            args += [w, str(out / next(it))]
+        elif (ROOT / w.split(":")[0]).is_file():  # a file the README names in this repository
+            args.append(str(ROOT / w))
+        elif w.endswith("/"):  # a folder the README writes (compare's, then report's input)
+            args.append(str(out / w))
         else:
-            out.append(w)
-    if out[0] in ("run", "compare"):
-        gpt = "--config" in out or ("--workload", "gpt-tiny") in zip(out, out[1:])  # the README's job file is gpt-tiny
-        set_keys = {out[i + 1].split("=")[0] for i, w in enumerate(out) if w == "--set"}
+            args.append(w)
+    if args[0] in ("run", "compare"):
+        gpt = "--config" in args or ("--workload", "gpt-tiny") in zip(args, args[1:])  # the README's job file is gpt-tiny
+        set_keys = {args[i + 1].split("=")[0] for i, w in enumerate(args) if w == "--set"}
         for key, value in SMALL.items():
             if gpt and key not in set_keys:
-                out += ["--set", f"{key}={value}"]
-        out += ["--quiet", "--address", os.environ["POLYTRAIN_TEST_RAY"]]
-        if "--steps" not in out:
-            out += ["--steps", "2"]
-    if out[0] == "run":
-        out += ["--storage", str(tmp / "runs")]
-    return out
+                args += ["--set", f"{key}={value}"]
+        args += ["--quiet", "--address", os.environ["POLYTRAIN_TEST_RAY"]]
+        if "--steps" not in args:
+            args += ["--steps", "2"]
+    if args[0] == "run":
+        args += ["--storage", str(out / "runs")]
+    return args
 
 
 COMMANDS = readme_commands()
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, ray_address):
-    tmp = tmp_path_factory.mktemp("readme")
-    (tmp / "job.yaml").write_text(_blocks("yaml")[0])
+def out(tmp_path_factory, ray_address):
+    """Where the commands write; the README's job file is there."""
+    out = tmp_path_factory.mktemp("readme-out")
+    (out / "job.yaml").write_text(_blocks("yaml")[0])
     os.environ["POLYTRAIN_TEST_RAY"] = ray_address
-    yield tmp
+    yield out
     os.environ.pop("POLYTRAIN_TEST_RAY")
 
 
@@ -92,10 +94,8 @@ def test_the_readme_shows_the_commands_this_test_expects():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
-def test_readme_command_runs(words, workdir, monkeypatch):
-    monkeypatch.chdir(workdir)  # a command that writes into the current folder unasked shows up below
-    before = set(os.listdir(workdir))
-    args = small(words, workdir)
+def test_readme_command_runs(words, out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a command that writes into the current folder unasked shows up below
+    args = small(words, out)
     assert main(args) == 0, f"polytrain {' '.join(args)}"
-    created = set(os.listdir(workdir)) - before - {"runs", "cmp"}
-    assert not created, f"polytrain {' '.join(words)} wrote {sorted(created)} into the current folder"
+    assert not os.listdir(tmp_path), f"polytrain {' '.join(words)} wrote {os.listdir(tmp_path)} into the current folder"
