@@ -32,6 +32,7 @@ class WorkerContext:
     master_addr: str
     master_port: int
     threads: int
+    nodes: tuple[int, ...] = ()  # node index of every rank (ranks on one Ray node share one)
     # set on the worker:
     report: Callable[[dict], None] = field(default=lambda row: None, repr=False)
     controls: Callable[[], list[dict]] = field(default=lambda: [], repr=False)  # messages from the driver
@@ -224,13 +225,15 @@ class WorkerGroup:
         for node_id, _, _ in where:
             local_ranks.append(seen.get(node_id, 0))
             seen[node_id] = local_ranks[-1] + 1
+        node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in where))}
+        nodes = tuple(node_index[node_id] for node_id, _, _ in where)
         master_addr = where[0][1]
         master_port = ray.get(self.actors[0].rendezvous_port.remote())
         self.pids = [pid for _, _, pid in where]
         self.contexts = [
             WorkerContext(
                 rank=r, world=self.n, local_rank=local_ranks[r], node_ip=where[r][1],
-                master_addr=master_addr, master_port=master_port, threads=threads,
+                master_addr=master_addr, master_port=master_port, threads=threads, nodes=nodes,
             )
             for r in range(self.n)
         ]

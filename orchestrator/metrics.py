@@ -34,6 +34,10 @@ METRIC_SCHEMA = pa.schema([
     ("idle_s", pa.float64()),  # waiting for data, or for communication no compute hid
     ("bytes_sent", pa.int64()),
     ("bytes_received", pa.int64()),
+    ("bytes_intra", pa.int64()),  # bytes_sent by calls whose ranks share one node ...
+    ("bytes_inter", pa.int64()),  # ... and by calls that cross nodes (the scenario's per_node, or Ray's nodes)
+    ("comm_intra_s", pa.float64()),  # time an intra-node call was in flight (comm_s split by link class;
+    ("comm_inter_s", pa.float64()),  # the two overlap where calls of both classes are in flight at once)
     ("samples", pa.int64()),
     ("tokens", pa.int64()),
     ("peak_mem_bytes", pa.int64()),

@@ -10,6 +10,7 @@ import torch
 
 from cluster import Comm
 from cluster.faults import FaultInjector, parse_injection
+from cluster.mesh import nodes_from_per_node
 from cluster.network import parse_scenario
 from cluster.dist import init_process_group, pick_device
 from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
@@ -61,6 +62,14 @@ class SnapshotLost(RuntimeError):
     is gone): the controller falls back to the newest committed checkpoint."""
 
 
+def rank_nodes(scenario: str, world: int, placed: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The node of each rank, which decides each call's link class: a simulated
+    network's (``per_node`` ranks a node) over where Ray placed the workers (on
+    one machine, all on one node); () when neither is known: one node."""
+    model = parse_scenario(scenario)
+    return nodes_from_per_node(world, model.per_node) if model is not None else tuple(placed)
+
+
 class _Poisoned:
     """The workload with its loss made NaN on demand (the ``nan`` injection)."""
 
@@ -82,7 +91,7 @@ class RankTrainer:
     def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
                  workload: Workload | None = None, strategy_cls: type[Strategy] | None = None,
                  shares: list[int] | None = None, injections: list[str] = (), report: Callable[[dict], None] = None,
-                 flush: Callable[[], None] | None = None):
+                 flush: Callable[[], None] | None = None, nodes: tuple[int, ...] = ()):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         self.report = report or (lambda row: None)
         workload = workload if workload is not None else spec.build_workload()
@@ -93,6 +102,7 @@ class RankTrainer:
         self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
         self.began = 0  # the step in progress (== step between steps)
         self.comm.set_floor(network_floor(spec.scenario, self.injector, lambda: self.step + 1))
+        self.comm.set_nodes(rank_nodes(spec.scenario, world, nodes))
         torch.manual_seed(spec.seed)  # same initial weights on every rank
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
         self.strategy.setup(
@@ -184,6 +194,10 @@ class RankTrainer:
             "idle_s": idle,
             "bytes_sent": comm.bytes_sent,
             "bytes_received": comm.bytes_received,
+            "bytes_intra": comm.bytes_intra,
+            "bytes_inter": comm.bytes_inter,
+            "comm_intra_s": comm.comm_intra_s,
+            "comm_inter_s": comm.comm_inter_s,
             "samples": stats.samples,
             "tokens": stats.samples * self.tokens_per_sample,  # 0 on ranks that do not report samples
             "peak_mem_bytes": peak_memory_bytes(self.device),
@@ -243,7 +257,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
     try:
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
-                              report=ctx.report, flush=lambda: ctx.flush(5.0))
+                              report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
         ctx.live(trainer.progress)
         restored = ""
         if attempt.snapshot:

@@ -43,6 +43,7 @@ def run_ranks(fn: Callable[..., Any], world: int, tmp_path, *args: Any, timeout_
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "strategies", "orchestrator.trainer", fn.__module__])
     queue = ctx.SimpleQueue()
+    os.makedirs(tmp_path, exist_ok=True)  # a FileStore in a missing folder waits forever
     store = os.path.join(str(tmp_path), f"store-{uuid.uuid4().hex}")  # fresh per call: a reused FileStore hangs
     procs = [ctx.Process(target=_entry, args=(r, world, store, fn, args, queue)) for r in range(world)]
     for p in procs:
