@@ -96,6 +96,9 @@ def metrics_table(rows: list[dict]) -> pa.Table:
 
 
 def _arrange_metrics(table: pa.Table) -> pa.Table:
+    for field in METRIC_SCHEMA:  # a run written before a column existed reads with it empty
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(len(table), type=field.type))
     extras = sorted(set(table.column_names) - set(METRIC_COLUMNS))
     return table.select(METRIC_COLUMNS + extras).sort_by([("step", "ascending"), ("rank", "ascending")])  # stable
 

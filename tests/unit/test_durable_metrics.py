@@ -271,3 +271,13 @@ def test_cli_exits_128_plus_the_signal(monkeypatch, tmp_path, capsys, sig, code)
                  str(tmp_path)]) == code
     assert f"interrupted ({signal.Signals(sig).name})" in capsys.readouterr().err
     assert signal.getsignal(sig) is before
+
+
+def test_a_run_written_before_a_column_existed_reads_with_it_empty(folder):
+    import pyarrow as pa
+
+    old = pa.Table.from_pylist([{"run_id": "r", "step": 1, "rank": 0, "loss": 1.0, "grad_norm": 0.5}])
+    folder.write_table("metrics.parquet", old)
+    df = read_log(folder, "metrics")
+    assert list(df.columns) == METRIC_COLUMNS + ["grad_norm"]
+    assert df.loss.iloc[0] == 1.0 and df.bytes_inter.isna().all()
