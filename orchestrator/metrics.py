@@ -44,6 +44,7 @@ METRIC_SCHEMA = pa.schema([
     ("wall_time", pa.float64()),  # unix time at the end of the step
 ])
 METRIC_COLUMNS = METRIC_SCHEMA.names
+_INT_COLUMNS = {f.name for f in METRIC_SCHEMA if pa.types.is_integer(f.type)}
 LOGS = ("metrics", "events", "timeline")  # each <name>.parquet, plus its parts while a run writes it
 
 TIMELINE_SCHEMA = pa.schema([  # executed actions (a pipeline's F/B/W), one row each
@@ -89,6 +90,8 @@ def metrics_table(rows: list[dict]) -> pa.Table:
     """Rows as a table: the required columns typed, strategy or workload extras
     (float64) after them by name, rows by (step, rank), attempts in order."""
     extras = sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    # an integer column read back through pandas holds NaN where it was empty (an older run's)
+    rows = [{k: None if k in _INT_COLUMNS and v != v else v for k, v in r.items()} for r in rows]
     table = pa.Table.from_pylist(rows, schema=METRIC_SCHEMA)
     for name in extras:
         table = table.append_column(name, pa.array([r.get(name) for r in rows], type=pa.float64()))
