@@ -13,7 +13,7 @@ import pytest
 from orchestrator.checkpoint import committed
 from orchestrator.metrics import final_attempt, read_log
 from orchestrator.storage import PARTS, RunFolder
-from tests.e2e.test_embedded import _polytrain, _ray_pids
+from tests.e2e.procs import descendants, polytrain, ray_pids
 
 TINY = ["--set", "workload.d_model=32", "--set", "workload.n_layers=1", "--set", "workload.seq_len=32"]
 
@@ -51,40 +51,23 @@ def test_a_driver_killed_after_a_commit_keeps_its_rows_and_resume_fills_every_st
     assert events[events.kind == "resume"].step.tolist() == [newest]
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (other sessions' Ray processes on this machine are not ours)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
 @pytest.mark.slow
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
-    proc = _polytrain("--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "2", "--steps", "100000",
+    proc = polytrain("--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "2", "--steps", "100000",
                       "--storage", str(tmp_path), "--run-id", "term", *TINY)
     folder = RunFolder(str(tmp_path), "term")
     deadline = time.monotonic() + 120
     while (seen := _rows(folder)) == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert seen > 0
-    ours = _descendants(proc.pid) & _ray_pids()  # the embedded Ray: its head processes and workers
+    ours = descendants(proc.pid) & ray_pids()  # the embedded Ray: its head processes and workers
     assert ours
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "interrupted (SIGTERM)" in err
     deadline = time.monotonic() + 15
-    while (left := ours & _ray_pids()) and time.monotonic() < deadline:
+    while (left := ours & ray_pids()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, "SIGTERM left Ray processes behind"
     assert not os.path.exists(tmp_path / "term" / PARTS)

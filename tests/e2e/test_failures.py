@@ -3,7 +3,6 @@ while writing a checkpoint; the run recovers and ends with exactly the
 parameters of an uninterrupted run. Exhausted retries fail cleanly."""
 import os
 import signal
-import subprocess
 import threading
 import time
 import warnings
@@ -15,6 +14,7 @@ import torch
 from orchestrator import JobSpec, run
 from orchestrator.checkpoint import check, committed, model_shapes, restore
 from orchestrator.trainer import RankTrainer
+from tests.e2e.procs import session_actor_pids
 
 W = {"name": "gpt-tiny", "n_layers": 1, "d_model": 32, "seq_len": 32}
 STEPS = 12
@@ -84,9 +84,9 @@ def test_a_worker_killed_from_outside_is_replaced(ray_address, tmp_path, baselin
         while time.time() < deadline and not killed:
             time.sleep(0.2)
             if (folder / "metrics.parquet").exists():  # training is under way
-                pids = subprocess.run(["pgrep", "-f", "ray::RankWorker"], capture_output=True, text=True).stdout.split()
+                pids = sorted(session_actor_pids("RankWorker"))  # this session's, not another job's
                 if pids:
-                    os.kill(int(pids[-1]), signal.SIGKILL)
+                    os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])
 
     threading.Thread(target=killer, daemon=True).start()

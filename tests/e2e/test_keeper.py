@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.e2e.procs import session_actor_pids
+
 
 def test_the_keeper_is_on_the_drivers_node_and_comes_back_empty(ray_address):
     import ray
@@ -37,13 +39,6 @@ def test_the_keeper_is_on_the_drivers_node_and_comes_back_empty(ray_address):
     ray.kill(keeper)
 
 
-def _alive(class_name: str) -> list[int]:
-    """Pids of this session's live actors of a class (Ray's actor table; no dashboard needed)."""
-    from ray._private import state
-
-    return [a["Pid"] for a in state.actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
-
-
 @pytest.mark.slow
 def test_a_lost_snapshot_falls_back_to_the_newest_checkpoint(ray_address, tmp_path):
     from tests.e2e.test_failures import _run
@@ -53,10 +48,10 @@ def test_a_lost_snapshot_falls_back_to_the_newest_checkpoint(ray_address, tmp_pa
     def kill_the_keeper_once_a_rank_dies():
         seen, deadline = False, time.time() + 180
         while time.time() < deadline:
-            workers = _alive("RankWorker")
+            workers = session_actor_pids("RankWorker")
             seen = seen or len(workers) == 2
             if seen and len(workers) < 2:  # rank 1 was killed: the group restarts after the backoff
-                for pid in _alive("Keeper"):
+                for pid in session_actor_pids("Keeper"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return

@@ -49,6 +49,8 @@ def small(words: list[str], out: pathlib.Path) -> list[str]:
     for w in it:
         if w in ("--steps", "--checkpoint-every"):
             args += [w, _scaled(next(it))]
+        elif w == "--workers" and words[0] == "compare":  # a matrix of runs: each at the smallest world
+            args += [w, str(min(2, int(next(it))))]
         elif w == "--inject":
             args += [w, re.sub(r"step=(\d+)", lambda m: f"step={_scaled(m.group(1))}", next(it))]
         elif w in ("--out", "--config"):
