@@ -25,7 +25,7 @@ def ddp_loop(*, rank: int, world: int, steps: int, out: str, launched: float) ->
     model = DistributedDataParallel(workload.model())
     cfg = OptimConfig()
     opt, sched = build_optimizer(model, cfg, steps)
-    loader = ShardedLoader(workload.source(), rank=rank, world=world, global_batch=8 * world, seed=0)
+    loader = ShardedLoader(workload.train_source(), rank=rank, world=world, global_batch=8 * world, seed=0)
     times, first = [], None
     for _ in range(steps):
         t0 = time.perf_counter()

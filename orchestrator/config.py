@@ -274,8 +274,8 @@ class JobSpec(BaseModel):
                     f"grad_accum({self.grad_accum})")
         data = ", ".join(f"workload.{k}={v!r}" for k, v in self.workload.options.items())
         if data and from_workload:  # the workload options set made the batch or the dataset
-            return f"{data}: one step's {why} needs more than the dataset's {n_samples} samples"
-        return f"{why}: larger than the dataset ({n_samples} samples{' with ' + data if data else ''})"
+            return f"{data}: one step's {why} needs more than the dataset's {n_samples} training samples"
+        return f"{why}: larger than the dataset ({n_samples} training samples{' with ' + data if data else ''})"
 
     # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
     def build_workload(self) -> Workload:

@@ -226,7 +226,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
     try:
         t0 = time.perf_counter()
         workload = spec.build_workload()
-        n_samples = len(workload.source())  # creates or checks the data before any worker
+        n_samples = len(workload.train_source())  # creates or checks the data before any worker
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if spec.global_batch > n_samples:

@@ -111,7 +111,7 @@ class RankTrainer:
         )
         replica, replicas = self.strategy.data_shard()
         self.loader = ShardedLoader(
-            workload.source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
+            workload.train_source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
             shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)

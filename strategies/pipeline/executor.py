@@ -160,7 +160,7 @@ class Pipeline(Strategy):
 
     def _probe(self) -> Batch:
         """One micro-batch of real samples: block shapes and costs are measured on it."""
-        source = self.workload.source()
+        source = self.workload.train_source()
         k = min(self.workload.micro_batch, len(source))
         return tuple(t.to(self.ctx.device) for t in source.gather(np.arange(k)))
 

@@ -317,7 +317,7 @@ def _gossip_reference(topology: str, world: int, *, overlap: bool) -> torch.Tens
         torch.manual_seed(spec.seed)
         model = workload.model()
         replicas.append((model, *build_optimizer(model, spec.optim, spec.steps),
-                         ShardedLoader(workload.source(), rank=r, world=world, global_batch=spec.global_batch,
+                         ShardedLoader(workload.train_source(), rank=r, world=world, global_batch=spec.global_batch,
                                        seed=spec.seed)))
     params = lambda: torch.stack([flatten(list(m.parameters())) for m, *_ in replicas])  # noqa: E731
     for _ in range(spec.steps):
