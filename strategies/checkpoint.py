@@ -13,6 +13,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from cluster import nbytes
+
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
@@ -59,9 +61,7 @@ def load_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: 
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    if hasattr(t, "to_local"):  # DTensor (FSDP2): only this rank's shard is held
-        t = t.to_local()
-    return t.numel() * t.element_size()
+    return nbytes(t.to_local() if hasattr(t, "to_local") else t)  # DTensor (FSDP2): only this rank's shard is held
 
 
 def held_bytes(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, int]:
