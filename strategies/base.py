@@ -11,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, ClassVar, ContextManager
+from typing import Annotated, Callable, ClassVar, ContextManager
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -142,6 +142,8 @@ def run_micro_batches(
     device: torch.device,
     no_sync: Callable[[], ContextManager] = nullcontext,
     weight: float = 1.0,
+    positions: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[float, dict[str, float], float]:
     """Forward and backward over the micro-batches, gradients averaged over their
     samples (micro-batches may differ in size) and scaled by ``weight``.
@@ -151,8 +153,11 @@ def run_micro_batches(
     but its backward still runs, so collectives hooked on it (DDP) see every
     rank. No samples at all: a backward of zeros (for strategies without hooks).
     ``no_sync`` wraps every backward but the last (DDP's accumulation).
-    Returns (mean loss, per-sample-weighted extra metrics, perf_counter when
-    the last backward returned).
+    ``positions``: the tokens this rank holds of every sample (sequence
+    parallelism slices dimension 1 of each tensor); its loss then counts
+    ``scale`` (its share of the tokens), so the shares of a sequence add up.
+    Returns (mean loss times ``scale``, per-sample-weighted extra metrics,
+    perf_counter when the last backward returned).
     """
     micro_batches = [mb for mb in micro_batches if mb[0].shape[0]]
     total_samples = sum(mb[0].shape[0] for mb in micro_batches)
@@ -162,11 +167,11 @@ def run_micro_batches(
     n = len(micro_batches)
     total, extra = 0.0, {}
     for i, mb in enumerate(micro_batches):
-        mb = tuple(t.to(device, non_blocking=True) for t in mb)
+        mb = tuple((t if positions is None else t[:, positions]).to(device, non_blocking=True) for t in mb)
         k = mb[0].shape[0]
         with no_sync() if i < n - 1 else nullcontext():
             out = model(mb[0])
-            loss = workload.loss(out, mb)
+            loss = workload.loss(out, mb) * scale
             (loss * (weight * k / total_samples)).backward()
         total += loss.item() * k
         for name, v in workload.step_metrics(out.detach(), mb).items():

@@ -82,3 +82,7 @@ def convert_sync_batchnorm(module: nn.Module, comm: Comm) -> nn.Module:
 
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def has_sync_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, SyncBatchNorm) for m in module.modules())

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from cluster import nbytes
+from workloads import Workload
 
 
 def is_local(url: str) -> bool:
@@ -42,20 +43,55 @@ def read_metadata(url: str):
     return _reader(url).read_metadata()
 
 
-def save_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+def full_param_groups(workload: Workload, weight_decay: float) -> list[list[str]]:
+    """Names of the whole model's parameters in each optimizer group, in the order
+    ``build_optimizer`` puts them: what a single-process checkpoint records."""
+    from strategies.optim import param_groups  # optim imports this module's neighbours; keep the graph acyclic
+
+    with torch.random.fork_rng(), torch.device("meta"):
+        model = workload.model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay)]
+
+
+def _named(groups: list[dict], names: list[list[str]]) -> list[dict]:
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(n)} for g, n in zip(groups, names)]
+
+
+def save_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any], *,
+               groups: list[list[str]] | None = None) -> None:
     """Collective: model and optimizer state (sharded as they are held) and small
-    ``extra`` values (e.g. the LR schedule) under the folder ``url``."""
+    ``extra`` values (e.g. the LR schedule) under the folder ``url``.
+
+    Keys are the single-process ones whatever a rank holds: a pipeline stage's
+    blocks keep their whole-model names, so any cut, sharding or world size (or
+    single, ddp, fsdp) can load the checkpoint. A rank holding part of the model
+    passes ``groups`` (``full_param_groups``): every rank then writes the whole
+    model's optimizer groups (identical everywhere), as one process would."""
     model_sd, optim_sd = get_state_dict(model, optim)
+    if groups is not None:
+        optim_sd = {"state": optim_sd["state"], "param_groups": _named(optim_sd["param_groups"], groups)}
     dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra}, storage_writer=_writer(url))
 
 
-def load_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+def load_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any], *,
+               groups: list[list[str]] | None = None) -> dict[str, Any]:
     """Collective: load into the current sharding, whatever sharding wrote it.
-    ``extra`` gives the keys and types to read; returns the values read."""
+    ``extra`` gives the keys and types to read; returns the values read. With
+    ``groups``, the groups' hyperparameters are read and this rank's own
+    parameter lists kept."""
     model_sd, optim_sd = get_state_dict(model, optim)
+    mine = optim_sd["param_groups"]
+    if groups is not None:
+        optim_sd = {"state": optim_sd["state"], "param_groups": _named(mine, groups)}
     state = {"model": model_sd, "optim": optim_sd, "extra": extra}
     dcp.load(state, storage_reader=_reader(url))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
+    loaded = state["optim"]
+    if groups is not None:
+        loaded = {"state": loaded["state"], "param_groups": [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": m["params"]}
+            for g, m in zip(loaded["param_groups"], mine)]}
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=loaded,
                    options=StateDictOptions(strict=True))
     return state["extra"]
 

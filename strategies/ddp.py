@@ -1,15 +1,31 @@
-"""ddp: torch DistributedDataParallel, its all-reduce routed through cluster.Comm."""
+"""The data-parallel part, and ``ddp``.
+
+Gradients are summed over the mesh's gradient group and divided by its data
+axes (``Plan.grad_axes``, ``Plan.divide``), in one of two ways:
+
+- a whole model per rank: torch ``DistributedDataParallel`` over that group,
+  buckets all-reduced as backward produces them, through a comm hook that
+  routes them through ``cluster.Comm`` (the compression strategies replace the
+  hook);
+- a pipeline stage: ``GradAverage``, one flat all-reduce of the stage's
+  gradients launched when its last weight gradient is done (DDP cannot wrap a
+  stage whose backward is split into B and W) and finished before the step.
+
+(FSDP's replicas are averaged by FSDP2's all-reduce hook; see ``strategies.fsdp``.)
+"""
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cluster import Comm
-from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
+from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
-from strategies.single import Replicated
 
 
 class DDPOptions(BaseModel):
@@ -28,43 +44,60 @@ _BUFFER_SYNC_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in
                     inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 
-def allreduce_mean_hook(comm: Comm, bucket):  # DDP rejects a string annotation on `bucket`
-    """DDP's default averaging all-reduce, through our accounting layer."""
-    return comm.all_reduce_async(bucket.buffer().div_(comm.world))
+def sum_then_divide_hook(state: tuple[Comm, int], bucket):  # DDP rejects a string annotation on `bucket`
+    """DDP's averaging all-reduce, through our accounting layer: the sum over the
+    group (sequence shards' gradients add up) divided by its data-parallel ranks."""
+    comm, divide = state
+    return comm.all_reduce_async(bucket.buffer().div_(divide))
+
+
+def replicate(module: nn.Module, comm: Comm, options: DDPOptions, *, device: torch.device,
+              register: Callable[[DistributedDataParallel], None]) -> DistributedDataParallel:
+    """``module`` under torch DDP over ``comm``'s ranks; ``register`` installs the comm hook.
+    DDP broadcasts rank 0's parameters and buffers at construction: replicas start
+    equal. With synchronized batch norm the running stats stay equal without the
+    per-step buffer broadcast."""
+    from strategies.batchnorm import has_sync_batchnorm
+
+    ddp = DistributedDataParallel(
+        module,
+        process_group=comm.group,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=options.bucket_mb,
+        static_graph=options.static_graph,
+        **{_BUFFER_SYNC_ARG: not has_sync_batchnorm(module)},
+    )
+    register(ddp)
+    return ddp
+
+
+class GradAverage:
+    """One flat all-reduce of ``module``'s gradients over ``comm``, launched now,
+    divided by ``divide`` and written back by ``finish``."""
+
+    def __init__(self, module: nn.Module, comm: Comm, divide: int):
+        self.params = [q for q in module.parameters() if q.requires_grad]
+        self.divide = divide
+        self.flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
+                               for q in self.params])
+        self.work = comm.all_reduce(self.flat, async_op=True)
+
+    def finish(self) -> None:
+        self.work.wait()
+        self.flat /= self.divide
+        offset = 0
+        for q in self.params:
+            q.grad = self.flat[offset: offset + q.numel()].view_as(q).clone()
+            offset += q.numel()
 
 
 @register_strategy("ddp")
-class DDP(Replicated):
+class DDP(Parallel):
     """Data parallel: a replica per rank, gradients all-reduced in buckets overlapped with backward."""
 
     Options = DDPOptions
+    uneven_batches = True
 
-    def wrap(self, module):
-        ctx = self.ctx
-        sync_bn = self.options.sync_bn and has_batchnorm(module)
-        if sync_bn:
-            convert_sync_batchnorm(module, ctx.comm)
-        # DDP broadcasts rank 0's parameters and buffers at construction: replicas start
-        # equal. With synchronized batch norm the running stats stay equal without the
-        # per-step buffer broadcast.
-        ddp = DistributedDataParallel(
-            module,
-            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            bucket_cap_mb=self.options.bucket_mb,
-            static_graph=self.options.static_graph,
-            **{_BUFFER_SYNC_ARG: not sync_bn},
-        )
-        self.register_hook(ddp)
-        return ddp
-
-    def register_hook(self, ddp: DistributedDataParallel) -> None:
-        """How DDP's buckets are combined: the mean all-reduce (compression overrides it)."""
-        ddp.register_comm_hook(self.ctx.comm, allreduce_mean_hook)
-
-    def no_sync(self):
-        return self.model.no_sync()
-
-    def after_backward(self, t_backward: float) -> None:
-        # DDP's backward returns only once every bucket is reduced, so the time
-        # since the last bucket was launched is communication no compute hid.
-        self.ctx.comm.close_launched(t_backward)
+    @classmethod
+    def plan(cls, options: DDPOptions, workers: int) -> Plan:
+        return Plan.of(workers, dp=workers, ddp_options=options)

@@ -1,39 +1,37 @@
-"""fsdp: torch FSDP2 (``fully_shard``) on every block and on the root.
+"""The FSDP part, and ``fsdp``: torch FSDP2 (``fully_shard``) on every block and on the root.
 
-Parameters, gradients and optimizer state are sharded over ranks; each block's
-parameters are all-gathered for its forward (and again for backward when
-``reshard_after_forward``) and its gradients reduce-scattered. Both collectives
-go through ``cluster.Comm`` (FSDP2's custom-collective hooks), so bytes and
-time are accounted like every other strategy's.
+Parameters, gradients and optimizer state are sharded over the mesh's
+``fsdp`` ranks; each block's parameters are all-gathered for its forward (and
+again for backward when ``reshard_after_forward``) and its gradients
+reduce-scattered (averaged over the shard group). Both collectives go through
+``cluster.Comm`` (FSDP2's custom-collective hooks), and so does the
+replicas' all-reduce of the reduced shards when FSDP is composed with data
+parallelism (HSDP, FSDP2's all-reduce hook): bytes and time are accounted like
+every other strategy's.
 """
 from __future__ import annotations
 
-import math
-
-from contextlib import contextmanager
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from cluster import Comm
-from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
-from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
-from strategies.checkpoint import held_bytes, load_state, save_state
-from strategies.optim import build_optimizer
+from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
-from workloads import Batch, Workload
 
 
 class FSDPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reshard_after_forward: bool = Field(
-        True, description="free gathered parameters after forward and gather again for backward (less memory)")
+        True, description="free gathered parameters after forward and gather again for backward (less memory; "
+        "composed with a pipeline, parameters stay gathered for the step's micro-batches)")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16: compute and reduce in bfloat16, keep fp32 master weights (where supported)")
     cpu_offload: bool = Field(False, description="keep sharded parameters and optimizer state in CPU memory")
@@ -61,65 +59,41 @@ class _AccountedReduceScatter(ReduceScatter):
         return self.comm.reduce_scatter_single(output_tensor, input_tensor, op=op, async_op=async_op)
 
 
+def apply_fsdp(units: list[nn.Module], roots: list[nn.Module], comm: Comm, options: FSDPOptions, *,
+               device: torch.device, all_reduce: Callable[[torch.Tensor], None] | None = None,
+               reshard_after_forward: bool | None = None) -> list[FSDPModule]:
+    """``fully_shard`` every unit (a block with parameters), then every root (a
+    model, or a pipeline stage, over those units) on ``comm``'s ranks. ``all_reduce``
+    gets each reduce-scattered gradient shard (HSDP: average it over the replicas)."""
+    group = comm.group if comm.group is not None else dist.group.WORLD
+    mesh = DeviceMesh.from_group(group, device.type)
+    kw = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward
+          if reshard_after_forward is None else reshard_after_forward}
+    if options.mixed_precision == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    kw["offload_policy"] = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
+    sharded = [fully_shard(u, **kw) for u in units] + [fully_shard(r, **kw) for r in roots]
+    for unit in sharded:
+        if unit._get_fsdp_state()._fsdp_param_groups:  # a root may own no parameters
+            unit.set_custom_all_gather(_AccountedAllGather(comm))
+            unit.set_custom_reduce_scatter(_AccountedReduceScatter(comm))
+            if all_reduce is not None:
+                unit.set_all_reduce_hook(all_reduce)
+    return sharded
+
+
+def units_of(module: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one: the children that hold parameters."""
+    return [b for b in module.children() if any(True for _ in b.parameters())]
+
+
 @register_strategy("fsdp")
-class FSDP(Strategy):
+class FSDP(Parallel):
     """Fully sharded data parallel (torch FSDP2): parameters, gradients and optimizer state sharded per block."""
 
+    Options = FSDPOptions
     uneven_batches = True
 
-    Options = FSDPOptions
-
-    def setup(self, workload: Workload, ctx: StrategyContext) -> None:
-        self.workload, self.ctx = workload, ctx
-        o = self.options
-        model = workload.model().to(ctx.device)
-        if has_batchnorm(model):
-            convert_sync_batchnorm(model, ctx.comm)  # statistics over the global batch, as in ddp
-        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        kw = {"mesh": mesh, "reshard_after_forward": o.reshard_after_forward}
-        if o.mixed_precision == "bf16":
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-        kw["offload_policy"] = CPUOffloadPolicy() if o.cpu_offload else OffloadPolicy()
-        units = [b for b in model if any(True for _ in b.parameters())]
-        for block in units:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        for unit in [*units, model]:
-            if unit._get_fsdp_state()._fsdp_param_groups:  # the root may own no parameters
-                unit.set_custom_all_gather(_AccountedAllGather(ctx.comm))
-                unit.set_custom_reduce_scatter(_AccountedReduceScatter(ctx.comm))
-        self.module = self.model = model
-        self.opt, self.sched = build_optimizer(model, ctx.optim, ctx.total_steps)
-        self._held: dict[str, int] | None = None
-
-    @contextmanager
-    def _no_sync(self):
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
-
-    def train_step(self, micro_batches: list[Batch]) -> StepStats:
-        loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device,
-                                           no_sync=self._no_sync, weight=self.grad_weight)
-        if self._held is None and self.opt.state:  # second step: gradients and optimizer state both exist
-            self._held = held_bytes(self.model, self.opt)
-        extra["lr"] = self.opt.param_groups[0]["lr"]
-        clip = self.ctx.optim.grad_clip if self.ctx.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        extra["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(extra["grad_norm"]):  # a NaN/Inf loss skips the update (see optim.clip_and_step)
-            self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
-
-    def save_checkpoint(self, url: str) -> None:
-        save_state(url, self.model, self.opt, {"sched": self.sched.state_dict()})
-
-    def load_checkpoint(self, url: str) -> None:
-        self.sched.load_state_dict(load_state(url, self.model, self.opt, {"sched": self.sched.state_dict()})["sched"])
-
-    def memory_bytes(self) -> dict[str, int]:
-        return self._held or {}  # measured at the second step
+    @classmethod
+    def plan(cls, options: FSDPOptions, workers: int) -> Plan:
+        return Plan.of(workers, fsdp=workers, fsdp_options=options)

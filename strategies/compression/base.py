@@ -21,7 +21,7 @@ warm-up steps still do, bucket by bucket, as ddp).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cluster import Comm, all_gather_bytes, all_to_all_bytes, nbytes, ring_allreduce_bytes
 from strategies.base import StepStats
-from strategies.checkpoint import load_state, read_metadata, save_state
 from strategies.ddp import DDP, DDPOptions
 from workloads import Batch, Workload
 
@@ -142,22 +141,26 @@ class Compressed(DDP):
         if options is not None:  # the driver, before any worker starts
             cls.check_options(options, workers=workers, workload=workload)
 
-    def wrap(self, module: nn.Module):
+    def setup(self, workload: Workload, ctx) -> None:
         # the same checks the driver ran, for jobs built without a JobSpec
-        self.check_options(self.options, workers=self.ctx.world, workload=self.workload)
-        return super().wrap(module)
+        self.check_options(self.options, workers=ctx.world, workload=workload)
+        super().setup(workload, ctx)
+        if not hasattr(self, "compressor"):  # one worker: no DDP, nothing to compress
+            self._make(ctx.comm, self.module)
 
-    def register_hook(self, ddp: DistributedDataParallel) -> None:
-        """Instead of ddp's all-reduce: this model's compressor, fed by ``reduce_bucket``."""
-        module = ddp.module
+    def _make(self, comm: Comm, module: nn.Module) -> None:
         self.names = {id(p): n for n, p in module.named_parameters()}
         shapes = {n: p.shape for n, p in module.named_parameters() if p.requires_grad}
         # torch.manual_seed(job seed) ran on every rank before setup: same seed everywhere
-        self.wire = Wire(self.ctx.comm)
+        self.wire = Wire(comm)
         self.compressor = self.make_compressor(self.wire, shapes, torch.initial_seed() % 2**31)
         self._dense_bytes = 0
         self._pending: list[tuple[torch.Tensor, torch.futures.Future]] = []
         self._grads: list[tuple[str, torch.Tensor]] = []
+
+    def register_hook(self, ddp: DistributedDataParallel, comm: Comm, divide: int) -> None:
+        """Instead of ddp's all-reduce: this model's compressor, fed by ``reduce_bucket``."""
+        self._make(comm, ddp.module)
         ddp.register_comm_hook(self, _compressed_hook)
 
     @property
@@ -167,7 +170,7 @@ class Compressed(DDP):
 
     def reduce_bucket(self, bucket) -> torch.futures.Future:
         buf = bucket.buffer()
-        comm = self.ctx.comm
+        comm = self.wire.comm
         self._dense_bytes += ring_allreduce_bytes(nbytes(buf), comm.world)
         if self.optimizer_step < self.options.warmup_steps:  # plain ddp, overlapped with backward
             self.wire.sent += ring_allreduce_bytes(nbytes(buf), comm.world)
@@ -199,39 +202,19 @@ class Compressed(DDP):
         return stats
 
     # -- state -----------------------------------------------------------------------------
-    def _state_prefix(self) -> str:
-        # residuals differ per rank, so each rank's state has its own keys; a
-        # different world size starts compression state afresh
-        return f"w{self.ctx.world}r{self.ctx.rank}"
+    rank_state_key = "compress"  # the key checkpoints written before the mesh have
 
-    def save_checkpoint(self, url: str) -> None:
-        state = {k: v.clone() for k, v in self.compressor.tensors().items()}
-        save_state(url, self.module, self.opt, {"sched": self.sched.state_dict(),
-                                                "compress": {self._state_prefix(): state}})
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        return self.compressor.tensors()
 
-    def load_checkpoint(self, url: str) -> None:
-        """Model, optimizer and schedule as ddp's; this rank's compressor state when
-        the checkpoint has it (same strategy family and world size), else fresh."""
-        prefix = f"extra.compress.{self._state_prefix()}."
-        template = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
-                    for k, m in _checkpoint_keys(url).items() if k.startswith(prefix)}
-        extra: dict[str, Any] = {"sched": self.sched.state_dict()}
-        if template:
-            extra["compress"] = {self._state_prefix(): template}
-        extra = load_state(url, self.module, self.opt, extra)
-        self.sched.load_state_dict(extra["sched"])
-        if template:
-            self.compressor.load_tensors(extra["compress"][self._state_prefix()])
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.compressor.load_tensors(state)
 
     def memory_bytes(self) -> dict[str, int]:
         held = super().memory_bytes()
         if held:
             held = {**held, "compress_bytes": sum(nbytes(t) for t in self.compressor.tensors().values())}
         return held
-
-
-def _checkpoint_keys(url: str) -> dict[str, Any]:
-    return read_metadata(url).state_dict_metadata
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:

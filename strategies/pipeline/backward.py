@@ -29,7 +29,7 @@ class SplitBackward:
     """Captures parameter-owner outputs of ``module``'s forward and runs B and W."""
 
     def __init__(self, module: nn.Module):
-        owners: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
+        owners: list[tuple[str, nn.Module]] = []
         seen: dict[int, str] = {}
         for name, sub in module.named_modules():
             params = [p for p in sub.parameters(recurse=False) if p.requires_grad]
@@ -40,10 +40,10 @@ class SplitBackward:
                                      f"backward (gpipe, 1f1b, interleaved-1f1b)")
                 seen[id(p)] = name
             if params:
-                owners.append((name, sub, params))
+                owners.append((name, sub))
         self.owners = owners
         self._capture: list[tuple[int, torch.Tensor]] | None = None
-        self._handles = [sub.register_forward_hook(self._hook(i)) for i, (_, sub, _) in enumerate(owners)]
+        self._handles = [sub.register_forward_hook(self._hook(i)) for i, (_, sub) in enumerate(owners)]
 
     def remove(self) -> None:
         """Take the hooks off the modules."""
@@ -89,7 +89,8 @@ class SplitBackward:
     def backward_weight(self, pending: Pending) -> None:
         """W: accumulate every owner's parameter gradients into ``.grad``."""
         for index, out, grad in pending.items:
-            params = self.owners[index][2]
+            # the owner's parameters now: FSDP registers its unsharded ones for the step
+            params = [p for p in self.owners[index][1].parameters(recurse=False) if p.requires_grad]
             # retain_graph: a parent module's weights may sit behind a child's ops, which the
             # child's own W walks again; the graph goes when the last reference to it does
             grads = torch.autograd.grad([out], params, [grad], retain_graph=True, allow_unused=True)

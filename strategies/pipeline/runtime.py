@@ -25,16 +25,17 @@ from workloads import Batch, Workload
 class StepRun:
     def __init__(self, *, schedule: Schedule, rank: int, stages: dict[int, nn.Sequential],
                  split: dict[int, SplitBackward], workload: Workload, micro_batches: list[Batch],
-                 mailbox: Mailbox, weights_done: Callable[[int], None]):
+                 mailbox: Mailbox, weights_done: Callable[[int], None], scale: float = 1.0):
         self.schedule, self.rank, self.stages, self.split = schedule, rank, stages, split
         self.workload, self.mbs, self.mailbox, self.weights_done = workload, micro_batches, mailbox, weights_done
         self.last = schedule.n_stages - 1
-        self.params = {s: [p for p in mod.parameters() if p.requires_grad] for s, mod in stages.items()}
+        # each micro-batch's loss counts by its samples (and ``scale``: a sequence shard's share)
+        self.scale, self.samples = scale, sum(mb[0].shape[0] for mb in micro_batches)
         self.fwd: dict[tuple[int, int], tuple] = {}
         self.pending: dict[tuple[int, int], object] = {}
         self.local: dict[Key, torch.Tensor] = {}
         self.left = {s: schedule.microbatches for s in stages}  # weight-gradient passes still to run
-        self.losses: list[torch.Tensor] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64)  # sum over samples of the scaled loss
         self.metrics: dict[str, float] = {}
         self.timeline: list[tuple[str, float, float]] = []
 
@@ -67,11 +68,11 @@ class StepRun:
         if s == self.last:
             mb = self.mbs[j]
             loss = self.workload.loss(out, mb)
-            self.losses.append(loss.detach())
             k = mb[0].shape[0]
+            self.loss_sum += loss.detach().double().cpu() * (k * self.scale)
             for name, v in self.workload.step_metrics(out.detach(), mb).items():
                 self.metrics[name] = self.metrics.get(name, 0.0) + v * k
-            root = loss / self.schedule.microbatches  # gradients: the mean over the micro-batches
+            root = loss * (self.scale * k / self.samples)  # gradients: the mean over the samples
         else:
             root = out
         self._clock(a, t0)
@@ -106,10 +107,16 @@ class StepRun:
         x, root, _ = self.fwd.pop((s, j))
         grad = self._output_grad(s, j)
         t0 = time.time()
-        dx = full_backward(root, grad, x, self.params[s])
+        # parameters now, not at set-up: FSDP registers its unsharded ones for the step
+        dx = full_backward(root, grad, x, [p for p in self.stages[s].parameters() if p.requires_grad])
         self._clock(a, t0)
         self._send_input_grad(s, j, x, dx)
         self._count(s)
+
+    @property
+    def loss(self) -> float:
+        """This rank's (scaled) loss share of the step: the samples-weighted mean."""
+        return float(self.loss_sum) / self.samples
 
     def _count(self, s: int) -> None:
         self.left[s] -= 1

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from cluster import ring_allreduce_bytes
 from orchestrator.config import JobSpec
 from orchestrator.trainer import RankTrainer
 from tests.ranks import run_ranks
@@ -17,11 +18,13 @@ def step_rows(rank, world, strategy):
 
 def test_fsdp_bytes_equal_the_formula_without_reshard(tmp_path):
     """reshard_after_forward=False: one all-gather of every shard, one reduce-scatter
-    of every gradient per step: 2 (w-1) x held parameter bytes per rank."""
+    of every gradient per step: 2 (w-1) x held parameter bytes per rank, plus the
+    all-reduce of the squared gradient norm (one float32) that clipping needs."""
     rows = run_ranks(step_rows, 2, tmp_path, {"name": "fsdp", "reshard_after_forward": False})
+    norm = ring_allreduce_bytes(4, 2)
     for r in rows:
         held = r[-1]["param_bytes"]
-        assert all(row["bytes_sent"] == row["bytes_received"] == 2 * held for row in r)
+        assert all(row["bytes_sent"] == row["bytes_received"] == 2 * held + norm for row in r)
         assert all(row["comm_s"] > 0 for row in r)
 
 
