@@ -202,7 +202,7 @@ def test_one_peer_exp_rounds_multiply_to_the_exact_average():
 
 def _gossip(rank: int, world: int, **options):
     """A gossip strategy alone (no loader, no orchestrator): what the mixing checks need."""
-    from strategies.gossip import Gossip, GossipOptions
+    from strategies.decentralized.gossip import Gossip, GossipOptions
     from workloads import WORKLOADS
 
     workload = WORKLOADS.get(GPT["name"])(**{k: v for k, v in GPT.items() if k != "name"})
@@ -226,7 +226,7 @@ def _rounds(strategy, rank: int, rounds: int = 1) -> tuple[torch.Tensor, torch.T
     params = _scrambled(strategy, rank)
     before = _gather(flatten(params))
     for i in range(rounds):
-        strategy.gossip_round(i)
+        strategy.mixer.round(i)
     return before, _gather(flatten(params))
 
 
@@ -237,8 +237,8 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
     out["consensus_measured"] = ring.consensus()  # of the ring round's result, gathered above
     # complete through neighbour exchanges (the generic path) instead of the all-reduce
     g = _gossip(rank, world, topology="complete")
-    g.all_reduce_complete = False
-    g.rounds = [rank_round(mixing_matrix("complete", world), rank)]
+    g.mixer.all_reduce_complete = False
+    g.mixer.rounds = [rank_round(mixing_matrix("complete", world), rank)]
     out["complete_by_exchange"] = _rounds(g, rank)
     out["consensus"] = _rounds(_gossip(rank, world, topology="one-peer-exp"), rank, int(math.log2(world)))
     # training steps: bytes, consensus distance, overlap, global averaging
@@ -249,7 +249,25 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
         rows = [t.train_step() for _ in range(STEPS)]
         out["train"][name] = {"rows": rows, "final": _gather(flatten(_params(t)))}
     out["resume_exact"] = _resume_is_exact(rank, world, {"name": "gossip", "overlap": True}, folder)
+    out["subgroup"] = mixer_on_subgroup(rank, world)
     return out
+
+
+def mixer_on_subgroup(rank: int, world: int) -> dict:
+    """GossipMixer on plain tensors (not a module's) over the sub-groups {0, 2} and {1, 3}:
+    the outer sync's shape, one rank per node of two."""
+    from strategies.decentralized.mixing import GossipMixer
+
+    comm = Comm()
+    dp = comm.split([[0, 2], [1, 3]])
+    g = torch.Generator().manual_seed(200 + rank)
+    tensors = [torch.randn(4, 3, generator=g), torch.randn(7, generator=g)]
+    before = _gather(flatten(tensors))
+    comm.take_stats()
+    mixer = GossipMixer(tensors, dp, topology="ring")
+    mixer.round(0)
+    sent = comm.take_stats().bytes_sent
+    return {"before": before, "after": _gather(flatten(tensors)), "sent": sent, "consensus": mixer.consensus()}
 
 
 @pytest.mark.slow
@@ -297,6 +315,10 @@ def test_gossip_on_4_ranks(four_ranks):
     torch.testing.assert_close(ring["final"], _gossip_reference("ring", world, overlap=False), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(overlap["final"], _gossip_reference("ring", world, overlap=True), rtol=1e-5, atol=1e-7)
     assert out["resume_exact"]
+    for r, rank_out in enumerate(four_ranks):  # the mixer over a sub-group: each pair averages, one send each
+        sub = rank_out["gossip"]["subgroup"]
+        torch.testing.assert_close(sub["after"][r], (sub["before"][r] + sub["before"][r ^ 2]) / 2, rtol=0, atol=1e-6)
+        assert sub["sent"] == 19 * 4 and sub["consensus"]["consensus_distance"] == 0.0
 
 
 def _gossip_reference(topology: str, world: int, *, overlap: bool) -> torch.Tensor:

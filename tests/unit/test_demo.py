@@ -157,6 +157,38 @@ def test_gossip_at_one_worker_is_single_exactly(small_gpt):
         assert torch.equal(sg[k], ss[k]), k
 
 
+def test_gossip_keeps_its_old_import_path_and_registered_name():
+    import strategies.gossip as old
+    from strategies import STRATEGIES
+    from strategies.decentralized.gossip import Gossip, GossipOptions
+
+    assert (old.Gossip, old.GossipOptions) == (Gossip, GossipOptions)
+    assert STRATEGIES.get("gossip") is Gossip and Gossip.checkpoint_format == "dcp-gossip"
+
+
+def test_gossip_mixer_on_plain_tensors_of_one_rank():
+    """Any tensors (not a module's parameters): alone, a round leaves them as they are."""
+    from strategies.decentralized.mixing import GossipMixer
+
+    tensors = [torch.randn(3, 4), torch.randn(5)]
+    before = [t.clone() for t in tensors]
+    mixer = GossipMixer(tensors, Comm(), topology="ring", overlap=True)
+    m = mixer.launch(0)
+    tensors[1].add_(1.0)  # a local update between launch and finish stays (overlap)
+    mixer.finish(m)
+    assert torch.equal(tensors[0], before[0]) and torch.equal(tensors[1], before[1] + 1.0)
+    assert mixer.consensus()["consensus_distance"] == 0.0
+    assert mixer.buffer_bytes() == 17 * 4  # the snapshot, no neighbour
+
+
+def test_gossip_mixer_rejects_mixed_dtypes_on_one_line():
+    from strategies.decentralized.mixing import GossipMixer
+
+    with pytest.raises(ValueError) as e:
+        GossipMixer([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)], Comm())
+    assert str(e.value) == "gossip tensors: dtypes torch.bfloat16, torch.float32: must all share one dtype"
+
+
 # -- bad input: one line, before any worker starts ------------------------------------------------
 
 def _job(strategy: dict, workers: int = 4):
@@ -185,7 +217,7 @@ def test_demo_bad_options_one_line(options, expected):
     ("torus", 2, "workers=2: topology 'torus' needs workers = rows x cols"),
 ])
 def test_gossip_topology_needs_the_right_worker_count(topology, workers, expected):
-    from strategies.gossip import Gossip, GossipOptions
+    from strategies.decentralized.gossip import Gossip, GossipOptions
 
     workload = _job({"name": "ddp"}, 1).build_workload()
     with pytest.raises(ValueError) as e:
