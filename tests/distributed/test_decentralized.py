@@ -6,7 +6,9 @@ Both run in one 4-rank launch (``four_ranks``).
   (world - 1) x sum(blocks x k x (index bytes + value bytes)), computed here
   from the model's shapes; with compression switched off (chunk=1, topk=1, fp32
   values: every coefficient sent, the buffer empties each step) it is sign-SGD
-  on the mean gradient, checked against a plain single-process loop.
+  on the mean gradient, checked against a plain single-process loop. ``DeMo``
+  on plain tensors with gradients handed over, over sub-groups of two (the
+  outer sync's shape): each group bit-identical, bytes as the formula.
 - gossip: each topology's round equals W @ (every rank's parameters) for the
   topology's matrix and preserves the average; complete equals the all-reduce
   average, through the all-reduce and through neighbour exchanges;
@@ -14,7 +16,7 @@ Both run in one 4-rank launch (``four_ranks``).
   at 4 and 8 ranks with no updates; bytes, consensus distance, global
   averaging; ring (with and without overlap) and complete training against
   a single-process reference (``_gossip_reference``); checkpoints that
-  resume bit-exactly.
+  resume bit-exactly; ``GossipMixer`` on plain tensors over sub-groups of two.
 """
 import math
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from cluster import Comm, all_gather_bytes, ring_allreduce_bytes
 from strategies.base import OptimConfig, StrategyContext
+from strategies.decentralized.demo import demo_bytes_per_step
 from strategies.decentralized.flat import flatten, unflatten_into
 from strategies.decentralized.topology import TOPOLOGIES, mixing_matrix, num_rounds, rank_round, topology_error
 from strategies.optim import lr_factor
@@ -89,7 +92,27 @@ def demo_rank(rank: int, world: int, folder: str) -> dict:
     # under a simulated network: set-up's broadcast goes through Comm before the first step
     _trainer({"name": "demo"}, rank, world, steps=1, scenario="internet-1g").train_step()
     return {"state": _state(t), "rows": rows, "off_state": _state(off), "off_losses": off_losses,
-            "resume_exact": _resume_is_exact(rank, world, {"name": "demo"}, folder)}
+            "resume_exact": _resume_is_exact(rank, world, {"name": "demo"}, folder),
+            "subgroup": demo_on_subgroup(rank, world)}
+
+
+SUB_SHAPES, SUB_STEPS = [(64, 128), (64,)], 2
+
+
+def demo_on_subgroup(rank: int, world: int) -> dict:
+    """DeMo on plain tensors with gradients handed over (not a module's) over the
+    sub-groups {0, 2} and {1, 3}: the outer sync's shape, one rank per node of two."""
+    from strategies.decentralized.demo import DeMo
+
+    comm = Comm()
+    dp = comm.split([[0, 2], [1, 3]])
+    start, own = torch.Generator().manual_seed(rank % 2), torch.Generator().manual_seed(300 + rank)
+    x = [torch.randn(s, generator=start) for s in SUB_SHAPES]  # equal within a group, not across
+    opt = DeMo(x, dp, topk=4, chunk=32, decay=0.9, value_dtype=torch.bfloat16, decays=[True, False])
+    comm.take_stats()
+    for _ in range(SUB_STEPS):
+        opt.step(0.01, 0.1, grads=[torch.randn(s, generator=own) for s in SUB_SHAPES])
+    return {"x": _gather(flatten(x)), "sent": comm.take_stats().bytes_sent}
 
 
 def _demo_payload_bytes(shapes: list[torch.Size], topk: int = 32, chunk: int = 64, value_bytes: int = 2) -> int:
@@ -170,6 +193,12 @@ def test_demo_ranks_identical_bytes_exact_and_uncompressed_is_sign_sgd(four_rank
     mean_losses = torch.tensor([r["off_losses"] for r in out]).mean(0)  # equal slices: the batch's mean
     torch.testing.assert_close(mean_losses, torch.tensor(ref_losses), rtol=1e-4, atol=1e-4)
     assert all(r["resume_exact"] for r in out)
+    # on a sub-group, plain tensors: each pair bit-identical, the pairs apart, bytes as the formula
+    x = out[0]["subgroup"]["x"]
+    assert torch.equal(x[0], x[2]) and torch.equal(x[1], x[3]) and not torch.allclose(x[0], x[1])
+    per_step = all_gather_bytes(_demo_payload_bytes(SUB_SHAPES, topk=4, chunk=32), 2)
+    assert demo_bytes_per_step(SUB_SHAPES, 4, 32, torch.bfloat16, 2) == per_step
+    assert all(r["subgroup"]["sent"] == SUB_STEPS * per_step for r in out)
 
 
 # -- gossip: topologies as data (no processes) -------------------------------------------------------
