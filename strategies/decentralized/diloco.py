@@ -42,8 +42,17 @@ class DiLoCo:
             raise ValueError(f"diloco momentum={momentum!r}: must lie in [0, 1)")
         self.tensors, self.comm = tensors, comm
         self.every, self.lr, self.momentum, self.nesterov = every, lr, momentum, nesterov
-        self.global_params = [t.detach().to(torch.float32, copy=True) for t in tensors]
-        self.momentum_buffers = [torch.zeros_like(g) for g in self.global_params]
+        self.global_params = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+        self.momentum_buffers = [torch.empty_like(g) for g in self.global_params]
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start afresh from the tensors as they are now (global copies taken, momentum zero):
+        after they were loaded from a checkpoint that holds no DiLoCo state."""
+        for g, buf, t in zip(self.global_params, self.momentum_buffers, self.tensors):
+            g.copy_(t)
+            buf.zero_()
 
     def after_step(self, step: int) -> bool:
         """Call after every inner step (``step``: inner steps done, from 1); runs the

@@ -117,6 +117,22 @@ def test_state_round_trip_resumes_the_same_trajectory():
     assert a.bytes_per_outer_step == 0  # one rank: nothing to send
 
 
+def test_reset_takes_the_tensors_as_they_are_now():
+    """After parameters are loaded from a checkpoint without DiLoCo state, the next outer
+    step must start from them, not pull them back to the stale global copies."""
+    comm = Comm()
+    d = DiLoCo(_start(), comm, every=1, lr=0.7, momentum=0.9)
+    _train(0, 1, d, 2, comm)  # momentum is not zero now
+    loaded = [torch.full(s, 3.0) for s in SHAPES]
+    for t, x in zip(d.tensors, loaded):
+        t.copy_(x)
+    d.reset()
+    assert all(torch.equal(g, x) for g, x in zip(d.global_params, loaded))
+    assert all(not b.any() for b in d.momentum_buffers)
+    d.after_step(3)  # no inner change since: the outer step moves nothing
+    assert all(torch.equal(t, x) for t, x in zip(d.tensors, loaded))
+
+
 def test_bf16_tensors_keep_fp32_global_copies():
     x = [torch.ones(3, dtype=torch.bfloat16)]
     d = DiLoCo(x, Comm(), every=1, lr=0.25, momentum=0.0)
