@@ -8,7 +8,9 @@ Both run in one 4-rank launch (``four_ranks``).
   values: every coefficient sent, the buffer empties each step) it is sign-SGD
   on the mean gradient, checked against a plain single-process loop. ``DeMo``
   on plain tensors with gradients handed over, over sub-groups of two (the
-  outer sync's shape): each group bit-identical, bytes as the formula.
+  outer sync's shape): each group bit-identical, bytes as the formula; and on
+  FSDP2 shards (FSDP inside nodes of two, DeMo across them on ``p.to_local()``
+  with ``p.grad.to_local()``) equal to DeMo of the whole parameters.
 - gossip: each topology's round equals W @ (every rank's parameters) for the
   topology's matrix and preserves the average; complete equals the all-reduce
   average, through the all-reduce and through neighbour exchanges;
@@ -93,7 +95,7 @@ def demo_rank(rank: int, world: int, folder: str) -> dict:
     _trainer({"name": "demo"}, rank, world, steps=1, scenario="internet-1g").train_step()
     return {"state": _state(t), "rows": rows, "off_state": _state(off), "off_losses": off_losses,
             "resume_exact": _resume_is_exact(rank, world, {"name": "demo"}, folder),
-            "subgroup": demo_on_subgroup(rank, world)}
+            "subgroup": demo_on_subgroup(rank, world), "fsdp": demo_on_fsdp_shards(rank, world)}
 
 
 SUB_SHAPES, SUB_STEPS = [(64, 128), (64,)], 2
@@ -150,6 +152,49 @@ def _sign_sgd_reference(steps: int) -> tuple[dict, list[float]]:
     return _state(t), losses
 
 
+def _two_linears() -> torch.nn.Module:
+    torch.manual_seed(0)  # every row count of a shard of two (16, 32) a multiple of chunk=16
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32))
+
+
+def demo_on_fsdp_shards(rank: int, world: int) -> dict:
+    """The outer sync's real shape: FSDP2 inside each node of two ({0, 1}, {2, 3}),
+    DeMo across nodes ({0, 2}, {1, 3}) on this rank's shards (``p.to_local()``) with
+    their gradients (``p.grad.to_local()``). Returns the full parameters after the
+    step and the (FSDP-averaged) full gradients this rank's node computed."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from strategies.decentralized.demo import DeMo
+
+    comm = Comm()
+    node, dp = comm.split([[0, 1], [2, 3]]), comm.split([[0, 2], [1, 3]])
+    model = _two_linears()
+    fully_shard(model, mesh=DeviceMesh.from_group(node.group, "cpu"))
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(rank))
+    model(x).square().mean().backward()
+    params = list(model.parameters())
+    opt = DeMo([p.to_local() for p in params], dp, topk=4, chunk=16, decay=0.9, value_dtype=torch.float32,
+               decays=[p.dim() >= 2 for p in params])
+    opt.step(0.01, 0.1, grads=[p.grad.to_local() for p in params])
+    return {"params": [p.full_tensor() for p in params], "grads": [p.grad.full_tensor() for p in params]}
+
+
+def _demo_whole_across_two_nodes(grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The reference: DeMo of the whole parameters, one optimizer per node, the
+    all-gather done by hand (node 0's payload first, as the group orders it)."""
+    from strategies.decentralized.demo import DeMo
+
+    nodes = [list(_two_linears().parameters()) for _ in grads]
+    opts = [DeMo(ps, Comm(), topk=4, chunk=16, decay=0.9, value_dtype=torch.float32,
+                 decays=[p.dim() >= 2 for p in ps]) for ps in nodes]
+    gathered = torch.stack([o.compress(0.01, grads=g) for o, g in zip(opts, grads)])
+    for o in opts:
+        o.apply(gathered, 0.01, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(*nodes))
+    return [p.detach() for p in nodes[0]]
+
+
 # -- one 4-rank run for both strategies (spawning ranks is most of the cost on 2 cores) ----------------
 
 WORLD = 4
@@ -199,6 +244,11 @@ def test_demo_ranks_identical_bytes_exact_and_uncompressed_is_sign_sgd(four_rank
     per_step = all_gather_bytes(_demo_payload_bytes(SUB_SHAPES, topk=4, chunk=32), 2)
     assert demo_bytes_per_step(SUB_SHAPES, 4, 32, torch.bfloat16, 2) == per_step
     assert all(r["subgroup"]["sent"] == SUB_STEPS * per_step for r in out)
+    # on FSDP2 shards: DeMo per shard, across nodes, is DeMo of the whole parameters
+    expected = _demo_whole_across_two_nodes([out[0]["fsdp"]["grads"], out[2]["fsdp"]["grads"]])
+    for r in out:
+        for got, want in zip(r["fsdp"]["params"], expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
 # -- gossip: topologies as data (no processes) -------------------------------------------------------
