@@ -69,6 +69,13 @@ class DeMoOptions(BaseModel):
         return self
 
 
+def _columns(gathered: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Bytes ``start:end`` of every rank's payload as a fresh tensor: viewing bytes as a
+    wider type needs an aligned start and row stride, which a slice of a single row
+    (one rank, where ``contiguous()`` copies nothing) may lack."""
+    return gathered[:, start:end].clone(memory_format=torch.contiguous_format)
+
+
 def demo_bytes_per_step(shapes: list[tuple[int, ...]], topk: int, chunk: int, value_dtype: torch.dtype | str,
                         world: int) -> int:
     """Bytes a rank sends (and receives) in one DeMo step over ``world`` ranks: the
@@ -140,11 +147,8 @@ class DeMo:
         world, out = gathered.shape[0], []
         for p, plan, (off, ib, vb) in zip(self.params, self.plans, self.layout):
             shape = (world, plan.blocks, plan.k)
-            # a fresh copy of each slice: viewing bytes as a wider type needs an aligned start and
-            # row stride, which a slice of one rank's row (where contiguous() copies nothing) lacks
-            part = lambda a, b: gathered[:, a:b].clone(memory_format=torch.contiguous_format)  # noqa: E731
-            idx = part(off, off + ib).view(plan.index_dtype).reshape(shape).long()
-            val = part(off + ib, off + ib + vb).view(self.value_dtype).reshape(shape)
+            idx = _columns(gathered, off, off + ib).view(plan.index_dtype).reshape(shape).long()
+            val = _columns(gathered, off + ib, off + ib + vb).view(self.value_dtype).reshape(shape)
             out.append((idx, val.to(p.dtype)))
         return out
 
