@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster import Comm, ring_allreduce_bytes
+from cluster import Comm, nbytes, ring_allreduce_bytes
 from strategies.decentralized.flat import average_flat
 
 
@@ -76,6 +76,11 @@ class DiLoCo:
     def bytes_per_outer_step(self) -> int:
         """What one outer step sends (and receives) per rank: a ring all-reduce of the fp32 deltas."""
         return ring_allreduce_bytes(4 * sum(g.numel() for g in self.global_params), self.comm.world)
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory the outer step holds on this rank: the fp32 global copies and momentum buffers."""
+        return sum(map(nbytes, self.state().values()))
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:

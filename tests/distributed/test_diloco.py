@@ -139,6 +139,7 @@ def test_bf16_tensors_keep_fp32_global_copies():
     x[0].sub_(2**-7)  # exact in bf16
     d.after_step(1)
     assert d.global_params[0].dtype == torch.float32 and x[0].dtype == torch.bfloat16
+    assert d.state_bytes == 2 * 3 * 4  # global copy and momentum, fp32 whatever the tensors' dtype
     assert torch.equal(d.global_params[0], torch.full((3,), 1 - 2**-9))  # exact in fp32, between two bf16 values
     assert torch.equal(x[0], d.global_params[0].to(torch.bfloat16)) and not torch.equal(x[0].float(), d.global_params[0])
 
