@@ -27,9 +27,8 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
-from cluster import Comm, nbytes
+from cluster import Comm, all_gather_bytes, nbytes
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.decentralized.dct import ChunkedDCT
 from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
@@ -70,10 +69,37 @@ class DeMoOptions(BaseModel):
         return self
 
 
-class DeMo:
-    """DeMo's update of ``params`` on one rank; ``comm`` carries the all-gather."""
+def _columns(gathered: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Bytes ``start:end`` of every rank's payload as a fresh tensor: viewing bytes as a
+    wider type needs an aligned start and row stride, which a slice of a single row
+    (one rank, where ``contiguous()`` copies nothing) may lack."""
+    return gathered[:, start:end].clone(memory_format=torch.contiguous_format)
 
-    def __init__(self, params: list[nn.Parameter], comm: Comm, *, topk: int, chunk: int, decay: float,
+
+def demo_bytes_per_step(shapes: list[tuple[int, ...]], topk: int, chunk: int, value_dtype: torch.dtype | str,
+                        world: int) -> int:
+    """Bytes a rank sends (and receives) in one DeMo step over ``world`` ranks: the
+    all-gather of the packed payload, sum over tensors of blocks x k x (index + value bytes)."""
+    value_dtype = VALUE_DTYPES.get(value_dtype, value_dtype)
+    payload = sum(ChunkedDCT(tuple(s), chunk, topk).payload_bytes(value_dtype) for s in shapes)
+    return all_gather_bytes(payload, world)
+
+
+class DeMo:
+    """DeMo's update of ``params`` on one rank; ``comm`` carries the all-gather.
+
+    ``params`` are any tensors changed in place, not only a module's parameters: a
+    composition's outer sync passes this rank's local tensors (whole parameters, or
+    its FSDP shards as ``p.to_local()``, which alias the parameter's storage) and
+    the ranks of ``comm`` (one per node) must hold tensors of the same shapes (the
+    same shard of each parameter: they share an FSDP coordinate). Gradients are read
+    from each tensor's ``.grad`` unless ``step``/``compress`` are given ``grads``; a
+    shard's is ``p.grad.to_local()`` (backward fills only the DTensor's ``.grad``).
+    A shard is transformed in blocks of its own shape, so per-shard DeMo is DeMo of
+    the whole parameter when the shard's rows are a multiple of ``chunk`` (FSDP2
+    shards dim 0) and differs in block layout otherwise."""
+
+    def __init__(self, params: list[torch.Tensor], comm: Comm, *, topk: int, chunk: int, decay: float,
                  value_dtype: torch.dtype, decays: list[bool]):
         self.params, self.comm, self.decay, self.value_dtype = params, comm, decay, value_dtype
         self.decays = decays  # whether weight decay applies to each parameter
@@ -93,15 +119,18 @@ class DeMo:
         self.payload_nbytes = off
 
     @torch.no_grad()
-    def compress(self, lr: float, *, finite: bool = True) -> torch.Tensor:
-        """Fold this step's gradients into the momentum (not if ``finite`` is false: a
-        NaN/Inf gradient would poison the buffer for good), take the top-k of each
-        block, remove what is sent from the momentum; returns the payload (uint8)."""
+    def compress(self, lr: float, *, finite: bool = True, grads: list[torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
+        """Fold this step's gradients (``grads``, default each tensor's ``.grad``) into
+        the momentum (not if ``finite`` is false: a NaN/Inf gradient would poison the
+        buffer for good), take the top-k of each block, remove what is sent from the
+        momentum; returns the payload (uint8)."""
         parts = []
-        for p, m, plan in zip(self.params, self.momentum, self.plans):
+        grads = [p.grad for p in self.params] if grads is None else grads
+        for g, m, plan in zip(grads, self.momentum, self.plans, strict=True):
             m.mul_(self.decay)
-            if p.grad is not None and finite:
-                m.add_(plan.encode(p.grad), alpha=lr)
+            if g is not None and finite:
+                m.add_(plan.encode(g), alpha=lr)
             idx, val = plan.topk_of(m)
             sent = val.to(self.value_dtype)
             m.scatter_(1, idx, val - sent.to(m.dtype))  # what is left of a sent coefficient: its rounding
@@ -118,8 +147,8 @@ class DeMo:
         world, out = gathered.shape[0], []
         for p, plan, (off, ib, vb) in zip(self.params, self.plans, self.layout):
             shape = (world, plan.blocks, plan.k)
-            idx = gathered[:, off:off + ib].contiguous().view(plan.index_dtype).reshape(shape).long()
-            val = gathered[:, off + ib:off + ib + vb].contiguous().view(self.value_dtype).reshape(shape)
+            idx = _columns(gathered, off, off + ib).view(plan.index_dtype).reshape(shape).long()
+            val = _columns(gathered, off + ib, off + ib + vb).view(self.value_dtype).reshape(shape)
             out.append((idx, val.to(p.dtype)))
         return out
 
@@ -132,8 +161,9 @@ class DeMo:
                 p.mul_(1.0 - lr * weight_decay)
             p.add_(q.sign_(), alpha=-lr)
 
-    def step(self, lr: float, weight_decay: float, *, finite: bool = True) -> None:
-        payload = self.compress(lr, finite=finite)
+    def step(self, lr: float, weight_decay: float, *, finite: bool = True,
+             grads: list[torch.Tensor | None] | None = None) -> None:
+        payload = self.compress(lr, finite=finite, grads=grads)
         self.apply(self.comm.all_gather(payload), lr, weight_decay)
 
 

@@ -6,7 +6,11 @@ Both run in one 4-rank launch (``four_ranks``).
   (world - 1) x sum(blocks x k x (index bytes + value bytes)), computed here
   from the model's shapes; with compression switched off (chunk=1, topk=1, fp32
   values: every coefficient sent, the buffer empties each step) it is sign-SGD
-  on the mean gradient, checked against a plain single-process loop.
+  on the mean gradient, checked against a plain single-process loop. ``DeMo``
+  on plain tensors with gradients handed over, over sub-groups of two (the
+  outer sync's shape): each group bit-identical, bytes as the formula; and on
+  FSDP2 shards (FSDP inside nodes of two, DeMo across them on ``p.to_local()``
+  with ``p.grad.to_local()``) equal to DeMo of the whole parameters.
 - gossip: each topology's round equals W @ (every rank's parameters) for the
   topology's matrix and preserves the average; complete equals the all-reduce
   average, through the all-reduce and through neighbour exchanges;
@@ -14,7 +18,7 @@ Both run in one 4-rank launch (``four_ranks``).
   at 4 and 8 ranks with no updates; bytes, consensus distance, global
   averaging; ring (with and without overlap) and complete training against
   a single-process reference (``_gossip_reference``); checkpoints that
-  resume bit-exactly.
+  resume bit-exactly; ``GossipMixer`` on plain tensors over sub-groups of two.
 """
 import math
 
@@ -24,6 +28,7 @@ import torch.distributed as dist
 
 from cluster import Comm, all_gather_bytes, ring_allreduce_bytes
 from strategies.base import OptimConfig, StrategyContext
+from strategies.decentralized.demo import demo_bytes_per_step
 from strategies.decentralized.flat import flatten, unflatten_into
 from strategies.decentralized.topology import TOPOLOGIES, mixing_matrix, num_rounds, rank_round, topology_error
 from strategies.optim import lr_factor
@@ -89,7 +94,27 @@ def demo_rank(rank: int, world: int, folder: str) -> dict:
     # under a simulated network: set-up's broadcast goes through Comm before the first step
     _trainer({"name": "demo"}, rank, world, steps=1, scenario="internet-1g").train_step()
     return {"state": _state(t), "rows": rows, "off_state": _state(off), "off_losses": off_losses,
-            "resume_exact": _resume_is_exact(rank, world, {"name": "demo"}, folder)}
+            "resume_exact": _resume_is_exact(rank, world, {"name": "demo"}, folder),
+            "subgroup": demo_on_subgroup(rank, world), "fsdp": demo_on_fsdp_shards(rank, world)}
+
+
+SUB_SHAPES, SUB_STEPS = [(64, 128), (64,)], 2
+
+
+def demo_on_subgroup(rank: int, world: int) -> dict:
+    """DeMo on plain tensors with gradients handed over (not a module's) over the
+    sub-groups {0, 2} and {1, 3}: the outer sync's shape, one rank per node of two."""
+    from strategies.decentralized.demo import DeMo
+
+    comm = Comm()
+    dp = comm.split([[0, 2], [1, 3]])
+    start, own = torch.Generator().manual_seed(rank % 2), torch.Generator().manual_seed(300 + rank)
+    x = [torch.randn(s, generator=start) for s in SUB_SHAPES]  # equal within a group, not across
+    opt = DeMo(x, dp, topk=4, chunk=32, decay=0.9, value_dtype=torch.bfloat16, decays=[True, False])
+    comm.take_stats()
+    for _ in range(SUB_STEPS):
+        opt.step(0.01, 0.1, grads=[torch.randn(s, generator=own) for s in SUB_SHAPES])
+    return {"x": _gather(flatten(x)), "sent": comm.take_stats().bytes_sent}
 
 
 def _demo_payload_bytes(shapes: list[torch.Size], topk: int = 32, chunk: int = 64, value_bytes: int = 2) -> int:
@@ -125,6 +150,49 @@ def _sign_sgd_reference(steps: int) -> tuple[dict, list[float]]:
                     p.mul_(1 - lr * spec.optim.weight_decay)
                 p.add_(p.grad.sign(), alpha=-lr)
     return _state(t), losses
+
+
+def _two_linears() -> torch.nn.Module:
+    torch.manual_seed(0)  # every row count of a shard of two (16, 32) a multiple of chunk=16
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32))
+
+
+def demo_on_fsdp_shards(rank: int, world: int) -> dict:
+    """The outer sync's real shape: FSDP2 inside each node of two ({0, 1}, {2, 3}),
+    DeMo across nodes ({0, 2}, {1, 3}) on this rank's shards (``p.to_local()``) with
+    their gradients (``p.grad.to_local()``). Returns the full parameters after the
+    step and the (FSDP-averaged) full gradients this rank's node computed."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from strategies.decentralized.demo import DeMo
+
+    comm = Comm()
+    node, dp = comm.split([[0, 1], [2, 3]]), comm.split([[0, 2], [1, 3]])
+    model = _two_linears()
+    fully_shard(model, mesh=DeviceMesh.from_group(node.group, "cpu"))
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(rank))
+    model(x).square().mean().backward()
+    params = list(model.parameters())
+    opt = DeMo([p.to_local() for p in params], dp, topk=4, chunk=16, decay=0.9, value_dtype=torch.float32,
+               decays=[p.dim() >= 2 for p in params])
+    opt.step(0.01, 0.1, grads=[p.grad.to_local() for p in params])
+    return {"params": [p.full_tensor() for p in params], "grads": [p.grad.full_tensor() for p in params]}
+
+
+def _demo_whole_across_two_nodes(grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The reference: DeMo of the whole parameters, one optimizer per node, the
+    all-gather done by hand (node 0's payload first, as the group orders it)."""
+    from strategies.decentralized.demo import DeMo
+
+    nodes = [list(_two_linears().parameters()) for _ in grads]
+    opts = [DeMo(ps, Comm(), topk=4, chunk=16, decay=0.9, value_dtype=torch.float32,
+                 decays=[p.dim() >= 2 for p in ps]) for ps in nodes]
+    gathered = torch.stack([o.compress(0.01, grads=g) for o, g in zip(opts, grads)])
+    for o in opts:
+        o.apply(gathered, 0.01, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(*nodes))
+    return [p.detach() for p in nodes[0]]
 
 
 # -- one 4-rank run for both strategies (spawning ranks is most of the cost on 2 cores) ----------------
@@ -170,6 +238,17 @@ def test_demo_ranks_identical_bytes_exact_and_uncompressed_is_sign_sgd(four_rank
     mean_losses = torch.tensor([r["off_losses"] for r in out]).mean(0)  # equal slices: the batch's mean
     torch.testing.assert_close(mean_losses, torch.tensor(ref_losses), rtol=1e-4, atol=1e-4)
     assert all(r["resume_exact"] for r in out)
+    # on a sub-group, plain tensors: each pair bit-identical, the pairs apart, bytes as the formula
+    x = out[0]["subgroup"]["x"]
+    assert torch.equal(x[0], x[2]) and torch.equal(x[1], x[3]) and not torch.allclose(x[0], x[1])
+    per_step = all_gather_bytes(_demo_payload_bytes(SUB_SHAPES, topk=4, chunk=32), 2)
+    assert demo_bytes_per_step(SUB_SHAPES, 4, 32, torch.bfloat16, 2) == per_step
+    assert all(r["subgroup"]["sent"] == SUB_STEPS * per_step for r in out)
+    # on FSDP2 shards: DeMo per shard, across nodes, is DeMo of the whole parameters
+    expected = _demo_whole_across_two_nodes([out[0]["fsdp"]["grads"], out[2]["fsdp"]["grads"]])
+    for r in out:
+        for got, want in zip(r["fsdp"]["params"], expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
 # -- gossip: topologies as data (no processes) -------------------------------------------------------
@@ -202,7 +281,7 @@ def test_one_peer_exp_rounds_multiply_to_the_exact_average():
 
 def _gossip(rank: int, world: int, **options):
     """A gossip strategy alone (no loader, no orchestrator): what the mixing checks need."""
-    from strategies.gossip import Gossip, GossipOptions
+    from strategies.decentralized.gossip import Gossip, GossipOptions
     from workloads import WORKLOADS
 
     workload = WORKLOADS.get(GPT["name"])(**{k: v for k, v in GPT.items() if k != "name"})
@@ -226,7 +305,7 @@ def _rounds(strategy, rank: int, rounds: int = 1) -> tuple[torch.Tensor, torch.T
     params = _scrambled(strategy, rank)
     before = _gather(flatten(params))
     for i in range(rounds):
-        strategy.gossip_round(i)
+        strategy.mixer.round(i)
     return before, _gather(flatten(params))
 
 
@@ -237,8 +316,8 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
     out["consensus_measured"] = ring.consensus()  # of the ring round's result, gathered above
     # complete through neighbour exchanges (the generic path) instead of the all-reduce
     g = _gossip(rank, world, topology="complete")
-    g.all_reduce_complete = False
-    g.rounds = [rank_round(mixing_matrix("complete", world), rank)]
+    g.mixer.all_reduce_complete = False
+    g.mixer.rounds = [rank_round(mixing_matrix("complete", world), rank)]
     out["complete_by_exchange"] = _rounds(g, rank)
     out["consensus"] = _rounds(_gossip(rank, world, topology="one-peer-exp"), rank, int(math.log2(world)))
     # training steps: bytes, consensus distance, overlap, global averaging
@@ -249,7 +328,25 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
         rows = [t.train_step() for _ in range(STEPS)]
         out["train"][name] = {"rows": rows, "final": _gather(flatten(_params(t)))}
     out["resume_exact"] = _resume_is_exact(rank, world, {"name": "gossip", "overlap": True}, folder)
+    out["subgroup"] = mixer_on_subgroup(rank, world)
     return out
+
+
+def mixer_on_subgroup(rank: int, world: int) -> dict:
+    """GossipMixer on plain tensors (not a module's) over the sub-groups {0, 2} and {1, 3}:
+    the outer sync's shape, one rank per node of two."""
+    from strategies.decentralized.mixing import GossipMixer
+
+    comm = Comm()
+    dp = comm.split([[0, 2], [1, 3]])
+    g = torch.Generator().manual_seed(200 + rank)
+    tensors = [torch.randn(4, 3, generator=g), torch.randn(7, generator=g)]
+    before = _gather(flatten(tensors))
+    comm.take_stats()
+    mixer = GossipMixer(tensors, dp, topology="ring")
+    mixer.round(0)
+    sent = comm.take_stats().bytes_sent
+    return {"before": before, "after": _gather(flatten(tensors)), "sent": sent, "consensus": mixer.consensus()}
 
 
 @pytest.mark.slow
@@ -297,6 +394,10 @@ def test_gossip_on_4_ranks(four_ranks):
     torch.testing.assert_close(ring["final"], _gossip_reference("ring", world, overlap=False), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(overlap["final"], _gossip_reference("ring", world, overlap=True), rtol=1e-5, atol=1e-7)
     assert out["resume_exact"]
+    for r, rank_out in enumerate(four_ranks):  # the mixer over a sub-group: each pair averages, one send each
+        sub = rank_out["gossip"]["subgroup"]
+        torch.testing.assert_close(sub["after"][r], (sub["before"][r] + sub["before"][r ^ 2]) / 2, rtol=0, atol=1e-6)
+        assert sub["sent"] == 19 * 4 and sub["consensus"]["consensus_distance"] == 0.0
 
 
 def _gossip_reference(topology: str, world: int, *, overlap: bool) -> torch.Tensor:

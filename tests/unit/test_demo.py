@@ -9,7 +9,7 @@ from torch import nn
 from cluster import Comm
 from orchestrator.config import ConfigError, JobSpec
 from strategies.decentralized.dct import ChunkedDCT, dct_matrix, index_dtype
-from strategies.decentralized.demo import DeMo
+from strategies.decentralized.demo import DeMo, demo_bytes_per_step
 from strategies.optim import lr_factor
 
 SHAPES = [(128, 192), (768,), (100, 37), (3, 4, 5, 5), (50257,), ()]
@@ -141,6 +141,58 @@ def test_payload_is_sum_of_chunks_times_k_times_index_and_value_bytes(value_dtyp
     assert opt.compress(1e-3).numel() == expected
 
 
+def test_demo_on_detached_tensors_with_given_grads_equals_demo_on_parameters():
+    """The outer sync's use: tensors that alias the parameters (as ``p.to_local()`` does)
+    and gradients handed over, not read from ``.grad``."""
+    model, other = _model(), _model()
+    params, plain = list(model.parameters()), [p.detach() for p in other.parameters()]
+    kw = dict(topk=8, chunk=16, decay=0.9, value_dtype=torch.bfloat16, decays=[p.dim() >= 2 for p in params])
+    a, b = DeMo(params, Comm(), **kw), DeMo(plain, Comm(), **kw)
+    for step in range(3):
+        _set_grads(model, step)
+        a.step(0.01, 0.1)
+        b.step(0.01, 0.1, grads=[p.grad for p in params])
+        assert all(x.grad is None for x in plain)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+    assert all(torch.equal(m, n) for m, n in zip(a.momentum, b.momentum))
+
+
+def test_demo_unpacks_values_at_any_byte_offset_on_one_rank():
+    """One uint8 index then one fp32 value: the value starts at byte 1 of a 5-byte row."""
+    x = torch.zeros(3)
+    opt = DeMo([x], Comm(), topk=1, chunk=3, decay=0.0, value_dtype=torch.float32, decays=[False])
+    assert opt.payload_nbytes == 5
+    opt.step(0.5, 0.0, grads=[torch.tensor([1.0, 1.0, 1.0])])  # the DC coefficient alone: a constant
+    assert torch.equal(x, torch.full((3,), -0.5))
+
+
+def test_demo_of_row_shards_is_demo_of_the_whole_tensor_when_rows_are_a_multiple_of_chunk():
+    """FSDP2 shards dim 0: with shard rows a multiple of chunk a shard's blocks are the
+    whole tensor's, so DeMo per shard (each with its own peers) is DeMo of the whole."""
+    g = torch.Generator().manual_seed(3)
+    whole = [torch.randn(32, 24, generator=g), torch.randn(48, generator=g)]
+    shards = [[t[:16].clone(), b[:24].clone()] for t, b in [whole]] + [[whole[0][16:].clone(), whole[1][24:].clone()]]
+    kw = dict(topk=3, chunk=8, decay=0.9, value_dtype=torch.float32, decays=[True, False])
+    opt, per_shard = DeMo(whole, Comm(), **kw), [DeMo(s, Comm(), **kw) for s in shards]
+    for step in range(3):
+        grads = [torch.randn(t.shape, generator=g) for t in whole]
+        opt.step(0.01, 0.1, grads=grads)
+        for i, d in enumerate(per_shard):
+            d.step(0.01, 0.1, grads=[grads[0][16 * i:16 * (i + 1)], grads[1][24 * i:24 * (i + 1)]])
+    for j, t in enumerate(whole):
+        torch.testing.assert_close(torch.cat([s[j] for s in shards]), t, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, "bfloat16"])
+def test_demo_bytes_per_step_is_the_all_gather_of_the_payload(value_dtype):
+    shapes = [(256, 768), (768,), (128, 256)]
+    v = 4 if value_dtype == torch.float32 else 2
+    payload = 48 * 32 * (2 + v) + 12 * 32 * (1 + v) + 8 * 32 * (2 + v)  # as in the payload test above
+    assert demo_bytes_per_step(shapes, 32, 64, value_dtype, 4) == 3 * payload
+    assert demo_bytes_per_step(shapes, 32, 64, value_dtype, 1) == 0
+
+
 def test_gossip_at_one_worker_is_single_exactly(small_gpt):
     """No neighbours: the wrapper must leave the usual optimizer's trajectory alone."""
     from orchestrator.trainer import RankTrainer
@@ -155,6 +207,38 @@ def test_gossip_at_one_worker_is_single_exactly(small_gpt):
     assert lg == ls
     for k in ss:
         assert torch.equal(sg[k], ss[k]), k
+
+
+def test_gossip_keeps_its_old_import_path_and_registered_name():
+    import strategies.gossip as old
+    from strategies import STRATEGIES
+    from strategies.decentralized.gossip import Gossip, GossipOptions
+
+    assert (old.Gossip, old.GossipOptions) == (Gossip, GossipOptions)
+    assert STRATEGIES.get("gossip") is Gossip and Gossip.checkpoint_format == "dcp-gossip"
+
+
+def test_gossip_mixer_on_plain_tensors_of_one_rank():
+    """Any tensors (not a module's parameters): alone, a round leaves them as they are."""
+    from strategies.decentralized.mixing import GossipMixer
+
+    tensors = [torch.randn(3, 4), torch.randn(5)]
+    before = [t.clone() for t in tensors]
+    mixer = GossipMixer(tensors, Comm(), topology="ring", overlap=True)
+    m = mixer.launch(0)
+    tensors[1].add_(1.0)  # a local update between launch and finish stays (overlap)
+    mixer.finish(m)
+    assert torch.equal(tensors[0], before[0]) and torch.equal(tensors[1], before[1] + 1.0)
+    assert mixer.consensus()["consensus_distance"] == 0.0
+    assert mixer.buffer_bytes() == 17 * 4  # the snapshot, no neighbour
+
+
+def test_gossip_mixer_rejects_mixed_dtypes_on_one_line():
+    from strategies.decentralized.mixing import GossipMixer
+
+    with pytest.raises(ValueError) as e:
+        GossipMixer([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)], Comm())
+    assert str(e.value) == "gossip tensors: dtypes torch.bfloat16, torch.float32: must all share one dtype"
 
 
 # -- bad input: one line, before any worker starts ------------------------------------------------
@@ -185,7 +269,7 @@ def test_demo_bad_options_one_line(options, expected):
     ("torus", 2, "workers=2: topology 'torus' needs workers = rows x cols"),
 ])
 def test_gossip_topology_needs_the_right_worker_count(topology, workers, expected):
-    from strategies.gossip import Gossip, GossipOptions
+    from strategies.decentralized.gossip import Gossip, GossipOptions
 
     workload = _job({"name": "ddp"}, 1).build_workload()
     with pytest.raises(ValueError) as e:
