@@ -162,3 +162,14 @@ class Mesh:
 
 def _product(sizes: dict[str, int]) -> str:
     return " * ".join(f"{a}({s})" for a, s in sizes.items()) or "1"
+
+
+def per_node_of(nodes: Sequence[int]) -> int | None:
+    """Ranks per node when every node holds the same number of contiguous ranks
+    (as PACK placement and the scenarios' ``per_node`` make them); None when the
+    nodes are unknown or uneven."""
+    if not nodes:
+        return None
+    k = list(nodes).count(nodes[0])
+    return k if len(nodes) % k == 0 and tuple(nodes) == tuple(
+        sorted(set(nodes), key=list(nodes).index)[r // k] for r in range(len(nodes))) else None

@@ -7,6 +7,7 @@ allowed, on one line.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import math
 import os
 import re
@@ -232,7 +233,11 @@ class JobSpec(BaseModel):
         per_step = replicas * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
-        strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size)
+        sc = parse_scenario(self.scenario)
+        nodes = {"per_node": sc.per_node if sc is not None else None} \
+            if "per_node" in inspect.signature(strategy_cls.check_job).parameters else {}  # a plugin's may not take it
+        strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size,
+                               **nodes)
         if self.batch_size % per_step:
             what = f"workers({self.workers})" if replicas == self.workers else \
                 f"the {replicas} data-parallel replicas of workers({self.workers})"
@@ -243,7 +248,6 @@ class JobSpec(BaseModel):
         if self.storage.startswith("memory://") and (self.checkpoint_every or self.resume):
             raise ValueError(f"storage={self.storage!r}: checkpoints are written by the workers, which cannot see "
                              f"this process's memory:// filesystem; use a path or a shared URL (s3://, ...)")
-        sc = parse_scenario(self.scenario)
         if sc is not None:
             sc.check(self.workers)
         for inj in self.injections():

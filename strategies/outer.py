@@ -62,6 +62,9 @@ class Outer:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    def restart(self) -> None:
+        """The parameters were loaded from a checkpoint without this rank's outer state."""
+
 
 class _Named:
     def __init__(self, module: nn.Module):
@@ -117,11 +120,10 @@ class DeMoOuter(Outer, _Named):
 
     def optimizer_step(self, step: int, finite: bool) -> dict[str, float]:
         lr = self.lr * lr_factor(step, self.optim, self.total_steps)
-        for (_, p), t in zip(self.named, self.tensors):  # DeMo reads the gradient of the tensor it updates
-            t.grad = local(p.grad) if p.grad is not None else None
-        self.demo.step(lr, self.weight_decay, finite=finite)
-        for (_, p), t in zip(self.named, self.tensors):
-            p.grad = t.grad = None
+        grads = [local(p.grad) if p.grad is not None else None for _, p in self.named]
+        self.demo.step(lr, self.weight_decay, finite=finite, grads=grads)
+        for _, p in self.named:
+            p.grad = None
         return {"lr": lr}
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -139,7 +141,7 @@ class DeMoOuter(Outer, _Named):
 
 class GossipOuter(Outer, _Named):
     def __init__(self, module: nn.Module, comm: Comm, options: dict[str, Any]):
-        from strategies.decentralized.gossip import GossipMixer
+        from strategies.decentralized.mixing import GossipMixer
 
         _Named.__init__(self, module)
         self.mixer = GossipMixer(self.tensors, comm, topology=options["topology"], overlap=False)
@@ -162,8 +164,10 @@ class DiLoCoOuter(Outer, _Named):
                              momentum=options["outer_momentum"], nesterov=options["outer_nesterov"])
 
     def after_step(self, step: int) -> dict[str, float]:
-        self.diloco.after_step(step)
-        return {"outer_synced": float(step % self.diloco.every == 0)}
+        return {"outer_synced": float(self.diloco.after_step(step))}
+
+    def restart(self) -> None:
+        self.diloco.reset()
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.diloco.state()

@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from cluster.mesh import Layout, Mesh
+from cluster.mesh import Layout, Mesh, per_node_of
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.checkpoint import full_param_groups, held_bytes, load_state, read_metadata, save_state
@@ -165,7 +165,8 @@ class Parallel(Strategy):
     def setup(self, workload: Workload, ctx: StrategyContext) -> None:
         self.workload, self.ctx = workload, ctx
         plan = self.layout_plan = type(self).plan(self.options, ctx.world)
-        check_plan(plan, workload)  # the driver's checks, for jobs built without a JobSpec
+        # the driver's checks, for jobs built without a JobSpec
+        check_plan(plan, workload, per_node=per_node_of(ctx.comm.nodes))
         L = plan.layout
         self.mesh = mesh = Mesh(ctx.comm, L)
         model = workload.model().to(ctx.device)  # the whole model, seeded as single's is
@@ -332,7 +333,8 @@ class Parallel(Strategy):
                 pending[s] = GradAverage(self.pp.stages[s], comm, self.layout_plan.divide)
         else:
             done = lambda s: None  # noqa: E731
-        run = self.pp.run(micro_batches, scale=scale, weights_done=done)
+        run = self.pp.run(micro_batches, positions=self.sp.positions if self.sp else None, scale=scale,
+                          weights_done=done)
         if self._fsdp:
             self._fsdp_reduce()
         for avg in pending.values():
@@ -392,6 +394,8 @@ class Parallel(Strategy):
         self.sched.load_state_dict(extra["sched"])
         if template:
             self.load_rank_state(extra[self.rank_state_key][self._rank_key()])
+        else:
+            self.outer.restart()
 
     def memory_bytes(self) -> dict[str, int]:
         return self.end.held  # measured at the second step

@@ -150,16 +150,18 @@ class PipelinePart:
         shape, dtype = self.shapes[self.bounds[key[1]][1] - 1]  # the output of the boundary stage's last block
         return torch.empty((k, *shape), dtype=dtype, device=self.device)
 
-    def run(self, micro_batches: list[Batch], *, scale: float = 1.0,
+    def run(self, micro_batches: list[Batch], *, positions: torch.Tensor | None = None, scale: float = 1.0,
             weights_done: Callable[[int], None] = lambda s: None) -> StepRun:
         """One step of this rank's actions on its replica's batch (re-split into the
-        schedule's micro-batches); each loss counts ``scale`` x its samples' share."""
+        schedule's micro-batches); each loss counts ``scale`` x its samples' share.
+        ``positions``: the tokens this rank holds of every sample (sequence parallelism)."""
         m = self.schedule.microbatches
         batch = tuple(torch.cat(ts) for ts in zip(*micro_batches))
         n = batch[0].shape[0]
         if n % m:
             raise ValueError(f"strategy.microbatches={m}: this replica's batch of {n} samples is not divisible by it")
-        mbs = [tuple(t.to(self.device) for t in mb) for mb in split_micro(batch, m)]
+        mbs = [tuple((t if positions is None else t[:, positions]).to(self.device) for t in mb)
+               for mb in split_micro(batch, m)]
         mailbox = Mailbox(self.pp, self.schedule, self.rank, lambda key: self._buffer(key, n // m))
         run = StepRun(schedule=self.schedule, rank=self.rank, stages=self.stages, split=self.split,
                       workload=self.workload, micro_batches=mbs, mailbox=mailbox, weights_done=weights_done,
