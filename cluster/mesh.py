@@ -161,7 +161,7 @@ class Mesh:
 
 
 def _product(sizes: dict[str, int]) -> str:
-    return " * ".join(f"{a}({s})" for a, s in sizes.items()) or "1"
+    return " * ".join(f"{a}({s})" for a, s in sizes.items() if s > 1) or "1"
 
 
 def per_node_of(nodes: Sequence[int]) -> int | None:

@@ -234,7 +234,10 @@ class JobSpec(BaseModel):
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
         sc = parse_scenario(self.scenario)
-        nodes = {"per_node": sc.per_node if sc is not None else None} \
+        # ranks per node: the scenario's; embedded Ray puts every worker on this machine; a
+        # cluster's placement is known only to the workers, which check it at set-up
+        per_node = sc.per_node if sc is not None else None if self.cluster.address else self.workers
+        nodes = {"per_node": per_node} \
             if "per_node" in inspect.signature(strategy_cls.check_job).parameters else {}  # a plugin's may not take it
         strategy_cls.check_job(workers=self.workers, workload=workload, options=options, batch_size=self.batch_size,
                                **nodes)

@@ -121,7 +121,8 @@ def check_plan(plan: Plan, workload: Workload, *, batch_size: int | None = None,
 
 def check_outer(plan: Plan, per_node: int | None) -> None:
     """An outer method syncs the dp axis across nodes: it needs dp >= 2 and, when
-    other axes are inside each node, the nodes to put them in."""
+    other axes are inside each node, the nodes to put them in. ``per_node``: ranks
+    per node (None: not known yet, a cluster's placement decides)."""
     L, outer = plan.layout, plan.outer
     if L.dp < 2:
         raise ValueError(f"strategy.outer={outer!r}: needs strategy.dp >= 2 (one replica per node to sync), "
@@ -130,15 +131,14 @@ def check_outer(plan: Plan, per_node: int | None) -> None:
     if inner == 1:
         return  # every rank is its own participant, as in the flat demo or gossip
     if per_node is None:
-        raise ValueError(f"strategy.outer={outer!r}: needs at least 2 nodes with the {' x '.join(plan.inner_axes)} "
-                         f"axes inside each; the workers' nodes are unknown (give --scenario nodes=N,per_node="
-                         f"{inner},...)")
+        return  # a cluster's placement decides; the workers check it at set-up
     if per_node % inner:
         raise ValueError(f"strategy.outer={outer!r}: {' x '.join(plan.inner_axes)} = {inner} ranks must fit inside "
                          f"a node of per_node={per_node} ranks")
     if L.world // per_node < 2:
         raise ValueError(f"strategy.outer={outer!r}: needs at least 2 nodes; workers={L.world} with "
-                         f"per_node={per_node} is 1 node")
+                         f"per_node={per_node} is 1 node (simulate nodes with --scenario nodes=2,"
+                         f"per_node={inner},...)")
 
 
 class Parallel(Strategy):

@@ -279,14 +279,17 @@ class _Zero(Strategy):
         self._set_shape(micro_batches)
         engine, n = self.engine, len(micro_batches)
         total, extra, samples = 0.0, {}, 0
+        size = sum(mb[0].shape[0] for mb in micro_batches)
         for i, mb in enumerate(micro_batches):
             mb = tuple(t.to(self.ctx.device, non_blocking=True) for t in mb)
             engine.set_gradient_accumulation_boundary(i == n - 1)
             out = engine(mb[0])
             loss = self.workload.loss(out, mb)
-            engine.backward(loss)  # scaled by 1/n (gradient_accumulation_steps)
-            total += loss.item()
             k = mb[0].shape[0]
+            # DeepSpeed scales by 1/n (gradient_accumulation_steps): weigh each micro-batch by
+            # its samples, as every other strategy does (they may differ in size)
+            engine.backward(loss * (k * n / size))
+            total += loss.item() * k
             samples += k
             for name, v in self.workload.step_metrics(out.detach(), mb).items():
                 extra[name] = extra.get(name, 0.0) + v * k
@@ -299,7 +302,7 @@ class _Zero(Strategy):
         self._steps += 1
         norm = engine.get_global_grad_norm()
         extra["grad_norm"] = float(norm) if norm is not None else float("nan")
-        return StepStats(loss=total / n, samples=samples, extra=extra)
+        return StepStats(loss=total / samples, samples=samples, extra=extra)
 
     # -- memory ---------------------------------------------------------------------------------
     def _measure(self) -> dict[str, int]:

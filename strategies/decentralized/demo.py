@@ -34,6 +34,7 @@ from strategies.decentralized.dct import ChunkedDCT
 from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
 from strategies.decentralized.state import load_per_rank, save_per_rank
 from strategies.optim import lr_factor
+from strategies.step import grad_norm
 from strategies.registry import register_strategy
 from workloads import Batch, Workload
 
@@ -190,8 +191,7 @@ class DeMoStrategy(Strategy):
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device)
         lr = self.lr * lr_factor(self.steps_done, self.ctx.optim, self.ctx.total_steps)
-        grads = [p.grad for p in self.opt.params if p.grad is not None]
-        extra["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        extra["grad_norm"] = float(grad_norm(self.opt.params))
         if self._held is None:
             self._held = self._measure()
         self.opt.step(lr, self.weight_decay, finite=math.isfinite(extra["grad_norm"]))

@@ -23,10 +23,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = ["run", "--workload", "gpt-tiny", "--strategy", "ddp", "--steps", "2"]
 CMP = ["compare", "--workload", "gpt-tiny", "--steps", "2"]
+MESH = ["run", "--workload", "gpt-tiny", "--strategy", "mesh", "--steps", "2", "--workers", "4"]
 HAS_S3FS = importlib.util.find_spec("s3fs") is not None
 
 # (id, argv, text the one line must contain); {tmp} is a fresh folder per case
 CASES = [
+    ("mesh-degrees-not-the-world", [*MESH, "--storage", "{tmp}", "--set", "strategy.pp=3"],
+     "pp(3) = 3 must divide workers=4"),
+    ("mesh-more-stages-than-blocks", [*MESH, "--storage", "{tmp}", "--set", "strategy.pp=4",
+                                      "--set", "workload.n_layers=1"], "strategy.pp=4"),
+    ("mesh-ulysses-not-dividing-heads", [*MESH, "--storage", "{tmp}", "--set", "strategy.sp=4", "--set",
+                                         "strategy.ulysses=4", "--set", "workload.n_heads=2", "--set",
+                                         "workload.d_model=32"], "strategy.ulysses=4: must divide workload.n_heads=2"),
+    ("mesh-outer-on-one-node", [*MESH, "--storage", "{tmp}", "--set", "strategy.fsdp=2", "--set",
+                                "strategy.outer=demo"], "strategy.outer='demo': needs at least 2 nodes"),
+    ("mesh-outer-axes-across-nodes", [*MESH, "--storage", "{tmp}", "--set", "strategy.fsdp=4", "--set",
+                                      "strategy.dp=1", "--set", "strategy.outer=powersgd"],
+     "strategy.outer='powersgd': needs strategy.dp >= 2"),
     ("compare-unknown-strategy", [*CMP, "--strategies", "ddp,nosuch", "--out", "{tmp}/c"], "strategy='nosuch'"),
     ("compare-unknown-scenario", [*CMP, "--strategies", "ddp", "--scenarios", "local,mars", "--out", "{tmp}/c"],
      "scenario='mars'"),
