@@ -38,6 +38,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
 
+def local_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """This rank's part of each trainable parameter, in order."""
+    return [local(p) for p in module.parameters() if p.requires_grad]
+
+
 class Outer:
     """No outer sync (``outer=none``): the data-parallel part averages dp every step."""
 
@@ -69,7 +74,7 @@ class Outer:
 class _Named:
     def __init__(self, module: nn.Module):
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.tensors = [local(p) for _, p in self.named]
+        self.tensors = local_tensors(module)
 
     def grads(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, local(p.grad)) for n, p in self.named if p.grad is not None]

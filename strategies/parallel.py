@@ -124,12 +124,12 @@ def check_outer(plan: Plan, per_node: int | None) -> None:
     other axes are inside each node, the nodes to put them in. ``per_node``: ranks
     per node (None: not known yet, a cluster's placement decides)."""
     L, outer = plan.layout, plan.outer
-    if L.dp < 2:
-        raise ValueError(f"strategy.outer={outer!r}: needs strategy.dp >= 2 (one replica per node to sync), "
-                         f"got dp={L.dp} ({L})")
     inner = math.prod(getattr(L, a) for a in plan.inner_axes)
     if inner == 1:
         return  # every rank is its own participant, as in the flat demo or gossip
+    if L.dp < 2:
+        raise ValueError(f"strategy.outer={outer!r}: needs strategy.dp >= 2 (one replica per node to sync), "
+                         f"got dp={L.dp} ({L})")
     if per_node is None:
         return  # a cluster's placement decides; the workers check it at set-up
     if per_node % inner:
@@ -201,11 +201,17 @@ class Parallel(Strategy):
         self.opt, self.sched = build_optimizer(self.module, ctx.optim, ctx.total_steps)
         norm_comm = mesh.group(*plan.norm_axes) if plan.norm_axes else None
         self.end = StepEnd(self.module, self.opt, self.sched, ctx.optim, norm_comm=norm_comm)
-        from strategies.outer import make_outer
+        from strategies.decentralized.flat import broadcast_flat, float_buffers
+        from strategies.outer import local_tensors, make_outer
 
         self.outer = make_outer(plan.outer, self.module, mesh.group("dp") if plan.outer != "none" else None,
                                 plan.outer_options, optim=ctx.optim, total_steps=ctx.total_steps,
                                 seed=torch.initial_seed() % 2**31)
+        # an outer method's replicas start equal whatever the workload's init, and keep their
+        # batch-norm statistics equal (each rank's own batch moves them): averaged after each step
+        self._outer_buffers = float_buffers(self.module) if plan.outer != "none" else []
+        if plan.outer != "none":
+            broadcast_flat(mesh.group("dp"), [*local_tensors(self.module), *self._outer_buffers])
         # a rank holding part of the model writes the whole model's optimizer groups
         self.full_groups = full_param_groups(workload, ctx.optim.weight_decay) if L.pp > 1 else None
 
@@ -301,6 +307,10 @@ class Parallel(Strategy):
         else:
             extra.update(self.end())
         extra.update(self.outer.after_step(step + 1))
+        if self._outer_buffers:
+            from strategies.decentralized.flat import average_flat
+
+            average_flat(self.mesh.group("dp"), self._outer_buffers)
         if self.pp:
             extra["predicted_idle_frac"] = self.pp.predicted.bubble[self.pp.rank]
         samples = sum(mb[0].shape[0] for mb in micro_batches)

@@ -22,21 +22,16 @@ Bytes per step per rank: ``(world - 1) * sum(blocks * k * (index bytes + value b
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster import Comm, all_gather_bytes, nbytes
-from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
+from cluster import Comm, all_gather_bytes
 from strategies.decentralized.dct import ChunkedDCT
-from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
 from strategies.decentralized.state import load_per_rank, save_per_rank
-from strategies.optim import lr_factor
-from strategies.step import grad_norm
+from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
-from workloads import Batch, Workload
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -169,54 +164,21 @@ class DeMo:
 
 
 @register_strategy("demo")
-class DeMoStrategy(Strategy):
+class DeMoStrategy(Parallel):
     """DeMo: sign-SGD on the average of every rank's top-k DCT coefficients of its local momentum; no all-reduce."""
 
     Options = DeMoOptions
     checkpoint_format = "dcp-demo"  # momentum is per rank: loadable by demo only
 
-    def setup(self, workload: Workload, ctx: StrategyContext) -> None:
-        self.workload, self.ctx = workload, ctx
-        o = self.options
-        self.module = self.model = workload.model().to(ctx.device)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        broadcast_flat(ctx.comm, [*params, *float_buffers(self.module)])  # identical start, whatever the init
-        self.lr = o.lr if o.lr is not None else ctx.optim.lr
-        self.weight_decay = o.weight_decay if o.weight_decay is not None else ctx.optim.weight_decay
-        self.opt = DeMo(params, ctx.comm, topk=o.topk, chunk=o.chunk, decay=o.decay,
-                        value_dtype=VALUE_DTYPES[o.value_dtype], decays=[p.dim() >= 2 for p in params])
-        self.steps_done = 0
-        self._held: dict[str, int] | None = None
-
-    def train_step(self, micro_batches: list[Batch]) -> StepStats:
-        loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device)
-        lr = self.lr * lr_factor(self.steps_done, self.ctx.optim, self.ctx.total_steps)
-        extra["grad_norm"] = float(grad_norm(self.opt.params))
-        if self._held is None:
-            self._held = self._measure()
-        self.opt.step(lr, self.weight_decay, finite=math.isfinite(extra["grad_norm"]))
-        self._sync_buffers()
-        for p in self.opt.params:
-            p.grad = None
-        self.steps_done += 1
-        extra["lr"] = lr
-        return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
-
-    def _sync_buffers(self) -> None:
-        """Running statistics come from each rank's own batch: average them (one
-        all-reduce, only for workloads that have any) so replicas stay equal."""
-        average_flat(self.ctx.comm, float_buffers(self.module))
-
-    def _measure(self) -> dict[str, int]:
-        total = lambda ts: sum(map(nbytes, ts))  # noqa: E731
-        return {"param_bytes": total(self.opt.params),
-                "grad_bytes": total([p.grad for p in self.opt.params if p.grad is not None]),
-                "optim_bytes": total(self.opt.momentum)}  # as many coefficients as parameters
+    @classmethod
+    def plan(cls, options: DeMoOptions, workers: int) -> Plan:
+        """Every rank its own participant: the outer sync over dp = workers, nothing inside."""
+        return Plan.of(workers, dp=workers, outer="demo", outer_options=options.model_dump())
 
     def _state(self) -> tuple[dict, dict]:
         names = [n for n, p in self.module.named_parameters() if p.requires_grad]
-        shared = {"model": self.module.state_dict(), "steps_done": self.steps_done}
-        return shared, {"momentum": dict(zip(names, self.opt.momentum))}
+        shared = {"model": self.module.state_dict(), "steps_done": self.sched.last_epoch}
+        return shared, {"momentum": dict(zip(names, self.outer.demo.momentum))}
 
     def save_checkpoint(self, url: str) -> None:
         shared, own = self._state()
@@ -227,7 +189,4 @@ class DeMoStrategy(Strategy):
         unsent residual) come from saved rank ``rank % saved_world``."""
         shared, own = self._state()
         shared, _, _ = load_per_rank(url, rank=self.ctx.rank, shared=shared, own=own)
-        self.steps_done = int(shared["steps_done"])
-
-    def memory_bytes(self) -> dict[str, int]:
-        return self._held or {}
+        self.sched.last_epoch = int(shared["steps_done"])  # the LR schedule is a function of the step
