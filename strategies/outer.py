@@ -47,6 +47,10 @@ class Outer:
     """No outer sync (``outer=none``): the data-parallel part averages dp every step."""
 
     replaces_optimizer = False
+    mixes_buffers = False  # whether it keeps batch-norm statistics together itself
+
+    def begin_step(self, step: int) -> None:
+        """Before the step's forward (``step``: 0-based)."""
 
     def before_step(self, step: int) -> dict[str, float]:
         """Combine gradients across dp before the optimizer (``step``: 0-based)."""
@@ -69,6 +73,10 @@ class Outer:
 
     def restart(self) -> None:
         """The parameters were loaded from a checkpoint without this rank's outer state."""
+
+    def held(self) -> dict[str, int]:
+        """Bytes it holds beyond parameters, gradients and optimizer state."""
+        return {}
 
 
 class _Named:
@@ -145,19 +153,36 @@ class DeMoOuter(Outer, _Named):
 
 
 class GossipOuter(Outer, _Named):
+    mixes_buffers = True  # batch-norm statistics are mixed with the parameters
+
     def __init__(self, module: nn.Module, comm: Comm, options: dict[str, Any]):
+        from strategies.decentralized.flat import float_buffers
         from strategies.decentralized.mixing import GossipMixer
 
         _Named.__init__(self, module)
-        self.mixer = GossipMixer(self.tensors, comm, topology=options["topology"], overlap=False)
-        self.global_every = options["global_every"]
+        self.comm, self.options = comm, options
+        self.mixed = [*self.tensors, *float_buffers(module)]
+        self.mixer = GossipMixer(self.mixed, comm, topology=options["topology"], overlap=options["overlap"])
+        self.pending = None
+
+    def begin_step(self, step: int) -> None:
+        if self.options["overlap"]:  # D-PSGD: this step's starting parameters travel while it computes
+            self.pending = self.mixer.launch(step)
 
     def after_step(self, step: int) -> dict[str, float]:
-        if self.global_every and step % self.global_every == 0:
-            average_flat(self.mixer.comm, self.tensors)
-        else:
-            self.mixer.round(step - 1)
-        return {}
+        pending, self.pending = self.pending, None
+        self.mixer.finish(pending if pending is not None else self.mixer.launch(step - 1))
+        o, extra = self.options, {}
+        if o["global_every"] and step % o["global_every"] == 0:
+            average_flat(self.comm, self.mixed)
+        if o["consensus_every"] and step % o["consensus_every"] == 0:
+            from strategies.decentralized.mixing import consensus
+
+            extra.update(consensus(self.comm, self.tensors))
+        return extra
+
+    def held(self) -> dict[str, int]:
+        return {"mix_buffer_bytes": self.mixer.buffer_bytes()}
 
 
 class DiLoCoOuter(Outer, _Named):

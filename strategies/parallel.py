@@ -124,6 +124,12 @@ def check_outer(plan: Plan, per_node: int | None) -> None:
     other axes are inside each node, the nodes to put them in. ``per_node``: ranks
     per node (None: not known yet, a cluster's placement decides)."""
     L, outer = plan.layout, plan.outer
+    if outer == "gossip":
+        from strategies.decentralized.topology import topology_error
+
+        why = topology_error(plan.outer_options["topology"], L.dp)
+        if why:
+            raise ValueError(why)
     inner = math.prod(getattr(L, a) for a in plan.inner_axes)
     if inner == 1:
         return  # every rank is its own participant, as in the flat demo or gossip
@@ -209,7 +215,8 @@ class Parallel(Strategy):
                                 seed=torch.initial_seed() % 2**31)
         # an outer method's replicas start equal whatever the workload's init, and keep their
         # batch-norm statistics equal (each rank's own batch moves them): averaged after each step
-        self._outer_buffers = float_buffers(self.module) if plan.outer != "none" else []
+        self._outer_buffers = float_buffers(self.module) if plan.outer != "none" and not self.outer.mixes_buffers \
+            else []
         if plan.outer != "none":
             broadcast_flat(mesh.group("dp"), [*local_tensors(self.module), *self._outer_buffers])
         # a rank holding part of the model writes the whole model's optimizer groups
@@ -281,6 +288,7 @@ class Parallel(Strategy):
 
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         ctx = self.ctx
+        self.outer.begin_step(self.sched.last_epoch)
         scale = self.sp.frac if self.sp else 1.0
         timeline: list = []
         if self.pp:
@@ -408,4 +416,4 @@ class Parallel(Strategy):
             self.outer.restart()
 
     def memory_bytes(self) -> dict[str, int]:
-        return self.end.held  # measured at the second step
+        return {**self.end.held, **self.outer.held()} if self.end.held else {}  # measured at the second step

@@ -32,15 +32,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
-from strategies.checkpoint import held_bytes
-from strategies.decentralized.flat import average_flat, broadcast_flat, float_buffers
-from strategies.decentralized.mixing import GossipMixer, consensus
+from strategies.decentralized.mixing import consensus
 from strategies.decentralized.state import load_per_rank, save_per_rank
-from strategies.decentralized.topology import topology_error
-from strategies.optim import build_optimizer, clip_and_step
+from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
-from workloads import Batch, Workload
 
 
 class GossipOptions(BaseModel):
@@ -57,58 +52,30 @@ class GossipOptions(BaseModel):
 
 
 @register_strategy("gossip")
-class Gossip(Strategy):
+class Gossip(Parallel):
     """Decentralized SGD/AdamW: each rank steps on its own gradient, then averages parameters with its neighbours."""
 
     Options = GossipOptions
     checkpoint_format = "dcp-gossip"  # every rank's own parameters and optimizer: loadable by gossip only
 
     @classmethod
-    def check_job(cls, *, workers: int, workload: Workload, options: GossipOptions | None = None,
-                  batch_size: int | None = None) -> None:
-        super().check_job(workers=workers, workload=workload, options=options, batch_size=batch_size)
-        why = topology_error(options.topology, workers) if options is not None else None
-        if why:
-            raise ValueError(why)
+    def plan(cls, options: GossipOptions, workers: int) -> Plan:
+        """Every rank its own participant: the outer sync over dp = workers, nothing inside."""
+        return Plan.of(workers, dp=workers, outer="gossip", outer_options=options.model_dump())
 
-    def setup(self, workload: Workload, ctx: StrategyContext) -> None:
-        self.check_job(workers=ctx.world, workload=workload, options=self.options)
-        self.workload, self.ctx = workload, ctx
-        self.module = self.model = workload.model().to(ctx.device)
-        self.mixed = [*(p for p in self.module.parameters() if p.requires_grad), *float_buffers(self.module)]
-        broadcast_flat(ctx.comm, self.mixed)  # every replica starts from rank 0's parameters
-        self.opt, self.sched = build_optimizer(self.module, ctx.optim, ctx.total_steps)
-        self.mixer = GossipMixer(self.mixed, ctx.comm, topology=self.options.topology, overlap=self.options.overlap)
-        self.steps_done = 0
-        self._held: dict[str, int] | None = None
+    @property
+    def mixer(self):
+        return self.outer.mixer
 
     def consensus(self) -> dict[str, float]:
         """The consensus distance over the trainable parameters (buffers are mixed but not measured)."""
         return consensus(self.ctx.comm, [p for p in self.module.parameters() if p.requires_grad])
 
-    # -- the step --------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[Batch]) -> StepStats:
-        t = self.steps_done
-        pending = self.mixer.launch(t) if self.options.overlap else None
-        loss, extra, _ = run_micro_batches(self.model, self.workload, micro_batches, device=self.ctx.device)
-        if self._held is None and self.opt.state:  # second step: gradients and optimizer state both exist
-            self._held = {**held_bytes(self.module, self.opt),
-                          "mix_buffer_bytes": self.mixer.buffer_bytes()}
-        extra["lr"] = self.opt.param_groups[0]["lr"]
-        extra["grad_norm"] = clip_and_step(self.module, self.opt, self.sched, self.ctx.optim)
-        self.mixer.finish(pending if pending is not None else self.mixer.launch(t))
-        self.steps_done += 1
-        o = self.options
-        if o.global_every and self.steps_done % o.global_every == 0:
-            average_flat(self.ctx.comm, self.mixed)
-        if o.consensus_every and self.steps_done % o.consensus_every == 0:
-            extra.update(self.consensus())
-        return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
-
     # -- checkpoints: every rank's own replica -----------------------------------------------
     def save_checkpoint(self, url: str) -> None:
         model_sd, optim_sd = get_state_dict(self.module, self.opt)
-        save_per_rank(url, rank=self.ctx.rank, shared={"sched": self.sched.state_dict(), "steps_done": self.steps_done},
+        save_per_rank(url, rank=self.ctx.rank, shared={"sched": self.sched.state_dict(),
+                                                       "steps_done": self.sched.last_epoch},
                       own={"model": model_sd, "optim": optim_sd})
 
     def load_checkpoint(self, url: str) -> None:
@@ -121,7 +88,3 @@ class Gossip(Strategy):
         set_state_dict(self.module, self.opt, model_state_dict=own["model"], optim_state_dict=own["optim"],
                        options=StateDictOptions(strict=True))
         self.sched.load_state_dict(shared["sched"])
-        self.steps_done = int(shared["steps_done"])
-
-    def memory_bytes(self) -> dict[str, int]:
-        return self._held or {}
