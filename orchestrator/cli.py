@@ -194,7 +194,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator import submit as sub
     from orchestrator.config import ConfigError, load_spec, read_config_file
 
     overrides = list(args.overrides)
@@ -210,6 +209,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                      workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
                      inject=args.inject or None)
+    from orchestrator import submit as sub  # imports Ray: only for a valid spec
+
     job = sub.submit(spec, address=args.address, excludes=args.excludes)
     print(f"job: {job.job_id}\nrun folder: {job.run_url}\nfollow: polytrain logs {job.job_id} --follow "
           f"--address {job.dashboard}", flush=True)
@@ -305,7 +306,6 @@ def cmd_scenarios() -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_spec
-    from orchestrator.driver import run
 
     overrides = list(args.overrides)
     if args.address:
@@ -320,6 +320,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
         inject=args.inject or None,
     )
+    from orchestrator.driver import run  # imports torch: only for a valid spec
+
     result = run(spec, progress=not args.quiet)
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s, final loss {result.final_loss:.4f}\n"
           f"run folder: {result.url}" + (f"\nlast checkpoint: {result.checkpoint}" if result.checkpoint else ""))
@@ -355,11 +357,16 @@ def cmd_pipeline_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cluster_error(e: BaseException) -> bool:
+    """A ClusterError (bad input about the cluster), told apart without importing
+    Ray: it is raised only by cluster.runtime, which is imported if it was."""
+    runtime = sys.modules.get("cluster.runtime")
+    return runtime is not None and isinstance(e, runtime.ClusterError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.runtime import ClusterError
-    from orchestrator.config import ConfigError
-    from orchestrator.driver import RunFailed
+    from orchestrator.errors import ConfigError, RunFailed
 
     try:
         if args.command == "workloads":
@@ -379,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "pipeline":
             return cmd_pipeline_show(args)
         return cmd_run(args)
-    except (ConfigError, ClusterError) as e:
+    except ConfigError as e:
         print(f"polytrain: error: {e}", file=sys.stderr)
         return EXIT_INVALID
     except RunFailed as e:
@@ -389,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = getattr(e, "signum", None)  # driver.Interrupted: SIGTERM or SIGHUP
         print(f"polytrain: interrupted{f' ({e})' if signum else ''}; workers stopped", file=sys.stderr)
         return 128 + signum if signum else EXIT_INTERRUPTED
+    except Exception as e:
+        if not _cluster_error(e):
+            raise
+        print(f"polytrain: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":
