@@ -127,6 +127,44 @@ def test_a_clean_run_finishes(tmp_path):
     assert {r["step"] for r in log.rows} == set(range(1, 9))
 
 
+def test_the_controller_steps_one_tick_at_a_time(tmp_path):
+    ctl, attempts, _, log = make(tmp_path, steps=2)
+    assert ctl.state == "starting" and attempts == []
+    assert ctl.tick() == "running" and len(attempts) == 1  # the first tick starts the group
+    assert ctl.tick() == "running" and ctl.completed == 1  # one poll: every rank's row of step 1
+    assert ctl.tick() == "running" and ctl.completed == 2
+    assert ctl.tick() == "finished" and ctl.group is None  # every rank returned: the group is shut down
+    assert [(r["step"], r["rank"]) for r in log.rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_a_failure_restarts_on_the_next_tick(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: RuntimeError: boom") if a.number == 0 and s == 2 else None
+    ctl, attempts, _, log = make(tmp_path, steps=3, script=script, failure={"max_failures": 1, "backoff_s": 0})
+    assert [ctl.tick() for _ in range(3)] == ["running", "running", "restarting"]  # both ranks' errors: at once
+    assert len(attempts) == 1 and ctl.group is None and "decision:restart" in kinds(log)
+    assert ctl.tick() == "running" and [a.number for a in attempts] == [0, 1]
+    while ctl.tick() != "finished":
+        pass
+    assert ctl.completed == 3
+
+
+def test_messages_are_told_apart_by_their_type_not_their_keys(tmp_path):
+    ctl, _, group, _ = make(tmp_path, steps=2)
+    ctl.tick()
+    group.poll = lambda: GroupStatus(rows=[{"begin": 1, "rank": 0}])
+    with pytest.raises(TypeError, match="a rank sent dict"):
+        ctl.tick()
+
+
+def test_the_controller_imports_neither_torch_nor_a_strategy():
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.controller; print(sorted(m for m in ('torch', 'strategies', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
     script = lambda a, s: ("error", 1, "rank 1 failed: its worker process died (ActorDiedError)") \
         if a.number == 0 and s == 6 else None
