@@ -80,7 +80,7 @@ CASES = [
      "step given twice"),
     ("injection-infinite-delay", [*RUN, "--storage", "{tmp}", "--inject", "netdelay:rank=0,ms=inf"], "ms='inf'"),
     ("bad-custom-scenario", [*RUN, "--storage", "{tmp}", "--scenario", "nodes=2,inter=fast"], "inter"),
-    ("submit-run-id-dotdot", ["submit", "--address", "http://127.0.0.1:1", "--workload", "gpt-tiny", "--strategy",
+    ("submit-run-id-dotdot", ["submit", "--dashboard", "http://127.0.0.1:1", "--workload", "gpt-tiny", "--strategy",
                               "ddp", "--storage", "{tmp}", "--run-id", ".."], "run_id='..'"),
     ("report-bad-out-protocol", ["report", "{tmp}", "--out", "nosuchproto://r"], "nosuchproto://r"),
 ]
