@@ -355,7 +355,8 @@ class Controller:
     def _replicas(self, world: int) -> int:
         """Data-parallel replicas of ``world`` ranks: batch shares are per replica
         (replica i: ranks i*g .. i*g+g-1, as pipeline and sequence lay them out)."""
-        return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())  # imports it now
+        # the strategy's class is imported here, at run time: importing the controller imports no strategy
+        return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())
 
     def _failed(self, errors: dict[int, str]) -> Failure:
         """The failure the errors add up to. Errors that are all echoes (every

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.faults import Injection
+
 
 @dataclass(kw_only=True)
 class Attempt:
@@ -22,7 +24,7 @@ class Attempt:
     resume_url: str | None = None  # a checked, committed checkpoint to restore ...
     snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
     shares: list[int] | None = None  # samples per data-parallel replica; None: an even split
-    injections: list = field(default_factory=list)  # cluster.faults.Injection: those that have not fired yet
+    injections: list[Injection] = field(default_factory=list)  # those that have not fired yet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,11 +81,11 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True)
 class Injected:
-    """A fault injection fired on this rank (``injection`` in its string form): never again in this run."""
+    """A fault injection fired on this rank: never again in this run."""
 
     rank: int
     step: int
-    injection: str
+    injection: Injection
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,8 @@ from cluster.network import Scenario
 from cluster.dist import init_process_group, pick_device
 from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
-from orchestrator.errors import SnapshotLost
-from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Row, SnapshotPart
+from orchestrator.errors import SnapshotLost  # also importable from here, its old home
+from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
@@ -30,9 +30,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-__all__ = ["Attempt", "RankTrainer", "SnapshotLost", "train_worker"]  # Attempt, SnapshotLost: their old home
 
 
 def network_floor(model: Scenario | None, injector: FaultInjector, step: Callable[[], int]):
