@@ -149,12 +149,13 @@ def test_the_console_command_fails_as_fast(tmp_path):
 
 # Bad input found without torch (argparse, --set, the JobSpec's schema): answered in well under a second.
 FAST = [
-    (["run", "--bogus"], "unrecognized arguments: --bogus"),
-    ([*RUN, "--set", "workers=many"], "workers='many'"),
-    ([*RUN, "--set", "colour=red"], "colour: unknown key"),
-    (["run", "--strategy", "ddp"], "workload: required"),
-    ([*RUN, "--inject", "explode:rank=0"], "unknown kind 'explode'"),
-    ([*CMP, "--strategies", "ddp", "--set", "workers.x=1", "--out", "c"], "workers={'x': 1}"),
+    ("unknown-flag", ["run", "--bogus"], "unrecognized arguments: --bogus"),
+    ("wrong-type", [*RUN, "--set", "workers=many"], "workers='many'"),
+    ("unknown-key", [*RUN, "--set", "colour=red"], "colour: unknown key"),
+    ("no-workload", ["run", "--strategy", "ddp"], "workload: required"),
+    ("bad-injection", [*RUN, "--inject", "explode:rank=0"], "unknown kind 'explode'"),
+    ("compare-set-an-option-of-a-number", [*CMP, "--strategies", "ddp", "--set", "workers.x=1", "--out", "c"],
+     "workers={'x': 1}"),
 ]
 _PROBE = """import json, sys
 from orchestrator.cli import main
@@ -166,8 +167,8 @@ print(json.dumps({"rc": rc, "imported": sorted(m for m in ("torch", "ray", "stra
 """
 
 
-@pytest.mark.parametrize("argv, expected", FAST, ids=[" ".join(a[:1] + a[-2:]) for a, _ in FAST])
-def test_flag_and_schema_errors_answer_before_torch_is_imported(tmp_path, argv, expected):
+@pytest.mark.parametrize("name, argv, expected", FAST, ids=[c[0] for c in FAST])
+def test_flag_and_schema_errors_answer_before_torch_is_imported(tmp_path, name, argv, expected):
     """CPU seconds of the whole interpreter, imports included (on this machine: 0.2 s; with torch: 3.5 s)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=tmp_path, env={**_env(), "RAY_TMPDIR": str(tmp_path)},
