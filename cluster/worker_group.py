@@ -34,15 +34,15 @@ class WorkerContext:
     threads: int
     nodes: tuple[int, ...] = ()  # node index of every rank (ranks on one Ray node share one)
     # set on the worker:
-    report: Callable[[dict], None] = field(default=lambda row: None, repr=False)
+    report: Callable[[Any], None] = field(default=lambda msg: None, repr=False)  # any picklable message
     controls: Callable[[], list[dict]] = field(default=lambda: [], repr=False)  # messages from the driver
     stash: Callable[[Any], Any] = field(default=lambda value: value, repr=False)  # value -> handle
     fetch: Callable[[list], list] = field(default=lambda handles: handles, repr=False)  # handles -> values
     # wait until reports are taken; with a mark, until the driver says it stored everything up to it
     flush: Callable[..., bool] = field(default=lambda timeout_s, mark=None: True, repr=False)
-    # registers a function whose value every poll carries as {"live": value, "rank": r}: read on the
+    # registers a function whose value every poll carries as one more report: read on the
     # polling thread, so it answers while the job's thread is stuck (in a collective, say)
-    live: Callable[[Callable[[], dict]], None] = field(default=lambda fn: None, repr=False)
+    live: Callable[[Callable[[], Any]], None] = field(default=lambda fn: None, repr=False)
 
     @property
     def init_method(self) -> str:
@@ -95,11 +95,11 @@ class RankWorker:
         self.threads = threads
         self.keeper = keeper
         self._lock = threading.Lock()
-        self._reports: list[dict] = []
+        self._reports: list = []
         self._controls: list[dict] = []
         self._stored = threading.Condition(self._lock)  # notified when the driver answers a flush mark
         self._stored_mark = float("-inf")  # the highest mark the driver has answered
-        self._live: tuple[int, Callable[[], dict]] | None = None  # (rank, what poll() reports of it now)
+        self._live: Callable[[], Any] | None = None  # what poll() reports of the rank now
 
     def where(self) -> tuple[str, str, int]:
         """(node id, node ip, pid) for placement and diagnostics."""
@@ -108,21 +108,20 @@ class RankWorker:
     def rendezvous_port(self) -> int:
         return free_port()
 
-    def _report(self, row: dict) -> None:
+    def _report(self, msg: Any) -> None:
         with self._lock:
-            self._reports.append(row)
+            self._reports.append(msg)
 
     def _flush(self, timeout_s: float, mark: Any = None) -> bool:
         """Wait until the driver's poll has taken every report (or ``timeout_s``),
         then a moment more for that poll's reply to leave this process: a rank
         about to die makes sure its last words arrive.
 
-        With a ``mark``: report ``{"flush": mark}`` and wait until the driver
-        answers with the control ``{"flushed": m}``, ``m >= mark`` (it has stored
-        what the mark stands for); False when ``timeout_s`` passed first."""
+        With a ``mark`` (which the job has reported, in its own message type): wait
+        until the driver answers with the control ``{"flushed": m}``, ``m >= mark``
+        (it has stored what the mark stands for); False when ``timeout_s`` passed first."""
         if mark is not None:
             with self._lock:
-                self._reports.append({"flush": mark})
                 return self._stored.wait_for(lambda: self._stored_mark >= mark, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -152,14 +151,14 @@ class RankWorker:
         ctx.report, ctx.controls, ctx.flush = self._report, self._take_controls, self._flush
         ctx.stash = self._stash
         ctx.fetch = self._fetch
-        ctx.live = lambda live: setattr(self, "_live", (ctx.rank, live))
+        ctx.live = lambda live: setattr(self, "_live", live)
         return fn(ctx, *args)
 
-    def poll(self) -> list[dict]:
+    def poll(self) -> list:
         with self._lock:
             rows, self._reports = self._reports, []
         if self._live is not None:
-            rows.append({"live": self._live[1](), "rank": self._live[0]})
+            rows.append(self._live())
         return rows
 
     def control(self, msg: dict) -> None:
@@ -243,7 +242,7 @@ class WorkerGroup:
         fn_ref = ray.put(fn)
         return [a.run.remote(ctx, fn_ref, *args) for a, ctx in zip(self.actors, self.contexts)]
 
-    def poll(self, timeout_s: float = 10) -> list[dict]:
+    def poll(self, timeout_s: float = 10) -> list:
         """Every report the ranks made since the last poll. A rank that does not
         answer in time is skipped this round; its answer is read by a later poll,
         so no report is lost."""

@@ -27,6 +27,8 @@ import fsspec
 import torch
 import torch.distributed as dist
 
+from orchestrator.errors import CheckpointError
+
 MARKER = "COMMITTED"
 MANIFEST = "manifest"  # folder of the per-rank parts, rank{r}.json: {"hash": HASH, "files": {path: {size, HASH}}}
 CORRUPT = "CORRUPT"  # written by ranks that found a file not matching the manifest: never loaded again
@@ -36,10 +38,6 @@ HASH = "sha256"
 _CHUNK = 8 << 20
 NO_MANIFEST = "no manifest (written before polytrain verified checkpoints): loading it unverified"
 _STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the reason."""
 
 
 def step_url(run_url: str, step: int) -> str:

@@ -82,8 +82,13 @@ def _add_matrix_commands(sub) -> None:
     r.add_argument("--target-loss", dest="target_loss", type=float, help="loss the ranking times runs to")
 
 
+def _add_dashboard(p) -> None:
+    p.add_argument("--dashboard", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    # the old name, which `run` uses for the Ray cluster itself: still taken, with a note (_dashboard)
+    p.add_argument("--address", dest="old_address", help=argparse.SUPPRESS)
+
+
 def _add_cluster_commands(sub) -> None:
-    addr = dict(help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     s = sub.add_parser("submit", help="submit a job to a Ray cluster (job submission API)",
                        description="Submit a job to a Ray cluster. Takes the `run` options; --storage must be "
                        "a location the cluster can write and you can read (shared filesystem or object store).")
@@ -97,14 +102,14 @@ def _add_cluster_commands(sub) -> None:
     s.add_argument("--exclude", dest="excludes", action="append", default=[], metavar="PATTERN",
                    help="leave files matching this gitignore pattern out of the upload (repeatable); secrets, "
                    "environments, checkpoints and runs/ are always left out")
-    s.add_argument("--address", **addr)
+    _add_dashboard(s)
     s.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 if it fails")
     s.add_argument("--follow", action="store_true", help="with --wait: print its logs as they come")
     for name, what in (("status", "a submitted job's state (exit 1 if it failed or was stopped)"),
                        ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
         p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         p.add_argument("job_id", metavar="JOB")
-        p.add_argument("--address", **addr)
+        _add_dashboard(p)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
@@ -193,10 +198,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dashboard(args: argparse.Namespace) -> str | None:
+    """The dashboard of submit, status, logs and stop: --dashboard, or its deprecated
+    name --address (one note on stderr)."""
+    from orchestrator.errors import ConfigError
+
+    if args.old_address is None:
+        return args.dashboard
+    if args.dashboard is not None:
+        raise ConfigError(f"--address {args.old_address!r}: give the dashboard once, as --dashboard "
+                          f"(--address is its deprecated name)")
+    print(f"polytrain: note: `polytrain {args.command} --address` is deprecated, use --dashboard "
+          f"(--address names the Ray cluster in `polytrain run`)", file=sys.stderr)
+    return args.old_address
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator import submit as sub
     from orchestrator.config import ConfigError, load_spec, read_config_file
 
+    dashboard = _dashboard(args)
     overrides = list(args.overrides)
     if args.max_failures is not None:
         overrides.insert(0, f"failure.max_failures={args.max_failures}")
@@ -210,12 +230,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                      workers=args.workers, steps=args.steps, storage=args.storage, run_id=args.run_id,
                      checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
                      inject=args.inject or None)
-    job = sub.submit(spec, address=args.address, excludes=args.excludes)
+    from orchestrator import submit as sub  # imports Ray: only for a valid spec
+
+    job = sub.submit(spec, address=dashboard, excludes=args.excludes)
     print(f"job: {job.job_id}\nrun folder: {job.run_url}\nfollow: polytrain logs {job.job_id} --follow "
-          f"--address {job.dashboard}", flush=True)
+          f"--dashboard {job.dashboard}", flush=True)
     if not args.wait:
         return EXIT_OK
-    st = sub.wait(job.job_id, address=args.address, follow_logs=args.follow)
+    st = sub.wait(job.job_id, address=dashboard, follow_logs=args.follow)
     return _print_state(st)
 
 
@@ -227,18 +249,19 @@ def _print_state(st) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
+    dashboard = _dashboard(args)
     from orchestrator import submit as sub
 
     if args.command == "status":
-        return _print_state(sub.status(args.job_id, address=args.address))
+        return _print_state(sub.status(args.job_id, address=dashboard))
     if args.command == "stop":
-        st = sub.stop(args.job_id, address=args.address)
+        st = sub.stop(args.job_id, address=dashboard)
         print(f"{st.job_id}: {st.status}")
         return EXIT_OK if st.status in sub.TERMINAL else EXIT_FAILED
     if args.follow:
-        sub.follow(args.job_id, address=args.address)
+        sub.follow(args.job_id, address=dashboard)
     else:
-        sys.stdout.write(sub.logs(args.job_id, address=args.address))
+        sys.stdout.write(sub.logs(args.job_id, address=dashboard))
     return EXIT_OK
 
 
@@ -305,7 +328,6 @@ def cmd_scenarios() -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import load_spec
-    from orchestrator.driver import run
 
     overrides = list(args.overrides)
     if args.address:
@@ -320,6 +342,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, resume=args.resume, scenario=args.scenario,
         inject=args.inject or None,
     )
+    from orchestrator.driver import run  # imports torch: only for a valid spec
+
     result = run(spec, progress=not args.quiet)
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s, final loss {result.final_loss:.4f}\n"
           f"run folder: {result.url}" + (f"\nlast checkpoint: {result.checkpoint}" if result.checkpoint else ""))
@@ -355,11 +379,16 @@ def cmd_pipeline_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cluster_error(e: BaseException) -> bool:
+    """A ClusterError (bad input about the cluster), told apart without importing
+    Ray: it is raised only by cluster.runtime, which is imported if it was."""
+    runtime = sys.modules.get("cluster.runtime")
+    return runtime is not None and isinstance(e, runtime.ClusterError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.runtime import ClusterError
-    from orchestrator.config import ConfigError
-    from orchestrator.driver import RunFailed
+    from orchestrator.errors import ConfigError, RunFailed
 
     try:
         if args.command == "workloads":
@@ -379,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "pipeline":
             return cmd_pipeline_show(args)
         return cmd_run(args)
-    except (ConfigError, ClusterError) as e:
+    except ConfigError as e:
         print(f"polytrain: error: {e}", file=sys.stderr)
         return EXIT_INVALID
     except RunFailed as e:
@@ -389,6 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = getattr(e, "signum", None)  # driver.Interrupted: SIGTERM or SIGHUP
         print(f"polytrain: interrupted{f' ({e})' if signum else ''}; workers stopped", file=sys.stderr)
         return 128 + signum if signum else EXIT_INTERRUPTED
+    except Exception as e:
+        if not _cluster_error(e):
+            raise
+        print(f"polytrain: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -8,13 +8,24 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import pandas as pd
 
 from orchestrator.config import JobSpec
-from orchestrator.driver import RunResult, check_before_ray, run
 from orchestrator.metrics import WARMUP_STEPS, summarize  # noqa: F401  (summarize is part of this module's API)
+
+if TYPE_CHECKING:
+    from orchestrator.driver import RunResult
+
+
+def run(spec: JobSpec, **kwargs) -> "RunResult":
+    """``orchestrator.driver.run``, imported when a job runs: it imports torch,
+    which a matrix refused for bad input must not wait for."""
+    from orchestrator.driver import run as run_job
+
+    return run_job(spec, **kwargs)
+
 
 @dataclass
 class CompareResult:
@@ -127,13 +138,15 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     import fsspec
     import yaml
 
-    from cluster import runtime as ray_runtime
     from orchestrator.report import Failure, Report, load_run, write_report
 
     stream = stream or sys.stderr
     out = out if "://" in out else os.path.abspath(out)
     combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
     specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+    from cluster import runtime as ray_runtime  # Ray and torch: only once the matrix is valid
+    from orchestrator.driver import check_before_ray
+
     for spec in specs:
         check_before_ray(spec)
     runtime = ray_runtime.start(address=address)

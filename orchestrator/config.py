@@ -12,16 +12,18 @@ import math
 import os
 import re
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from cluster.faults import Injection, parse_injection
-from cluster.network import parse_scenario
-from strategies import STRATEGIES, OptimConfig, Strategy
-from workloads import WORKLOADS, Workload
-from workloads.plugins import canonical_ref, is_ref, local_sources
+from cluster.network import Scenario, parse_scenario
+from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:  # the registries import torch and every strategy: only once the schema is valid (_resolve)
+    from strategies import Strategy
+    from workloads import Workload
 
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -48,10 +50,6 @@ def check_protocol(url: str) -> str:
         raise ValueError(f"protocol {protocol!r} needs a package that is not installed "
                          f"({str(e).strip().splitlines()[0]})") from None
     return url
-
-
-class ConfigError(ValueError):
-    """Invalid job input: reported on one line, exit code 2, before any worker starts."""
 
 
 def format_validation_error(e: ValidationError, prefix: str = "") -> str:
@@ -161,16 +159,18 @@ class JobSpec(BaseModel):
                          description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, description="run folder name (letters, digits, '.', '_', '-'; "
                                "not '.' or '..'); default: generated")
-    scenario: str = Field("local", description="simulated network: local (none), a name from `polytrain scenarios`, "
-                          "or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
+    scenario: Scenario | None = Field(
+        "local", validate_default=True, description="simulated network: local (none), a name from "
+        "`polytrain scenarios`, or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
     keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints to keep (oldest deleted first)")
     resume: str | None = Field(None, description="'latest' (this run's newest committed checkpoint) or a checkpoint URL")
-    optim: OptimConfig = Field(default_factory=OptimConfig)
+    # strategies.OptimConfig once built (_resolve): importing it imports torch, which bad input must not wait for
+    optim: Any = Field(default_factory=dict, description="optimizer options (strategies.OptimConfig)")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     straggler: StragglerSpec = Field(default_factory=StragglerSpec)
-    inject: list[str] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
+    inject: list[Injection] = Field(default_factory=list, description="faults to inject, e.g. kill:rank=1,step=30")
 
     def __init__(self, **data: Any):
         try:
@@ -181,10 +181,7 @@ class JobSpec(BaseModel):
     @field_validator("workload", "strategy", mode="before")
     @classmethod
     def _name_shorthand(cls, v: Any) -> Any:
-        v = {"name": v} if isinstance(v, str) else v
-        if isinstance(v, dict) and isinstance(v.get("name"), str):
-            v = {**v, "name": canonical_ref(v["name"])}  # a relative file path works from any cwd
-        return v
+        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("storage")
     @classmethod
@@ -206,11 +203,10 @@ class JobSpec(BaseModel):
             raise ValueError("not a folder name (allowed: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
         return v
 
-    @field_validator("scenario")
+    @field_validator("scenario", mode="before")
     @classmethod
-    def _known_scenario(cls, v: str) -> str:
-        parse_scenario(v)  # ValueError names the problem
-        return v.strip()
+    def _known_scenario(cls, v: Any) -> Any:
+        return parse_scenario(v) if isinstance(v, str) else v  # ValueError names the problem
 
     @field_validator("inject", mode="before")
     @classmethod
@@ -218,22 +214,37 @@ class JobSpec(BaseModel):
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list):
             return v
-        return [str(parse_injection(str(i))) for i in items]  # canonical form; ValueError names the string
+        # parsed once, here; ValueError names the string
+        return [i if isinstance(i, Injection) else parse_injection(str(i)) for i in items]
+
+    @field_serializer("scenario")
+    def _scenario_text(self, v: Scenario | None) -> str:
+        return self.scenario_name
+
+    @field_serializer("inject")
+    def _injection_texts(self, v: list[Injection]) -> list[str]:
+        return [str(i) for i in v]  # the canonical form, which parses back to the same Injection
 
     @model_validator(mode="after")
     def _resolve(self) -> "JobSpec":
+        # Runs only once every field is valid: from here on the registries (and torch) are imported.
+        from workloads.plugins import canonical_ref
+
+        for component in (self.workload, self.strategy):
+            component.name = canonical_ref(component.name)  # a relative file path works from any cwd
+        self.optim = self._optim_config()
         if self.run_id is None:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             self.run_id = (f"{short_name(self.workload.name)}-{short_name(self.strategy.name)}-{stamp}-"
                            f"{uuid.uuid4().hex[:4]}")
         workload = self.build_workload()
-        strategy_cls = STRATEGIES.get(self.strategy.name)
+        strategy_cls = self.strategy_cls()
         options = self.strategy_options()
         replicas = strategy_cls.replicas(workers=self.workers, options=options)
         per_step = replicas * self.grad_accum
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
-        sc = parse_scenario(self.scenario)
+        sc = self.scenario
         # ranks per node: the scenario's; embedded Ray puts every worker on this machine; a
         # cluster's placement is known only to the workers, which check it at set-up
         per_node = sc.per_node if sc is not None else None if self.cluster.address else self.workers
@@ -251,9 +262,9 @@ class JobSpec(BaseModel):
         if self.storage.startswith("memory://") and (self.checkpoint_every or self.resume):
             raise ValueError(f"storage={self.storage!r}: checkpoints are written by the workers, which cannot see "
                              f"this process's memory:// filesystem; use a path or a shared URL (s3://, ...)")
-        if sc is not None:
-            sc.check(self.workers)
-        for inj in self.injections():
+        if self.scenario is not None:
+            self.scenario.check(self.workers)
+        for inj in self.inject:
             if inj.rank is not None and inj.rank >= self.workers:
                 raise ValueError(f"inject={str(inj)!r}: rank={inj.rank} is outside the world (workers={self.workers}: "
                                  f"ranks 0..{self.workers - 1})")
@@ -284,8 +295,25 @@ class JobSpec(BaseModel):
             return f"{data}: one step's {why} needs more than the dataset's {n_samples} training samples"
         return f"{why}: larger than the dataset ({n_samples} training samples{' with ' + data if data else ''})"
 
+    def _optim_config(self):
+        from strategies import OptimConfig
+
+        if not isinstance(self.optim, (dict, OptimConfig)):
+            raise ValueError(f"optim={self.optim!r}: expected a section of optim.* options (e.g. optim.lr=3e-3)")
+        try:
+            return OptimConfig.model_validate(self.optim)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, "optim.")) from None
+
     # -- resolved views (cheap; rebuilt where needed, so the spec pickles as plain data) --
+    @property
+    def scenario_name(self) -> str:
+        """The scenario as the user writes it (``local``: none)."""
+        return "local" if self.scenario is None else str(self.scenario)
+
     def build_workload(self) -> Workload:
+        from workloads import WORKLOADS
+
         cls = WORKLOADS.get(self.workload.name)
         try:
             return _finite(cls(**self.workload.options), "workload.")
@@ -293,6 +321,8 @@ class JobSpec(BaseModel):
             raise ValueError(format_validation_error(e, "workload.")) from None
 
     def strategy_cls(self) -> type[Strategy]:
+        from strategies import STRATEGIES
+
         return STRATEGIES.get(self.strategy.name)
 
     def strategy_options(self) -> BaseModel:
@@ -306,9 +336,6 @@ class JobSpec(BaseModel):
         """In-memory snapshots are only worth their cost when something may restore them."""
         f = self.failure
         return f.snapshots and (f.max_failures > 0 or f.nan == "rollback" or self.straggler.mitigation == "evict")
-
-    def injections(self) -> list[Injection]:
-        return [parse_injection(i) for i in self.inject]
 
     @property
     def global_batch(self) -> int:
@@ -325,6 +352,8 @@ class JobSpec(BaseModel):
 
     def worker_sources(self) -> list[str]:
         """Local files or packages the workers need to import this job's plugins."""
+        from workloads.plugins import is_ref, local_sources
+
         refs = [c.name for c in (self.workload, self.strategy) if is_ref(c.name)]
         return sorted({p for ref in refs for p in local_sources(ref)})
 

@@ -7,8 +7,10 @@ it, and carries out what the failure and straggler policies decide.
                restarting -> errored
 
 It talks to the workers only through the ``Group`` protocol (start, poll,
-control, shutdown), so tests drive it with a fake group, one poll at a time,
-without Ray. The Ray implementation lives in orchestrator/driver.py.
+control, shutdown), so tests drive it with a fake group, one ``tick()`` at a
+time, without Ray or threads. The Ray implementation lives in orchestrator/driver.py.
+It reads the ranks' typed messages (orchestrator/messages.py) and imports
+neither torch nor any strategy.
 """
 from __future__ import annotations
 
@@ -20,27 +22,24 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
-from cluster.faults import parse_injection
+from cluster.faults import Injection
 from orchestrator.config import JobSpec
+from orchestrator.errors import RunFailed, SnapshotLost
+from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Message, Row, SnapshotPart
 from orchestrator.metrics import MetricsLog, samples_mean
 from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, initial_shares,
 )
 from orchestrator.progress import Progress
-from orchestrator.trainer import Attempt, SnapshotLost
 
 # Messages of errors that are the echo of another rank's death, not a cause.
 _PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
                  "gloo", "nccl", "timed out", "socket")
 
 
-class RunFailed(RuntimeError):
-    """The job started but did not finish (exit code 1)."""
-
-
 @dataclass
 class GroupStatus:
-    rows: list[dict] = field(default_factory=list)  # reports since the last poll, in order
+    rows: list[Message] = field(default_factory=list)  # the ranks' messages since the last poll, in order
     finished: set[int] = field(default_factory=set)  # ranks whose function has returned (so far, cumulative)
     errors: dict[int, str] = field(default_factory=dict)  # rank -> why it failed
 
@@ -59,6 +58,25 @@ class Group(Protocol):
 class _Evict:
     rank: int
     reason: str
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """Every rank's function returned."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerOptions:
+    """What the controller acts through besides its group: the driver's callbacks,
+    and time (tests pass a fake clock and a sleep that returns at once)."""
+
+    # (before=None | step) -> (step, url) of the newest committed checkpoint older than that, or None
+    newest_checkpoint: Callable[..., tuple[int, str] | None] = lambda before=None: None
+    forget: Callable[[list], None] = lambda handles: None  # releases stashed snapshot parts no longer needed
+    first_step_at: Callable[[int], None] = lambda step: None  # called once, when the first step completes
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    grace_s: float = 3.0  # after a rank's error, how long to wait for the others' before naming the cause
 
 
 def is_echo(msg: str) -> bool:
@@ -116,21 +134,20 @@ def one_line(rank: int, msg: str, cause: int, live: dict) -> str:
     return f"peer lost: waiting on {who} in {op} ({reason})"
 
 
-def renumber(injections: list[str], removed: int) -> list[str]:
+def renumber(injections: list[Injection], removed: int) -> list[Injection]:
     """Faults follow the workers they were aimed at when rank ``removed`` leaves
     the group: its own go, higher ranks move down by one."""
     out = []
-    for text in injections:
-        inj = parse_injection(text)
+    for inj in injections:
         if inj.rank == removed:
             continue
         if inj.rank is not None and inj.rank > removed:
             inj = replace(inj, rank=inj.rank - 1)
-        out.append(str(inj))
+        out.append(inj)
     return out
 
 
-def presumed_fired(injections: list[str], failure: Failure, completed: int, began: int = 0) -> set[str]:
+def presumed_fired(injections: list[Injection], failure: Failure, completed: int, began: int = 0) -> set[Injection]:
     """The one-shot faults that must have fired for this failure to be seen,
     whether or not their report left the worker (a killed worker's last reports
     may die with it): those of steps every rank has finished, and a kill or hang
@@ -138,29 +155,26 @@ def presumed_fired(injections: list[str], failure: Failure, completed: int, bega
     step any rank reported starting; lockstep ranks are at most one step apart."""
     out = set()
     reached = max(completed, began)
-    for text in injections:
-        inj = parse_injection(text)
+    for inj in injections:
         if not inj.once:
             continue
         here = inj.rank == failure.rank and inj.kind in ("kill", "hang")
         if (inj.step < completed or inj.step == completed and inj.at == "start"
                 or here and inj.step <= (reached + 1 if inj.at == "start" else reached)):
-            out.add(str(inj))
+            out.add(inj)
     return out
 
 
 class Controller:
     def __init__(self, spec: JobSpec, make_group: Callable[[], Group], log: MetricsLog, out: Progress, *,
-                 first: Attempt, newest_checkpoint: Callable[..., tuple[int, str] | None] = lambda before=None: None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 grace_s: float = 3.0, start_step: int = 0, first_step_at: Callable[[int], None] = lambda step: None,
-                 forget: Callable[[list], None] = lambda handles: None):
+                 first: Attempt, start_step: int = 0, options: ControllerOptions = ControllerOptions()):
         self.spec, self.make_group, self.log, self.out = spec, make_group, log, out
         self.attempt = first
-        self.newest_checkpoint = newest_checkpoint  # (before=None | step) -> the newest committed one older than that
-        self.clock, self.sleep, self.grace_s = clock, sleep, grace_s
-        self.first_step_at = first_step_at
-        self.forget = forget  # releases stashed snapshot parts that are no longer needed
+        self.newest_checkpoint = options.newest_checkpoint
+        self.clock, self.sleep, self.grace_s = options.clock, options.sleep, options.grace_s
+        self.first_step_at = options.first_step_at
+        self.forget = options.forget
+        self.group: Group | None = None  # the running attempt's
         self.failure_policy = FailurePolicy(spec.failure)
         self.straggler_policy = StragglerPolicy(spec.straggler, global_batch=spec.global_batch, quantum=1,
                                                 min_workers=spec.failure.min_workers)
@@ -171,7 +185,7 @@ class Controller:
         self.failures = 0
         self.final_loss = float("nan")
         self.last_checkpoint: str | None = None
-        self.fired: set[str] = set()  # injections that fired: never again in this run
+        self.fired: set[Injection] = set()  # injections that fired: never again in this run
         self._began: dict[int, int] = {}  # rank -> the last step it reported starting, this attempt
         self._live: dict[int, dict] = {}  # rank -> its latest progress (step, communication calls), this attempt
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
@@ -182,20 +196,42 @@ class Controller:
     # -- the state machine ------------------------------------------------------------------------
     def run(self) -> tuple[float, str | None]:
         """Run attempts until the job finishes; raises RunFailed when a policy gives up."""
-        while True:
-            self.state = "starting"
-            self.log.sync()  # what led here (failures, decisions) is on storage before a start that may take long
-            group = self.make_group()
-            try:
-                group.start(self.attempt)
-                self.state = "running"
-                outcome = self._supervise(group)
-            finally:
-                group.shutdown()
-            if outcome is None:
-                self.state = "finished"
-                return self.final_loss, self.last_checkpoint
+        try:
+            while self.tick() != "finished":
+                pass
+        finally:
+            self._stop_group()
+        return self.final_loss, self.last_checkpoint
+
+    def tick(self) -> str:
+        """One step of the state machine, and the state it leaves: start an attempt
+        (starting, restarting), or poll the running group once, absorb its messages
+        and decide (go on, finish, or recover, which may raise RunFailed)."""
+        if self.state in ("starting", "restarting"):
+            self._start()
+            return self.state
+        outcome = self._poll()
+        if outcome is None:
+            return self.state
+        self._stop_group()
+        if isinstance(outcome, _Finished):
+            self.state = "finished"
+        else:
             self._recover(outcome)
+        return self.state
+
+    def _start(self) -> None:
+        self.state = "starting"
+        self.log.sync()  # what led here (failures, decisions) is on storage before a start that may take long
+        self.group = self.make_group()
+        self.group.start(self.attempt)
+        self._begin_attempt()
+        self.state = "running"
+
+    def _stop_group(self) -> None:
+        if self.group is not None:
+            group, self.group = self.group, None
+            group.shutdown()
 
     def _recover(self, outcome: Failure | _Evict) -> None:
         world = self.attempt.world
@@ -232,7 +268,7 @@ class Controller:
         if isinstance(outcome, Failure) and not snapshot_lost:  # it failed before any step: nothing fired
             began = max(self._began.values(), default=0)
             self.fired |= presumed_fired(self.attempt.injections, outcome, self.completed, began)
-        injections = [i for i in self.attempt.injections if i not in self.fired]  # both in canonical form
+        injections = [i for i in self.attempt.injections if i not in self.fired]
         shares = self.attempt.shares
         if removed is not None:  # fewer workers: even shares again, uneven where the batch does not divide
             injections = renumber(injections, removed)
@@ -272,7 +308,7 @@ class Controller:
         return None
 
     # -- one attempt ------------------------------------------------------------------------------
-    def _supervise(self, group: Group) -> Failure | _Evict | None:
+    def _begin_attempt(self) -> None:
         a = self.attempt
         self._steps: dict[int, dict[int, dict]] = {}
         self._began = {}
@@ -284,37 +320,42 @@ class Controller:
         replicas = self._replicas(a.world)
         shares = tuple(a.shares) if a.shares else initial_shares(self.spec.global_batch, replicas, 1)
         self._straggle = StragglerState(shares=shares, decided_at=self.completed, ranks_per_replica=a.world // replicas)
-        last_progress = self.clock()
-        errors: dict[int, str] = {}
-        first_error = None
-        while True:
-            status = group.poll()
-            before = self.completed
-            for row in status.rows:
-                self._absorb(row, group)
-            if self.completed > before:
-                last_progress = self.clock()
-            self._acknowledge(group)
-            self.log.maybe_flush()
-            errors.update(status.errors)
-            if errors:
-                first_error = first_error if first_error is not None else self.clock()
-                if self.clock() - first_error >= self.grace_s or len(errors) + len(status.finished) >= a.world:
-                    return self._failed(errors)
-                continue
-            if self._pending_outcome is not None:
-                return self._pending_outcome
-            if len(status.finished) >= a.world:
-                return None
-            deadline = hang_deadline_s(self.spec.failure, list(self._recent),
-                                       startup_s=self.spec.cluster.collective_timeout_s,
-                                       collective_timeout_s=self.spec.cluster.collective_timeout_s)
-            if self.clock() - last_progress > deadline:
-                return self._hang(deadline)
+        self._last_progress = self.clock()
+        self._errors: dict[int, str] = {}
+        self._first_error: float | None = None
+
+    def _poll(self) -> Failure | _Evict | _Finished | None:
+        """Poll the group once and decide; None: the attempt goes on."""
+        group, a = self.group, self.attempt
+        status = group.poll()
+        before = self.completed
+        for msg in status.rows:
+            self._absorb(msg, group)
+        if self.completed > before:
+            self._last_progress = self.clock()
+        self._acknowledge(group)
+        self.log.maybe_flush()
+        self._errors.update(status.errors)
+        if self._errors:
+            self._first_error = self._first_error if self._first_error is not None else self.clock()
+            if self.clock() - self._first_error >= self.grace_s or len(self._errors) + len(status.finished) >= a.world:
+                return self._failed(self._errors)
+            return None
+        if self._pending_outcome is not None:
+            return self._pending_outcome
+        if len(status.finished) >= a.world:
+            return _Finished()
+        deadline = hang_deadline_s(self.spec.failure, list(self._recent),
+                                   startup_s=self.spec.cluster.collective_timeout_s,
+                                   collective_timeout_s=self.spec.cluster.collective_timeout_s)
+        if self.clock() - self._last_progress > deadline:
+            return self._hang(deadline)
+        return None
 
     def _replicas(self, world: int) -> int:
         """Data-parallel replicas of ``world`` ranks: batch shares are per replica
         (replica i: ranks i*g .. i*g+g-1, as pipeline and sequence lay them out)."""
+        # the strategy's class is imported here, at run time: importing the controller imports no strategy
         return self.spec.strategy_cls().replicas(workers=world, options=self.spec.strategy_options())
 
     def _failed(self, errors: dict[int, str]) -> Failure:
@@ -326,8 +367,8 @@ class Controller:
         if kind == "died":  # one of ours? then say so, not what Ray guesses
             fired = presumed_fired(self.attempt.injections, Failure(kind=kind, rank=rank, step=self.completed,
                                    message=msg), self.completed, max(self._began.values(), default=0)) | self.fired
-            kill = next((i for i in self.attempt.injections if i in fired and i.startswith("kill:")
-                         and parse_injection(i).rank == rank), None)
+            kill = next((i for i in self.attempt.injections if i in fired and i.kind == "kill" and i.rank == rank),
+                        None)
             if kill:
                 msg = f"rank {rank} failed: its worker process died (injected {kill})"
                 errors = {**errors, rank: msg}
@@ -359,38 +400,39 @@ class Controller:
             self.log.sync()
             group.control({"flushed": max(due)})
 
-    def _absorb(self, row: dict, group: Group) -> None:
-        a = self.attempt
-        if "begin" in row:
-            self._began[row["rank"]] = row["begin"]
-            return
-        if "flush" in row:
-            self._flush_marks.append(row["flush"])
-            return
-        if "live" in row:  # where the rank is now (orchestrator.trainer.RankTrainer.progress)
-            self._live[row["rank"]] = row["live"]
-            return
-        if "event" in row:
-            kind = row["event"]
-            if kind == "snapshot":
-                self._snapshot_part(row)
-                return
-            if kind == "inject":
-                self.fired.add(row["detail"])
-                self.out.note(f"injected {row['detail']} on rank {row['rank']} at step {row['step']}")
-            if kind == "checkpoint":
-                self.last_checkpoint = row["detail"]
-            self.log.event(kind, rank=row["rank"], step=row.get("step", -1),
-                           seconds=row.get("seconds", float("nan")), detail=row.get("detail", ""))
-            return
-        timeline = row.pop("timeline", None)
-        if timeline:
-            self.log.add_timeline(row["step"], row["rank"], timeline)
+    def _absorb(self, msg: Message, group: Group) -> None:
+        match msg:
+            case Row():
+                self._row(msg, group)
+            case Begin(rank=rank, step=step):
+                self._began[rank] = step
+            case Live(rank=rank, progress=progress):  # where the rank is now (RankTrainer.progress)
+                self._live[rank] = progress
+            case Flush(mark=mark):
+                self._flush_marks.append(mark)
+            case SnapshotPart():
+                self._snapshot_part(msg)
+            case Injected(rank=rank, step=step, injection=inj):
+                self.fired.add(inj)
+                self.out.note(f"injected {inj} on rank {rank} at step {step}")
+                self.log.event("inject", rank=rank, step=step, detail=str(inj))
+            case Committing(rank=rank, step=step, seconds=seconds, url=url):
+                self.last_checkpoint = url
+                self.log.event("checkpoint", rank=rank, step=step, seconds=seconds, detail=url)
+            case Event(kind=kind, rank=rank, step=step, seconds=seconds, detail=detail):
+                self.log.event(kind, rank=rank, step=step, seconds=seconds, detail=detail)
+            case _:
+                raise TypeError(f"a rank sent {type(msg).__name__}, not a message of orchestrator.messages")
+
+    def _row(self, msg: Row, group: Group) -> None:
+        a, row = self.attempt, msg.values
+        if msg.timeline:
+            self.log.add_timeline(msg.step, msg.rank, msg.timeline)
         self.log.add_row({**row, "attempt": float(a.number)})
-        got = self._steps.setdefault(row["step"], {})
-        got[row["rank"]] = row
+        got = self._steps.setdefault(msg.step, {})
+        got[msg.rank] = row
         if len(got) == a.world:
-            self._step_done(row["step"], list(self._steps.pop(row["step"]).values()), group)
+            self._step_done(msg.step, list(self._steps.pop(msg.step).values()), group)
 
     def _step_done(self, step: int, rows: list[dict], group: Group) -> None:
         self.completed = max(self.completed, step)
@@ -429,21 +471,22 @@ class Controller:
             self._pending_outcome = Failure(kind="nan", rank=-1, step=step, message=(
                 f"non-finite loss {where}, {step - first + 1} steps in a row since step {first}"))
 
-    def _snapshot_part(self, row: dict) -> None:
-        key = (self.attempt.number, row["step"])
+    def _snapshot_part(self, part: SnapshotPart) -> None:
+        step = part.step
+        key = (self.attempt.number, step)
         parts = self._partial.setdefault(key, {})
-        parts[row["rank"]] = (row["handle"], row.get("seconds", 0.0))
+        parts[part.rank] = (part.handle, part.seconds)
         if len(parts) == self.attempt.world:
             del self._partial[key]
-            if self._rollback_before() is not None and row["step"] >= self._rollback_before():
+            if self._rollback_before() is not None and step >= self._rollback_before():
                 self.forget([h for h, _ in parts.values()])  # holds the non-finite step: never restored
                 return
             if self.snapshot:
                 self.forget(self.snapshot[1])
-            self.snapshot = (row["step"], [parts[r][0] for r in range(self.attempt.world)])
-            for old in [k for k in self._partial if k[1] < row["step"]]:  # one some rank never finished
+            self.snapshot = (step, [parts[r][0] for r in range(self.attempt.world)])
+            for old in [k for k in self._partial if k[1] < step]:  # one some rank never finished
                 self.forget([h for h, _ in self._partial.pop(old).values()])
-            self.log.event("snapshot", step=row["step"], seconds=max(s for _, s in parts.values()),
+            self.log.event("snapshot", step=step, seconds=max(s for _, s in parts.values()),
                            detail=f"{self.attempt.world} parts in the object store")
 
     def _stragglers(self, step: int, rows: list[dict], group: Group) -> None:

@@ -12,9 +12,10 @@ import pandas as pd
 
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.controller import Controller, GroupStatus, RunFailed
+from orchestrator.controller import Controller, ControllerOptions, GroupStatus, RunFailed
+from orchestrator.messages import Attempt
 from orchestrator.metrics import MetricsLog, read_log
-from orchestrator.trainer import Attempt, pack_job, train_worker
+from orchestrator.trainer import pack_job, train_worker
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
 
@@ -247,7 +248,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
         resumed_step = meta["step"]
     folder.create(spec.to_yaml())
     log = MetricsLog(folder, run_id=spec.run_id, workload=spec.workload.name,
-                     strategy=spec.strategy.name, scenario=spec.scenario)
+                     strategy=spec.strategy.name, scenario=spec.scenario_name)
     if resume_url:
         gaps = log.keep_history(up_to_step=resumed_step)  # rows after the checkpoint are redone
         if gaps:
@@ -296,10 +297,13 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
                 return None
 
         controller = Controller(
-            spec, make_group, log, out, grace_s=FAILURE_GRACE_S, start_step=resumed_step,
+            spec, make_group, log, out, start_step=resumed_step,
             first=Attempt(world=spec.workers, resume_url=resume_url, injections=list(spec.inject)),
-            newest_checkpoint=newest_checkpoint, forget=lambda handles: keeper.drop.remote(handles),
-            first_step_at=lambda step: log.event("phase:first_step", step=step, seconds=time.perf_counter() - t_start),
+            options=ControllerOptions(
+                grace_s=FAILURE_GRACE_S, newest_checkpoint=newest_checkpoint,
+                forget=lambda handles: keeper.drop.remote(handles),
+                first_step_at=lambda step: log.event("phase:first_step", step=step,
+                                                     seconds=time.perf_counter() - t_start)),
         )
         try:
             final_loss, last_checkpoint = controller.run()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from orchestrator.config import FailureSpec, StragglerSpec
-from workloads import even_shares
 
 
 # -- failures -------------------------------------------------------------------------------------
@@ -194,4 +193,6 @@ def per_replica(history: list[dict[int, float]], ranks_per_replica: int) -> list
 
 
 def initial_shares(global_batch: int, world: int, quantum: int) -> tuple[int, ...]:
+    from workloads import even_shares  # imports torch: not when the controller is only imported
+
     return tuple(even_shares(global_batch, world, quantum))

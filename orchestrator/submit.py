@@ -49,7 +49,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def dashboard_url(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ConfigError("--address: required (the Ray dashboard, e.g. http://HEAD:8265), or set RAY_ADDRESS")
+        raise ConfigError("--dashboard: required (the Ray dashboard, e.g. http://HEAD:8265), or set RAY_ADDRESS")
     return address if "://" in address else f"http://{address}"
 
 
@@ -59,7 +59,7 @@ def client(address: str | None):
     port that accepts and never answers)."""
     url = dashboard_url(address)
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"--address {url!r}: expected the dashboard's http://HOST:PORT (default port 8265)")
+        raise ConfigError(f"--dashboard {url!r}: expected the dashboard's http://HOST:PORT (default port 8265)")
     check_reachable(url, timeout_s=CONNECT_TIMEOUT_S)
     warning = token_warning(url, sends_token=_sends_token())
     if warning:
@@ -71,16 +71,16 @@ def client(address: str | None):
             raise ValueError("no ray_version")
     except urllib.error.HTTPError as e:
         if e.code not in (401, 403):  # token auth: a Ray dashboard; Ray's client sends the token
-            raise ClusterError(f"--address {url!r}: not a Ray dashboard (HTTP {e.code} on /api/version)") from None
+            raise ClusterError(f"--dashboard {url!r}: not a Ray dashboard (HTTP {e.code} on /api/version)") from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise ClusterError(f"--address {url!r}: not a Ray dashboard ({type(e).__name__}: {reason})") from None
+        raise ClusterError(f"--dashboard {url!r}: not a Ray dashboard ({type(e).__name__}: {reason})") from None
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # ConnectionError, AuthenticationError, ...
-        raise ClusterError(f"--address {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ClusterError(f"--dashboard {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def check_storage(spec: JobSpec) -> None:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from cluster import Comm
-from cluster.faults import FaultInjector, parse_injection
+from cluster.faults import FaultInjector, Injection
 from cluster.mesh import nodes_from_per_node
-from cluster.network import parse_scenario
+from cluster.network import Scenario
 from cluster.dist import init_process_group, pick_device
 from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
+from orchestrator.errors import SnapshotLost  # also importable from here, its old home
+from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
@@ -31,22 +32,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-@dataclass(kw_only=True)
-class Attempt:
-    """One start of the worker group: the controller's plan for it."""
-
-    number: int = 0
-    world: int
-    resume_url: str | None = None  # a checked, committed checkpoint to restore ...
-    snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
-    shares: list[int] | None = None  # samples per data-parallel replica; None: an even split
-    injections: list[str] = field(default_factory=list)  # those that have not fired yet
-
-
-def network_floor(scenario: str, injector: FaultInjector, step: Callable[[], int]):
+def network_floor(model: Scenario | None, injector: FaultInjector, step: Callable[[], int]):
     """The least time of each communication call: the scenario's network model,
     plus any ``netdelay`` injected on this rank. None when neither applies."""
-    model = parse_scenario(scenario)
     if model is None and not any(i.kind == "netdelay" for i in injector.mine):
         return None
 
@@ -57,16 +45,10 @@ def network_floor(scenario: str, injector: FaultInjector, step: Callable[[], int
     return floor
 
 
-class SnapshotLost(RuntimeError):
-    """The in-memory snapshot to restore cannot be fetched (its Keeper or object
-    is gone): the controller falls back to the newest committed checkpoint."""
-
-
-def rank_nodes(scenario: str, world: int, placed: tuple[int, ...] = ()) -> tuple[int, ...]:
+def rank_nodes(model: Scenario | None, world: int, placed: tuple[int, ...] = ()) -> tuple[int, ...]:
     """The node of each rank, which decides each call's link class: a simulated
     network's (``per_node`` ranks a node) over where Ray placed the workers (on
     one machine, all on one node); () when neither is known: one node."""
-    model = parse_scenario(scenario)
     return nodes_from_per_node(world, model.per_node) if model is not None else tuple(placed)
 
 
@@ -90,13 +72,13 @@ class RankTrainer:
 
     def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
                  workload: Workload | None = None, strategy_cls: type[Strategy] | None = None,
-                 shares: list[int] | None = None, injections: list[str] = (), report: Callable[[dict], None] = None,
+                 shares: list[int] | None = None, injections: list[Injection] = (), report: Callable[[object], None] = None,
                  flush: Callable[[], None] | None = None, nodes: tuple[int, ...] = ()):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         self.report = report or (lambda row: None)
         workload = workload if workload is not None else spec.build_workload()
-        self.injector = FaultInjector([parse_injection(i) for i in injections], rank, self._fired, flush)
-        self.workload = _Poisoned(workload) if any(i.startswith("nan:") for i in injections) else workload
+        self.injector = FaultInjector(list(injections), rank, self._fired, flush)
+        self.workload = _Poisoned(workload) if any(i.kind == "nan" for i in injections) else workload
         strategy_cls = strategy_cls or spec.strategy_cls()
         self.comm = Comm()
         self.step = 0  # before set-up: the floor reads it, and demo's and gossip's set-up communicate
@@ -126,7 +108,7 @@ class RankTrainer:
         return {"step": max(self.began, self.step), **self.comm.progress()}  # step: after a restore too
 
     def _fired(self, inj, step: int) -> None:
-        self.report({"event": "inject", "rank": self.rank, "step": step, "detail": str(inj)})
+        self.report(Injected(rank=self.rank, step=step, injection=inj))
 
     # -- controls from the driver ------------------------------------------------------------
     def control(self, msg: dict) -> None:
@@ -161,7 +143,7 @@ class RankTrainer:
         step = self.step + 1
         self._apply_controls(step)
         self.injector.before_step(step)
-        self.report({"begin": step, "rank": self.rank})  # lets the driver tell a hung rank from its waiting peers
+        self.report(Begin(rank=self.rank, step=step))  # lets the driver tell a hung rank from its waiting peers
         self.began = step
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
@@ -208,12 +190,12 @@ class RankTrainer:
             **({"timeline": stats.timeline} if stats.timeline else {}),
         }
 
-    def run(self, report: Callable[[dict], None], checkpointer: Checkpointer | None = None,
+    def run(self, report: Callable[[object], None], checkpointer: Checkpointer | None = None,
             snapshot: Callable[[int], None] | None = None, controls: Callable[[], list[dict]] = lambda: []) -> None:
         while self.step < self.spec.steps:
             for msg in controls():
                 self.control(msg)
-            report(self.train_step())
+            report(Row.of(self.train_step()))
             if checkpointer is not None and checkpointer.due(self.step):
                 checkpointer.save(self)
             if snapshot is not None and self.step % self.spec.failure.snapshot_every == 0:
@@ -258,7 +240,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
                               report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
-        ctx.live(trainer.progress)
+        ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
         restored = ""
         if attempt.snapshot:
             try:
@@ -271,13 +253,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
             restore(trainer, attempt.resume_url)
             restored = f", restored {attempt.resume_url}"
         t2 = time.perf_counter()
-        ctx.report({"event": "phase:worker_setup", "rank": ctx.rank, "step": trainer.step, "seconds": t2 - t1,
-                    "detail": f"rendezvous {t1 - t0:.2f}s{restored}"})
+        ctx.report(Event(kind="phase:worker_setup", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
+                         detail=f"rendezvous {t1 - t0:.2f}s{restored}"))
 
         def committing(step: int, url: str, seconds: float) -> None:
             # The event and every rank's rows up to this step reach storage before the
             # marker: a driver killed right after the commit loses none of them.
-            ctx.report({"event": "checkpoint", "rank": 0, "step": step, "seconds": seconds, "detail": url})
+            ctx.report(Committing(rank=0, step=step, seconds=seconds, url=url))
+            ctx.report(Flush(mark=step))
             ctx.flush(COMMIT_WAIT_S, mark=step)
 
         checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
@@ -287,8 +270,7 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         def snapshot(step: int) -> None:
             t = time.perf_counter()
             handle = ctx.stash(snapshot_files(trainer, ckpt_meta))
-            ctx.report({"event": "snapshot", "rank": ctx.rank, "step": step, "seconds": time.perf_counter() - t,
-                        "handle": handle})
+            ctx.report(SnapshotPart(rank=ctx.rank, step=step, seconds=time.perf_counter() - t, handle=handle))
 
         trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
         return {"rank": ctx.rank, "steps": trainer.step}

@@ -170,9 +170,10 @@ def flip_dcp_weight(state: str) -> str:
 
 def _one_line_errors(excinfo, world: int) -> list[str]:
     """The CheckpointError line each rank raised (run_ranks joins their tracebacks)."""
-    lines = [ln for ln in str(excinfo.value).splitlines() if ln.startswith("orchestrator.checkpoint.CheckpointError: ")]
+    prefix = f"{CheckpointError.__module__}.CheckpointError: "  # the module that defines it (orchestrator.errors)
+    lines = [ln for ln in str(excinfo.value).splitlines() if ln.startswith(prefix)]
     assert len(lines) == world, str(excinfo.value)
-    return [ln.removeprefix("orchestrator.checkpoint.CheckpointError: ") for ln in lines]
+    return [ln.removeprefix(prefix) for ln in lines]
 
 
 def test_flipped_bit_in_a_shard_fails_restore_and_latest_falls_back(tmp_path):

@@ -106,7 +106,7 @@ def _job_id(out: str) -> str:
 @pytest.mark.timeout(1500)  # three jobs; each starts fresh worker processes with the uploaded packages
 def test_submit_follow_status_logs_stop(dashboard, tmp_path):
     storage = str(tmp_path / "runs")
-    ok = polytrain("submit", "--address", dashboard, *TINY, "--steps", "3", "--storage", storage,
+    ok = polytrain("submit", "--dashboard", dashboard, *TINY, "--steps", "3", "--storage", storage,
                    "--run-id", "cluster-ok", "--wait", "--follow")
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     job = _job_id(ok.stdout)
@@ -117,40 +117,40 @@ def test_submit_follow_status_logs_stop(dashboard, tmp_path):
     assert sorted(set(zip(df.step, df["rank"]))) == [(s, r) for s in (1, 2, 3) for r in (0, 1)]
     assert (df.strategy == "ddp").all() and df.loss.notna().all() and (df.bytes_sent > 0).all()
 
-    st = polytrain("status", job, "--address", dashboard)
+    st = polytrain("status", job, "--dashboard", dashboard)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "cluster-ok" in st.stdout
-    logs = polytrain("logs", job, "--address", dashboard)
+    logs = polytrain("logs", job, "--dashboard", dashboard)
     assert logs.returncode == 0 and "done: 3 steps" in logs.stdout
 
     # a job that fails on the cluster: submit --wait and status report the worker's error, exit 1
-    bad = polytrain("submit", "--address", dashboard, *TINY, "--steps", "3", "--storage", storage,
+    bad = polytrain("submit", "--dashboard", dashboard, *TINY, "--steps", "3", "--storage", storage,
                     "--inject", "nan:step=2", "--set", "failure.nan=fail", "--wait")
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "FAILED" in bad.stdout, bad.stdout
     assert "polytrain: job failed: polytrain: run failed:" in bad.stderr and "non-finite loss at step 2" in bad.stderr
-    st = polytrain("status", _job_id(bad.stdout), "--address", dashboard)
+    st = polytrain("status", _job_id(bad.stdout), "--dashboard", dashboard)
     assert st.returncode == 1 and "polytrain: job failed: polytrain: run failed:" in st.stderr, st.stderr
 
     # a long job, stopped while it runs
-    long = polytrain("submit", "--address", dashboard, *TINY, "--steps", "100000", "--storage", storage)
+    long = polytrain("submit", "--dashboard", dashboard, *TINY, "--steps", "100000", "--storage", storage)
     assert long.returncode == 0, long.stderr
     job = _job_id(long.stdout)
-    stopped = polytrain("stop", job, "--address", dashboard)
+    stopped = polytrain("stop", job, "--dashboard", dashboard)
     assert stopped.returncode == 0 and f"{job}: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
-    st = polytrain("status", job, "--address", dashboard)
+    st = polytrain("status", job, "--dashboard", dashboard)
     assert st.returncode == 1 and "STOPPED" in st.stdout
 
 
 @pytest.mark.timeout(600)  # starts the head when run alone
 def test_unknown_job_is_one_line_error(dashboard, capsys):
-    assert main(["status", "raysubmit_doesnotexist", "--address", dashboard]) == EXIT_INVALID
+    assert main(["status", "raysubmit_doesnotexist", "--dashboard", dashboard]) == EXIT_INVALID
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such job" in err
 
 
 def test_unreachable_address_fails_fast(capsys):
     t0 = time.monotonic()
-    rc = main(["submit", "--address", f"http://127.0.0.1:{_free_port()}", *TINY, "--steps", "2",
+    rc = main(["submit", "--dashboard", f"http://127.0.0.1:{_free_port()}", *TINY, "--steps", "2",
                "--storage", "/tmp/never"])
     assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_non_ray_address_fails_fast(capsys):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         t0 = time.monotonic()
-        rc = main(["status", "raysubmit_x", "--address", f"http://127.0.0.1:{server.server_port}"])
+        rc = main(["status", "raysubmit_x", "--dashboard", f"http://127.0.0.1:{server.server_port}"])
         assert time.monotonic() - t0 < 30
         err = capsys.readouterr().err
         assert rc == EXIT_INVALID and err.count("\n") == 1 and "not a Ray dashboard" in err
@@ -175,9 +175,9 @@ def test_non_ray_address_fails_fast(capsys):
 
 
 def test_submit_needs_a_shared_storage(capsys):
-    assert main(["submit", "--address", "http://127.0.0.1:1", *TINY, "--steps", "2"]) == EXIT_INVALID
+    assert main(["submit", "--dashboard", "http://127.0.0.1:1", *TINY, "--steps", "2"]) == EXIT_INVALID
     assert "--storage: required" in capsys.readouterr().err
-    assert main(["submit", "--address", "http://127.0.0.1:1", *TINY, "--steps", "2",
+    assert main(["submit", "--dashboard", "http://127.0.0.1:1", *TINY, "--steps", "2",
                  "--storage", "memory://x"]) == EXIT_INVALID
     assert "cannot see this process's memory" in capsys.readouterr().err
 
@@ -187,13 +187,13 @@ def test_submit_needs_a_shared_storage(capsys):
 def test_submit_to_a_head_with_token_auth(token_dashboard, tmp_path):
     storage = str(tmp_path / "runs")
     # without the token: one line, exit 2, nothing submitted
-    anon = polytrain("submit", "--address", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
+    anon = polytrain("submit", "--dashboard", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
                      "--run-id", "anon", timeout=120, env=_env("disabled"))
     assert anon.returncode == 2 and anon.stderr.count("\n") == 1, anon.stdout[-2000:] + anon.stderr[-2000:]
     assert not os.path.exists(os.path.join(storage, "anon"))
     # with it (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN here, as Ray's client reads them): the job runs;
     # a loopback address gets no plain-http warning
-    ok = polytrain("submit", "--address", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
+    ok = polytrain("submit", "--dashboard", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
                    "--run-id", "authed", "--wait", env=_env("token"))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert f"{_job_id(ok.stdout)}: SUCCEEDED" in ok.stdout and "warning" not in ok.stderr

@@ -98,6 +98,27 @@ def test_spec_round_trips_through_yaml(tmp_path):
     assert again == spec
 
 
+def test_the_spec_holds_parsed_injections_and_scenarios_that_read_back_as_strings(tmp_path):
+    import json
+
+    import yaml
+
+    from cluster.faults import Injection
+    from cluster.network import Scenario
+
+    spec = load_spec(workload="gpt-tiny", strategy="ddp", workers=4, scenario=" nodes=2,per_node=2,inter=1gbit ",
+                     inject=["slow:rank=1,factor=2.0", "kill:rank=3,step=2"])
+    assert all(isinstance(i, Injection) for i in spec.inject) and isinstance(spec.scenario, Scenario)
+    assert (spec.inject[0].kind, spec.inject[0].factor, spec.inject[1].rank) == ("slow", 2.0, 3)
+    assert spec.scenario.per_node == 2 and spec.scenario_name == "nodes=2,per_node=2,inter=1gbit"
+    dumped = yaml.safe_load(spec.to_yaml())  # the strings a user writes, in canonical form
+    assert dumped["inject"] == ["slow:rank=1,factor=2", "kill:rank=3,step=2"]
+    assert dumped["scenario"] == "nodes=2,per_node=2,inter=1gbit"
+    assert JobSpec(**dumped) == spec and JobSpec(**json.loads(spec.model_dump_json())) == spec
+    local = JobSpec(workload="gpt-tiny", strategy="ddp")
+    assert local.scenario is None and local.scenario_name == "local" and local.model_dump()["scenario"] == "local"
+
+
 def test_python_api_raises_config_error():
     with pytest.raises(ConfigError, match=r"workers=-1"):
         JobSpec(workload="gpt-tiny", strategy="ddp", workers=-1)

@@ -3,17 +3,18 @@ import io
 
 import pytest
 
+from cluster.faults import parse_injection
 from orchestrator.config import JobSpec
 from orchestrator.controller import (
-    Controller, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
+    Controller, ControllerOptions, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
 )
+from orchestrator.messages import Attempt, Begin, Live, Row, SnapshotPart
 from orchestrator.metrics import MetricsLog
 from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, per_replica,
 )
 from orchestrator.progress import Progress
 from orchestrator.storage import RunFolder
-from orchestrator.trainer import Attempt
 
 W = {"name": "gpt-tiny", "n_layers": 1, "d_model": 32, "seq_len": 32}
 
@@ -35,9 +36,7 @@ class FakeGroup:
         self.shares = attempt.shares or [8 // attempt.world] * attempt.world
         self.hung = False
         # slow workers are the attempt's slow injections, as on real workers
-        from cluster.faults import parse_injection
-
-        self.speed = {i.rank: 0.1 * i.factor for i in map(parse_injection, attempt.injections) if i.kind == "slow"}
+        self.speed = {i.rank: 0.1 * i.factor for i in attempt.injections if i.kind == "slow"}
 
     def poll(self) -> GroupStatus:
         if self.step >= self.steps:
@@ -56,12 +55,12 @@ class FakeGroup:
             return GroupStatus(errors={r: f"rank {r} failed: {what[1]}" for r in range(self.a.world)})
         if what and what[0] == "hang":
             self.hung = True
-            return GroupStatus(rows=[{"begin": nxt, "rank": r} for r in range(self.a.world) if r != what[1]])
+            return GroupStatus(rows=[Begin(step=nxt, rank=r) for r in range(self.a.world) if r != what[1]])
         if what and what[0] in ("hang_in", "timeout"):  # every rank began; rank what[1] entered fewer calls
             hung, ops = what[1], what[2]
-            rows = [{"begin": nxt, "rank": r} for r in range(self.a.world)]
-            rows += [{"live": {"step": nxt, "ops": ops if r == hung else 3, "op": "all_reduce", "in_flight": 1},
-                      "rank": r} for r in range(self.a.world)]
+            rows = [Begin(step=nxt, rank=r) for r in range(self.a.world)]
+            rows += [Live(progress={"step": nxt, "ops": ops if r == hung else 3, "op": "all_reduce", "in_flight": 1},
+                          rank=r) for r in range(self.a.world)]
             if what[0] == "hang_in":
                 self.hung = True
                 return GroupStatus(rows=rows)
@@ -71,11 +70,11 @@ class FakeGroup:
         for r in range(self.a.world):
             n = self.shares[r * len(self.shares) // self.a.world]  # shares are per replica of consecutive ranks
             loss = float("nan") if what and what[0] == "nan" else 2.0
-            rows.append({"step": nxt, "rank": r, "loss": loss, "samples": n, "tokens": 0, "step_time_s": 1.0,
-                         "compute_s": self.speed.get(r, 0.1) * n, "wall_time": float(nxt)})
+            rows.append(Row(values={"step": nxt, "rank": r, "loss": loss, "samples": n, "tokens": 0,
+                                    "step_time_s": 1.0, "compute_s": self.speed.get(r, 0.1) * n,
+                                    "wall_time": float(nxt)}))
             if nxt % self.snap == 0:
-                rows.append({"event": "snapshot", "rank": r, "step": nxt, "seconds": 0.1,
-                             "handle": f"a{self.a.number}-s{nxt}-r{r}"})
+                rows.append(SnapshotPart(rank=r, step=nxt, seconds=0.1, handle=f"a{self.a.number}-s{nxt}-r{r}"))
         self.step = nxt
         return GroupStatus(rows=rows)
 
@@ -109,10 +108,11 @@ def make(tmp_path, *, steps=8, world=2, script=lambda a, s: None, checkpoint=Non
     group = FakeGroup(attempts, steps, script)
     log = MetricsLog(RunFolder(spec.storage, spec.run_id), run_id="r", workload="w", strategy="ddp", scenario="local")
     log.folder.create(spec.to_yaml())
+    newest = lambda before=None: checkpoint if checkpoint is None or before is None or checkpoint[0] < before \
+        else None  # noqa: E731
     ctl = Controller(spec, lambda: group, log, Progress(steps, enabled=False, stream=io.StringIO()),
-                     first=Attempt(world=world, injections=list(spec.inject)), clock=Clock(), sleep=lambda s: None,
-                     grace_s=0.5, newest_checkpoint=lambda before=None: checkpoint if checkpoint is None or before is None
-                     or checkpoint[0] < before else None)
+                     first=Attempt(world=world, injections=list(spec.inject)),
+                     options=ControllerOptions(clock=Clock(), sleep=lambda s: None, grace_s=0.5, newest_checkpoint=newest))
     return ctl, attempts, group, log
 
 
@@ -125,6 +125,44 @@ def test_a_clean_run_finishes(tmp_path):
     loss, _ = ctl.run()
     assert ctl.state == "finished" and loss == 2.0 and len(attempts) == 1
     assert {r["step"] for r in log.rows} == set(range(1, 9))
+
+
+def test_the_controller_steps_one_tick_at_a_time(tmp_path):
+    ctl, attempts, _, log = make(tmp_path, steps=2)
+    assert ctl.state == "starting" and attempts == []
+    assert ctl.tick() == "running" and len(attempts) == 1  # the first tick starts the group
+    assert ctl.tick() == "running" and ctl.completed == 1  # one poll: every rank's row of step 1
+    assert ctl.tick() == "running" and ctl.completed == 2
+    assert ctl.tick() == "finished" and ctl.group is None  # every rank returned: the group is shut down
+    assert [(r["step"], r["rank"]) for r in log.rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_a_failure_restarts_on_the_next_tick(tmp_path):
+    script = lambda a, s: ("error", 1, "rank 1 failed: RuntimeError: boom") if a.number == 0 and s == 2 else None
+    ctl, attempts, _, log = make(tmp_path, steps=3, script=script, failure={"max_failures": 1, "backoff_s": 0})
+    assert [ctl.tick() for _ in range(3)] == ["running", "running", "restarting"]  # both ranks' errors: at once
+    assert len(attempts) == 1 and ctl.group is None and "decision:restart" in kinds(log)
+    assert ctl.tick() == "running" and [a.number for a in attempts] == [0, 1]
+    while ctl.tick() != "finished":
+        pass
+    assert ctl.completed == 3
+
+
+def test_messages_are_told_apart_by_their_type_not_their_keys(tmp_path):
+    ctl, _, group, _ = make(tmp_path, steps=2)
+    ctl.tick()
+    group.poll = lambda: GroupStatus(rows=[{"begin": 1, "rank": 0}])
+    with pytest.raises(TypeError, match="a rank sent dict"):
+        ctl.tick()
+
+
+def test_the_controller_imports_neither_torch_nor_a_strategy():
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.controller; print(sorted(m for m in ('torch', 'strategies', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_a_dead_worker_restarts_from_the_newest_whole_snapshot(tmp_path):
@@ -191,20 +229,21 @@ def test_the_raylets_worker_death_advice_is_not_printed(monkeypatch, capsys):
 
 
 def test_faults_whose_report_was_lost_are_presumed_fired():
-    inj = ["kill:rank=1,step=6", "hang:rank=0,step=9", "kill:rank=0,step=4,at=checkpoint", "nan:step=3",
-           "slow:rank=1,factor=2"]
+    inj = [parse_injection(t) for t in ("kill:rank=1,step=6", "hang:rank=0,step=9", "kill:rank=0,step=4,at=checkpoint",
+                                        "nan:step=3", "slow:rank=1,factor=2")]
+    presumed = lambda *a, **kw: {str(i) for i in presumed_fired(*a, **kw)}  # noqa: E731
     died = Failure(kind="died", rank=1, step=5, message="")
-    assert presumed_fired(inj, died, 5) == {"kill:rank=1,step=6", "kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
+    assert presumed(inj, died, 5) == {"kill:rank=1,step=6", "kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
     hung = Failure(kind="hang", rank=0, step=8, message="")
-    assert presumed_fired(inj, hung, 8) == {"kill:rank=1,step=6", "hang:rank=0,step=9",
+    assert presumed(inj, hung, 8) == {"kill:rank=1,step=6", "hang:rank=0,step=9",
                                             "kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
     in_ckpt = Failure(kind="died", rank=0, step=4, message="")
-    assert presumed_fired(inj, in_ckpt, 4) == {"kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
+    assert presumed(inj, in_ckpt, 4) == {"kill:rank=0,step=4,at=checkpoint", "nan:step=3"}
     other = Failure(kind="died", rank=1, step=4, message="")  # rank 0 may not have reached its checkpoint kill
-    assert presumed_fired(inj, other, 4) == {"nan:step=3"}
+    assert presumed(inj, other, 4) == {"nan:step=3"}
     # the dying rank's report of step 5 was lost with it, but its peer began step 6
-    assert presumed_fired(inj, died, 4, began=6) == {"kill:rank=1,step=6", "nan:step=3"}
-    assert presumed_fired(inj, died, 4, began=4) == {"nan:step=3"}  # it cannot have reached step 6
+    assert presumed(inj, died, 4, began=6) == {"kill:rank=1,step=6", "nan:step=3"}
+    assert presumed(inj, died, 4, began=4) == {"nan:step=3"}  # it cannot have reached step 6
 
 
 def test_the_root_cause_is_named_not_the_echo(tmp_path):
@@ -243,7 +282,7 @@ def test_a_rank_hung_inside_a_step_is_named_and_elastic_drops_only_it(tmp_path):
     hang = next(e for e in log.events if e["kind"] == "failure:hang")
     assert hang["rank"] == 2 and "rank 2 stopped after 1 communication calls of step 5" in hang["detail"]
     assert "peers wait in all_reduce" in hang["detail"]
-    assert attempts[1].world == 3 and attempts[1].injections == ["slow:rank=2,factor=1.5"]  # rank 3 moved down
+    assert attempts[1].world == 3 and attempts[1].injections == [parse_injection("slow:rank=2,factor=1.5")]  # rank 3 moved down
 
 
 def test_peers_timing_out_blame_the_rank_they_waited_for_not_the_lowest(tmp_path):
@@ -356,7 +395,7 @@ def test_a_snapshot_that_cannot_be_fetched_falls_back_to_the_newest_checkpoint(t
                                  inject=["kill:rank=0,step=5"])
     ctl.run()  # the lost snapshot is not a failure of the job's: max_failures=1 still suffices
     assert ctl.state == "finished" and attempts[1].snapshot == ["a0-s4-r0", "a0-s4-r1"]
-    assert attempts[2].injections == ["kill:rank=0,step=5"]  # rank 0 never reached step 5: it fires later
+    assert attempts[2].injections == [parse_injection("kill:rank=0,step=5")]  # rank 0 never reached step 5: it fires later
     assert attempts[2].snapshot is None and attempts[2].resume_url == (checkpoint[1] if checkpoint else None)
     lost = next(e for e in log.events if e["kind"] == "snapshot_lost")
     assert lost["step"] == 4 and "SnapshotLost" in lost["detail"]
@@ -376,8 +415,9 @@ def test_elastic_shrinks_and_faults_follow_their_workers(tmp_path):
     ctl, attempts, _, _ = make(tmp_path, world=4, script=script, inject=["slow:rank=3,factor=2"],
                                failure={"max_failures": 1, "elastic": True})
     ctl.run()
-    assert attempts[1].world == 3 and attempts[1].injections == ["slow:rank=2,factor=2"]
-    assert renumber(["kill:rank=1,step=3", "nan:step=4", "slow:rank=0,factor=2"], 1) == \
+    assert attempts[1].world == 3 and attempts[1].injections == [parse_injection("slow:rank=2,factor=2")]
+    assert [str(i) for i in renumber([parse_injection(t) for t in ("kill:rank=1,step=3", "nan:step=4",
+                                                                   "slow:rank=0,factor=2")], 1)] == \
         ["nan:step=4", "slow:rank=0,factor=2"]
 
 

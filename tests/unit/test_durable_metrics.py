@@ -15,6 +15,7 @@ from orchestrator import checkpoint
 from orchestrator.config import JobSpec
 from orchestrator.controller import Controller, GroupStatus
 from orchestrator.driver import Interrupted, RunResult, StopSignals
+from orchestrator.messages import Committing, Flush, Row
 from orchestrator.metrics import METRIC_COLUMNS, MetricsLog, final_attempt, read_log
 from orchestrator.progress import Progress
 from orchestrator.report import load_run
@@ -193,10 +194,9 @@ class _CommitGroup:
 
     def poll(self):
         self.polls += 1
-        row = lambda rank: {**_row(1, rank), "attempt": None}  # noqa: E731
+        row = lambda rank: Row(values={**_row(1, rank), "attempt": None})  # noqa: E731
         if self.polls == 1:
-            return GroupStatus(rows=[row(0), {"event": "checkpoint", "rank": 0, "step": 1, "detail": "u"},
-                                     {"flush": 1}])
+            return GroupStatus(rows=[row(0), Committing(rank=0, step=1, seconds=0.5, url="u"), Flush(mark=1)])
         if self.polls == 2:
             return GroupStatus(rows=[row(1)])
         return GroupStatus(finished={0, 1})

@@ -74,3 +74,35 @@ def test_a_token_over_plain_http_to_another_host_is_warned_about(url, sends, war
     assert (w is not None) == warned
     if warned:
         assert "10.1.2.3" in w and "plain http" in w and "\n" not in w
+
+
+@pytest.mark.parametrize("flag, note", [("--dashboard", False), ("--address", True)])
+@pytest.mark.parametrize("command", ["status", "logs", "stop", "submit"])
+def test_the_dashboard_flag_and_its_deprecated_name(monkeypatch, capsys, tmp_path, command, flag, note):
+    """submit, status, logs and stop name the dashboard --dashboard (run's --address is the Ray
+    cluster); --address still works there, with one note on stderr."""
+    from orchestrator.cli import main
+
+    seen = []
+    state = sub.JobState(job_id="j", status="SUCCEEDED", run_url=None, error="")
+    monkeypatch.setattr(sub, "status", lambda job, *, address: seen.append(address) or state)
+    monkeypatch.setattr(sub, "stop", lambda job, *, address: seen.append(address) or state)
+    monkeypatch.setattr(sub, "logs", lambda job, *, address: seen.append(address) or "")
+    monkeypatch.setattr(sub, "submit", lambda spec, *, address, excludes: seen.append(address) or sub.Submitted(
+        job_id="j", run_url="u", dashboard=address))
+    argv = ["submit", "--workload", "gpt-tiny", "--strategy", "single", "--storage", str(tmp_path)] \
+        if command == "submit" else [command, "j"]
+    assert main([*argv, flag, "http://head:8265"]) == 0
+    err = capsys.readouterr().err
+    assert seen == ["http://head:8265"]
+    notes = [line for line in err.splitlines() if "deprecated" in line]
+    assert notes == ([f"polytrain: note: `polytrain {command} --address` is deprecated, use --dashboard "
+                      "(--address names the Ray cluster in `polytrain run`)"] if note else [])
+
+
+def test_the_dashboard_given_twice_is_one_line(capsys):
+    from orchestrator.cli import main
+
+    assert main(["status", "j", "--dashboard", "http://a:8265", "--address", "http://b:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--address 'http://b:8265': give the dashboard once, as --dashboard" in err
