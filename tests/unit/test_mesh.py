@@ -42,7 +42,7 @@ def test_dp_defaults_to_what_the_other_axes_leave():
 
 @pytest.mark.parametrize("world,degrees,msg", [
     (6, dict(fsdp=4), r"^mesh: fsdp\(4\) = 4 must divide workers=6$"),
-    (8, dict(dp=2, fsdp=2), r"^mesh: dp\(2\) \* pp\(1\) \* fsdp\(2\) \* sp\(1\) = 4 != workers=8$"),
+    (8, dict(dp=2, fsdp=2), r"^mesh: dp\(2\) \* fsdp\(2\) = 4 != workers=8$"),
     (4, dict(fsdp=0), r"^mesh.fsdp=0: must be an integer >= 1$"),
     (4, dict(tp=2), r"^mesh axis 'tp': unknown; axes are dp, pp, fsdp, sp$"),
 ])
