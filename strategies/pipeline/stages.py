@@ -1,7 +1,7 @@
 """Cutting a workload's blocks into pipeline stages, balanced by measured cost.
 
 Every rank measures every block's F, B and W times on one probe micro-batch
-(the B/W split of ``backward.py``); the executor averages them over ranks so
+(the B/W split of ``backward.py``); the pipeline part averages them over ranks so
 all ranks cut alike, and the blocks are cut into contiguous stages minimising
 the slowest stage. With ``balance="params"`` parameter counts stand in for time.
 """
