@@ -346,7 +346,7 @@ def check(url: str, *, fmt: str, shapes: dict[str, list[int]]) -> dict[str, Any]
 
 def _check_dcp_files(url: str) -> None:
     """DCP's metadata names every byte range it will read: check each file holds them."""
-    from strategies.checkpoint import read_metadata
+    from strategies.dcp import read_metadata
 
     fs, path = fsspec.core.url_to_fs(url)
     try:

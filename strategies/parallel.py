@@ -39,7 +39,7 @@ from torch import nn
 from cluster.mesh import Layout, Mesh, per_node_of
 from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
-from strategies.checkpoint import full_param_groups, held_bytes, load_state, read_metadata, save_state
+from strategies.dcp import full_param_groups, held_bytes, load_state, read_metadata, save_state
 from strategies.optim import build_optimizer
 from strategies.step import StepEnd, grad_norm
 from workloads import Batch, Workload

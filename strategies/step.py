@@ -17,7 +17,7 @@ from torch import nn
 
 from cluster import Comm
 from strategies.base import OptimConfig
-from strategies.checkpoint import held_bytes
+from strategies.dcp import held_bytes
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.comm import all_gather_bytes, broadcast_bytes, nbytes, reduce_scatter_bytes, ring_allreduce_bytes
 from strategies.base import StepStats, Strategy, StrategyContext
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
-from strategies.checkpoint import is_local
+from strategies.dcp import is_local
 from strategies.optim import build_optimizer
 from strategies.registry import register_strategy
 from workloads import Batch, Workload

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cluster import Comm, all_gather_bytes
 from strategies.decentralized.dct import ChunkedDCT
-from strategies.decentralized.state import load_per_rank, save_per_rank
+from strategies.dcp import load_per_rank, save_per_rank
 from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
 

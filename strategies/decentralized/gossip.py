@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from strategies.decentralized.mixing import consensus
-from strategies.decentralized.state import load_per_rank, save_per_rank
+from strategies.dcp import load_per_rank, save_per_rank
 from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
 

@@ -158,7 +158,7 @@ def flip_float_bit(file: str, tensor: torch.Tensor) -> None:
 
 def flip_dcp_weight(state: str) -> str:
     """Flip one bit of one float of a model weight in a DCP folder; returns the shard's name."""
-    from strategies.checkpoint import read_metadata
+    from strategies.dcp import read_metadata
 
     key, info = next((k, v) for k, v in read_metadata(state).storage_data.items() if k.fqn.endswith("weight"))
     with open(os.path.join(state, info.relative_path), "rb") as f:

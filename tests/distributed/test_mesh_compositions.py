@@ -43,8 +43,16 @@ def train(rank: int, world: int, strategy, ckpt: str | None = None, scenario: st
     return {"state": full_state(trainer.strategy.module), "rows": rows}
 
 
+def load_into(rank: int, world: int, strategy, ckpt: str) -> dict:
+    """Another composition restores the checkpoint: its whole model as saved."""
+    trainer = RankTrainer(_spec(strategy, world), rank=rank, world=world, device=torch.device("cpu"))
+    trainer.strategy.load_checkpoint(ckpt)
+    return {"state": full_state(trainer.strategy.module), "rows": []}
+
+
 def train_all(rank: int, world: int, ckpt: str) -> list[dict]:
     out = [train(rank, world, {"name": "mesh", **o}, ckpt if i == 0 else None) for i, o in enumerate(EXACT)]
+    out.append(load_into(rank, world, {"name": "mesh", "sp": 2, "fsdp": 2}, ckpt))  # pp x fsdp -> sp x fsdp
     for outer in ("demo", "powersgd", "gossip", "diloco"):
         o = {"name": "mesh", "fsdp": 2, "outer": outer, "outer_every": 1, "outer_lr": 1.0, "outer_momentum": 0.0,
              "warmup_steps": 1, "rank": 2}
@@ -90,8 +98,13 @@ def test_compositions_match_single(tmp_path):
     for k, v in full_state(single.strategy.module).items():
         torch.testing.assert_close(v, merged([r[0]["state"] for r in out])[k], rtol=RTOL, atol=ATOL)
 
+    # ... and into another composition on 4 ranks (sequence x FSDP): the same whole model
+    n = len(EXACT) + 1
+    other = merged([r[n - 1]["state"] for r in out])
+    for k, v in merged([r[0]["state"] for r in out]).items():
+        torch.testing.assert_close(other[k], v, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
     # outer methods over FSDP inside each node: every rank trains, inter-node bytes fall
-    n = len(EXACT)
     fsdp4 = out[0][n + 4]["rows"]
     inter_fsdp = sum(x["bytes_inter"] for x in fsdp4[1:])
     for j, outer in enumerate(("demo", "powersgd", "gossip", "diloco")):
