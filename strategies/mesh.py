@@ -10,6 +10,7 @@ A YAML job file holds the same under ``strategy.options``.
 """
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -58,12 +59,15 @@ class _MeshBase(BaseModel):
 
 
 def _fields() -> dict:
+    """Every part's options under their own names, each description saying whose it is."""
     own = set(_MeshBase.model_fields)
     out = {}
-    for part in _PARTS.values():
+    for label, part in _PARTS.items():
         for name, f in part.model_fields.items():
             if name not in own and name not in out:
-                out[name] = (f.annotation, f)
+                g = copy.copy(f)
+                g.description = f"{label}: {f.description}"
+                out[name] = (f.annotation, g)
     return out
 
 
