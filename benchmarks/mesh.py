@@ -7,8 +7,9 @@ and FSDP inside each node with a low-bandwidth outer sync across nodes (demo,
 powersgd, diloco). Each method at each of ``--lrs`` (its tuned lr is the one
 with the lowest held-out loss); held-out loss: the final checkpoint loaded into
 ``single`` and evaluated on the workload's held-out split. Bytes: inter-node
-bytes per rank per step, median over steps after warm-up (steady state) and
-the whole-run mean, for the rank with the most.
+bytes per rank per step, the mean over the steps after any warm-up a method
+declares (steady state; diloco's outer step every ``outer_every`` steps
+included) and the whole-run mean, for the rank with the most.
 
     python benchmarks/mesh.py [--steps 300] [--lrs 1e-3 3e-3] [--methods ...]
 
@@ -70,9 +71,9 @@ def run_methods(a) -> None:
         for (name, lr), run in zip(keys, runs):
             m = run.metrics
             per_step = m.groupby("step").bytes_inter.max()
-            steady = per_step[per_step.index > WARMUP.get(name, 0) + 1]
+            steady = per_step[per_step.index > WARMUP.get(name, 0)]  # after the warm-up a method declares
             results[(name, lr)] = {
-                "steady": float(steady.median()), "mean": float(per_step.mean()),
+                "steady": float(steady.mean()), "mean": float(per_step.mean()),
                 "train": float(m[m.step > a.steps - 10].groupby("step").apply(
                     lambda g: (g.loss * g.samples).sum() / g.samples.sum()).mean()),
                 "heldout": heldout_loss(run.checkpoint),
