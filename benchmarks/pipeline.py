@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, store: str, args: dict, queue) -> None:
             for name, t in trainers.items():
                 rows[name] += [t.train_step() for _ in range(args["steps"])][args["warmup"]:]
         for name, t in trainers.items():
-            s = t.strategy
+            s = t.strategy.pp  # the pipeline part: schedule, cut, measured block costs
             out[name] = {"rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows[name]],
                          "schedule": s.schedule, "bounds": s.bounds, "profiles": s.profiles,
                          "origin": s.auto.origin if s.auto else name}

@@ -68,28 +68,3 @@ class Pipeline(Parallel):
         if p < 2 or workers % p:  # check_layout says why, with the numbers
             check_layout(options, workers=workers, n_blocks=10**9)
         return Plan.of(workers, pp=p, dp=workers // p, pipeline_options=options.part())
-
-    # what tests and tools read of the running pipeline
-    @property
-    def schedule(self):
-        return self.pp.schedule
-
-    @property
-    def bounds(self):
-        return self.pp.bounds
-
-    @property
-    def predicted(self):
-        return self.pp.predicted
-
-    @property
-    def auto(self):
-        return self.pp.auto
-
-    @property
-    def stages(self):
-        return self.pp.stages
-
-    @property
-    def stage_rank(self) -> int:
-        return self.pp.rank

@@ -15,7 +15,6 @@ from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
 from strategies.sequence.layout import SequenceLayout
 from strategies.sequence.part import SequenceOptions as _PartOptions, attention_is_causal, subgroups  # noqa: F401
-from workloads import Workload
 
 
 class SequenceOptions(_PartOptions):
@@ -52,8 +51,3 @@ class SequenceParallel(Parallel):
         part = _PartOptions(**options.model_dump(exclude={"bucket_mb"}) | {"ring": r})
         return Plan.of(workers, sp=u * r, dp=workers // (u * r), sequence_options=part,
                        ddp_options=DDPOptions(bucket_mb=options.bucket_mb))
-
-    @classmethod
-    def check_job(cls, *, workers: int, workload: Workload, options: SequenceOptions | None = None,
-                  batch_size: int | None = None, **kw) -> None:
-        super().check_job(workers=workers, workload=workload, options=options, batch_size=batch_size, **kw)

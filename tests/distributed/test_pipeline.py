@@ -32,7 +32,8 @@ def train(rank, world, workload, strategy, steps=STEPS):
     t = RankTrainer(_spec(workload, strategy, world, steps), rank=rank, world=world, device=torch.device("cpu"))
     rows = [t.train_step() for _ in range(steps)]
     state = {k: v.detach().clone() for k, v in t.strategy.module.state_dict().items()}
-    schedule = getattr(t.strategy, "schedule", None)
+    part = getattr(t.strategy, "pp", None)  # the pipeline part, where the strategy has one
+    schedule = part.schedule if part else None
     return {"state": state, "rows": rows, "actions": [len(a) for a in schedule.ranks] if schedule else []}
 
 
