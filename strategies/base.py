@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, ClassVar, ContextManager
 
@@ -118,6 +118,23 @@ class Strategy(ABC):
     @abstractmethod
     def train_step(self, micro_batches: list[Batch]) -> StepStats: ...
 
+    def evaluate(self, micro_batches: list[Batch]) -> StepStats | None:
+        """Collective, forward only (no gradients, the model in eval mode): the loss
+        of this rank's share of held-out ``micro_batches``, reported as ``train_step``
+        reports (ranks that share samples give them once). None: this strategy does
+        not evaluate (a user's strategy without the hook); the run is then judged
+        on its training loss."""
+        return None
+
+    def replicas_differ(self) -> bool:
+        """Whether data-parallel replicas hold different weights (gossip, DiLoCo
+        between syncs): evaluation then scores each replica and their average."""
+        return False
+
+    def replica_average(self) -> ContextManager:
+        """Collective: while open, every replica holds the replicas' average weights."""
+        return nullcontext()
+
     @abstractmethod
     def save_checkpoint(self, url: str) -> None:
         """Collective (every rank calls it): write this strategy's model, optimizer
@@ -132,6 +149,42 @@ class Strategy(ABC):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: ``param_bytes``, ``grad_bytes``, ``optim_bytes``,
         measured once gradients and optimizer state exist (empty before)."""
+
+
+def eval_micro_batches(model: nn.Module, workload: Workload, micro_batches: list[Batch], *,
+                       device: torch.device, positions: torch.Tensor | None = None,
+                       scale: float = 1.0) -> tuple[float, dict[str, float]]:
+    """``run_micro_batches``' forward alone, under no_grad with ``model`` in eval
+    mode (restored after): (mean loss times ``scale``, per-sample-weighted metrics)."""
+    micro_batches = [mb for mb in micro_batches if mb[0].shape[0]]
+    total_samples = sum(mb[0].shape[0] for mb in micro_batches)
+    if not total_samples:
+        return float("nan"), {}
+    total, extra = 0.0, {}
+    with eval_mode(model):
+        for mb in micro_batches:
+            mb = tuple((t if positions is None else t[:, positions]).to(device, non_blocking=True) for t in mb)
+            k = mb[0].shape[0]
+            out = model(mb[0])
+            total += float(workload.loss(out, mb)) * scale * k
+            for name, v in workload.step_metrics(out, mb).items():
+                extra[name] = extra.get(name, 0.0) + v * k
+    return total / total_samples, {k: v / total_samples for k, v in extra.items()}
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """no_grad with ``modules`` in eval mode (batch norm on its running statistics,
+    no dropout), each put back in the mode it was in."""
+    was = [m.training for m in modules]
+    try:
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+            yield
+    finally:
+        for m, training in zip(modules, was):
+            m.train(training)
 
 
 def run_micro_batches(

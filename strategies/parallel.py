@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from cluster.mesh import Layout, Mesh, per_node_of
-from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
+from strategies.base import StepStats, Strategy, StrategyContext, eval_micro_batches, eval_mode, run_micro_batches
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.dcp import full_param_groups, held_bytes, load_state, read_metadata, save_state
 from strategies.optim import build_optimizer
@@ -325,6 +325,53 @@ class Parallel(Strategy):
         # one rank of the ranks that share samples reports them (StepStats)
         return StepStats(loss=loss if reports else math.nan, samples=samples if reports else 0, extra=extra,
                          timeline=timeline)
+
+    # -- held-out evaluation ---------------------------------------------------------------------
+    def evaluate(self, micro_batches: list[Batch]) -> StepStats:
+        scale = self.sp.frac if self.sp else 1.0
+        positions = self.sp.positions if self.sp else None
+        with eval_mode(self.module):
+            if self.pp:
+                loss_sum, sums, samples = self.pp.evaluate(micro_batches, positions=positions, scale=scale)
+                loss = loss_sum / samples if samples else math.nan
+                extra = {k: v / samples for k, v in sums.items()} if samples else {}
+            else:
+                # the module, not DDP's wrapper: a forward without gradients needs no reducer
+                loss, extra = eval_micro_batches(self.module, self.workload, micro_batches, device=self.ctx.device,
+                                                 positions=positions, scale=scale)
+                samples = sum(mb[0].shape[0] for mb in micro_batches)
+        for unit in self._fsdp:  # gathered for the forward (a pipeline's stay gathered): shard again
+            unit.reshard()
+        reports = not self.pp or self.pp.reports_loss
+        if self.sp:
+            share = torch.tensor(0.0 if math.isnan(loss) else loss, dtype=torch.float64)
+            loss = float(self.mesh.group("sp").all_reduce(share))  # the shares add up to the loss
+            reports = reports and self.mesh.coord("sp") == 0
+        return StepStats(loss=loss if reports else math.nan, samples=samples if reports else 0,
+                         extra=extra if reports else {})
+
+    def replicas_differ(self) -> bool:
+        return self.outer.replicas_differ
+
+    @contextmanager
+    def replica_average(self):
+        """Every replica's weights replaced by the replicas' mean over dp, then put back."""
+        if not self.outer.replicas_differ:
+            yield
+            return
+        from strategies.decentralized.flat import average_flat, float_buffers
+        from strategies.outer import local_tensors
+
+        tensors = [*local_tensors(self.module), *float_buffers(self.module)]
+        kept = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            average_flat(self.mesh.group("dp"), tensors)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, k in zip(tensors, kept):
+                    t.copy_(k)
 
     def _outer_step(self, step: int) -> dict[str, float]:
         """The outer method's own update in place of AdamW (demo's sign step)."""

@@ -67,6 +67,13 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _held_out(state: dict) -> float:
+    """single's held-out loss with ``state`` loaded (in this process)."""
+    t = _trainer({"name": "single"}, 0, 1)
+    t.strategy.module.load_state_dict(state)
+    return t.evaluate()["val_loss"]
+
+
 def _resume_is_exact(rank: int, world: int, strategy: dict, folder: str) -> bool:
     """Train 2 steps, checkpoint, train 1; a fresh trainer restored from the
     checkpoint trains the same step to the same bits."""
@@ -327,6 +334,8 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
         t = _trainer({"name": "gossip", "consensus_every": 2, **opts}, rank, world)
         rows = [t.train_step() for _ in range(STEPS)]
         out["train"][name] = {"rows": rows, "final": _gather(flatten(_params(t)))}
+        if name == "ring":  # replicas differ: evaluated on their average, with their spread
+            out["train"][name].update(eval=t.evaluate(), state=_state(t))
     out["resume_exact"] = _resume_is_exact(rank, world, {"name": "gossip", "overlap": True}, folder)
     out["subgroup"] = mixer_on_subgroup(rank, world)
     return out
@@ -394,6 +403,15 @@ def test_gossip_on_4_ranks(four_ranks):
     torch.testing.assert_close(ring["final"], _gossip_reference("ring", world, overlap=False), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(overlap["final"], _gossip_reference("ring", world, overlap=True), rtol=1e-5, atol=1e-7)
     assert out["resume_exact"]
+    # held-out: the loss of the replicas' average, and the range of their own losses
+    states = [rank_out["gossip"]["train"]["ring"]["state"] for rank_out in four_ranks]
+    own = [_held_out(s) for s in states]
+    mean = _held_out({k: sum(s[k] for s in states) / world for k in states[0]})
+    for rank_out in four_ranks:
+        got = rank_out["gossip"]["train"]["ring"]["eval"]
+        assert got["val_loss"] == pytest.approx(mean, rel=1e-5)
+        assert got["val_spread"] == pytest.approx(max(own) - min(own), rel=1e-3, abs=1e-7)
+    assert max(own) > min(own)
     for r, rank_out in enumerate(four_ranks):  # the mixer over a sub-group: each pair averages, one send each
         sub = rank_out["gossip"]["subgroup"]
         torch.testing.assert_close(sub["after"][r], (sub["before"][r] + sub["before"][r ^ 2]) / 2, rtol=0, atol=1e-6)
