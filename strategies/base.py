@@ -11,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, ClassVar, ContextManager
+from typing import Annotated, Callable, ClassVar, ContextManager, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,14 +22,18 @@ from workloads import Batch, Workload
 
 
 class OptimConfig(BaseModel):
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW (or momentum SGD) with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    name: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw | sgd (momentum SGD, as the gradient-compression papers train)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    weight_decay: float = Field(0.1, ge=0, description="weight decay, AdamW's decoupled or sgd's L2 (not applied to "
+                                "biases and norms)")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.95), description="AdamW betas, each in [0, 1)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum (heavy ball), in [0, 1)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of lr")
     schedule: str = Field("cosine", pattern="^(cosine|constant)$", description="cosine | constant after warm-up")

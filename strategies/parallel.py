@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from cluster.mesh import Layout, Mesh, per_node_of
-from strategies.base import StepStats, Strategy, StrategyContext, eval_micro_batches, eval_mode, run_micro_batches
+from strategies.base import OptimConfig, StepStats, Strategy, StrategyContext, eval_micro_batches, eval_mode, run_micro_batches
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.dcp import full_param_groups, held_bytes, load_state, read_metadata, save_state
 from strategies.optim import build_optimizer
@@ -204,14 +204,15 @@ class Parallel(Strategy):
         self.grad_comm = mesh.group(*plan.grad_axes) if plan.grad_axes else None
         self._sync_batchnorm(plan)
         self.model = self._distribute(plan, held)
-        self.opt, self.sched = build_optimizer(self.module, ctx.optim, ctx.total_steps)
+        self.optim = optim = self.optim_config(ctx.optim)
+        self.opt, self.sched = build_optimizer(self.module, optim, ctx.total_steps)
         norm_comm = mesh.group(*plan.norm_axes) if plan.norm_axes else None
-        self.end = StepEnd(self.module, self.opt, self.sched, ctx.optim, norm_comm=norm_comm)
+        self.end = StepEnd(self.module, self.opt, self.sched, optim, norm_comm=norm_comm)
         from strategies.decentralized.flat import broadcast_flat, float_buffers
         from strategies.outer import local_tensors, make_outer
 
         self.outer = make_outer(plan.outer, self.module, mesh.group("dp") if plan.outer != "none" else None,
-                                plan.outer_options, optim=ctx.optim, total_steps=ctx.total_steps,
+                                plan.outer_options, optim=optim, total_steps=ctx.total_steps,
                                 seed=torch.initial_seed() % 2**31)
         # an outer method's replicas start equal whatever the workload's init, and keep their
         # batch-norm statistics equal (each rank's own batch moves them): averaged after each step
@@ -220,7 +221,11 @@ class Parallel(Strategy):
         if plan.outer != "none":
             broadcast_flat(mesh.group("dp"), [*local_tensors(self.module), *self._outer_buffers])
         # a rank holding part of the model writes the whole model's optimizer groups
-        self.full_groups = full_param_groups(workload, ctx.optim.weight_decay) if L.pp > 1 else None
+        self.full_groups = full_param_groups(workload, optim.weight_decay) if L.pp > 1 else None
+
+    def optim_config(self, base: OptimConfig) -> OptimConfig:
+        """This strategy's optimizer settings: the job's (a method with its own overrides it)."""
+        return base
 
     def _sync_batchnorm(self, plan: Plan) -> None:
         """Batch norm statistics over the replicas a step averages (as one process
