@@ -41,7 +41,7 @@ from strategies.base import OptimConfig, StepStats, Strategy, StrategyContext, e
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.dcp import full_param_groups, held_bytes, load_state, read_metadata, save_state
 from strategies.optim import build_optimizer
-from strategies.step import StepEnd, grad_norm
+from strategies.step import StepEnd, clip
 from workloads import Batch, Workload
 
 OUTERS = ("none", "demo", "powersgd", "gossip", "diloco")
@@ -382,8 +382,8 @@ class Parallel(Strategy):
         """The outer method's own update in place of AdamW (demo's sign step)."""
         if not self.end.held:
             self.end.held = {**held_bytes(self.module, self.opt), "optim_bytes": self.outer.optim_bytes()}
-        norm = float(grad_norm([p for p in self.module.parameters() if p.requires_grad], self.end.norm_comm))
-        out = self.outer.optimizer_step(step, finite=math.isfinite(norm))
+        norm, finite = clip(self.module, self.optim, norm_comm=self.end.norm_comm)
+        out = self.outer.optimizer_step(step, finite=finite)
         self.sched.step()  # the LR schedule and the step count, as the optimizer's
         return {**out, "grad_norm": norm}
 

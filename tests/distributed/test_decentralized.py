@@ -136,26 +136,35 @@ def _demo_payload_bytes(shapes: list[torch.Size], topk: int = 32, chunk: int = 6
     return total
 
 
-def _sign_sgd_reference(steps: int) -> tuple[dict, list[float]]:
-    """Sign-SGD on the full batch's gradient with decoupled weight decay on
-    matrices: what demo is when nothing is compressed."""
+def _sign_sgd_reference(steps: int, world: int) -> tuple[dict, list[float]]:
+    """Sign-SGD on the mean of the ranks' gradients, each clipped to grad_clip by its
+    own norm first (as DeMo's paper, where every rank clips its local gradient), with
+    decoupled weight decay on matrices: what demo is when nothing is compressed."""
     from orchestrator.trainer import RankTrainer
 
     spec = _spec({"name": "demo"}, 1, steps)
     t = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"))  # same seed, model and global batches
     model, workload, losses = t.strategy.module, t.workload, []
+    params = list(model.parameters())
     for s in range(steps):
         x, y = t.loader.next_batch()
-        model.zero_grad()
-        loss = workload.loss(model(x), (x, y))
-        loss.backward()
-        losses.append(loss.item())
+        mean = [torch.zeros_like(p) for p in params]
+        step_loss = 0.0
+        for xs, ys in zip(x.chunk(world), y.chunk(world)):  # each rank's slice of the global batch
+            model.zero_grad()
+            loss = workload.loss(model(xs), (xs, ys))
+            loss.backward()
+            step_loss += loss.item() / world
+            torch.nn.utils.clip_grad_norm_(params, spec.optim.grad_clip)
+            for m, p in zip(mean, params):
+                m.add_(p.grad, alpha=1 / world)
+        losses.append(step_loss)
         lr = spec.optim.lr * lr_factor(s, spec.optim, steps)
         with torch.no_grad():
-            for p in model.parameters():
+            for p, g in zip(params, mean):
                 if p.dim() >= 2:
                     p.mul_(1 - lr * spec.optim.weight_decay)
-                p.add_(p.grad.sign(), alpha=-lr)
+                p.add_(g.sign(), alpha=-lr)
     return _state(t), losses
 
 
@@ -232,9 +241,9 @@ def test_demo_ranks_identical_bytes_exact_and_uncompressed_is_sign_sgd(four_rank
     for r in out:
         for row in r["rows"]:
             assert (row["bytes_sent"], row["bytes_received"]) == (expected, expected)
-    # uncompressed demo == sign-SGD on the mean gradient. A sign can differ only where the
+    # uncompressed demo == sign-SGD on the mean of the clipped gradients. A sign can differ only where the
     # mean gradient is within float rounding of zero (summed in another order here).
-    ref, ref_losses = _sign_sgd_reference(STEPS)
+    ref, ref_losses = _sign_sgd_reference(STEPS, WORLD)
     lr, n, differ = _spec({"name": "demo"}, 1).optim.lr, 0, 0
     for k, v in ref.items():
         got = out[0]["off_state"][k]
