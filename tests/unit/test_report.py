@@ -7,6 +7,7 @@ import uuid
 
 import fsspec
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,16 +57,23 @@ def fake_run(storage: str, run_id: str, *, strategy: dict, scenario: str, steps:
     return url
 
 
-def expected_row(url: str) -> dict:
-    """The ranking figures, straight from the Parquet file (independent of report.py)."""
+def expected_row(url: str, warmup: int = 3) -> dict:
+    """The ranking figures, straight from the Parquet file (independent of report.py and
+    metrics.py): steady steps after ``warmup`` (all steps when the run is no longer); per
+    step the slowest rank's row; the parts are their share of its steady time, of the median step."""
     with fsspec.open(f"{url}/metrics.parquet", "rb") as f:
         m = pq.read_table(f).to_pandas()
-    steady = m[m.step > 3]
-    per_step = steady.groupby("step").agg(t=("step_time_s", "max"), tok=("tokens", "sum"))
+    steady = m[m.step > warmup] if m.step.max() > warmup else m
+    slow = pd.DataFrame([g.sort_values("step_time_s").iloc[-1] for _, g in steady.groupby("step")])
+    step = float(np.median(slow.step_time_s))
+    tokens = steady.groupby("step").tokens.sum()
     last = m[m.step == m.step.max()]
-    return {"tokens_per_s": per_step.tok.sum() / per_step.t.sum(),
+    return {"tokens_per_s": tokens.sum() / slow.step_time_s.sum(),
             "final_loss": (last.loss * last.samples).sum() / last.samples.sum(),
-            "comm_s": steady.comm_s.mean(), "step_s": per_step.t.median()}
+            "step_s": step, "comm_s": step * slow.comm_s.sum() / slow.step_time_s.sum(),
+            "idle_s": step * slow.idle_s.sum() / slow.step_time_s.sum(),
+            "compute_s": step * slow.compute_s.sum() / slow.step_time_s.sum(),
+            "bytes_steady": steady.bytes_sent.mean(), "bytes_run": m.bytes_sent.sum() / m["rank"].nunique()}
 
 
 @pytest.fixture
@@ -102,8 +110,8 @@ def test_report_tables_plots_and_failures(storage):
 
     local = _md_rows(md, "local")
     assert list(local) == ["powersgd:rank=4", "ddp"]  # the faster run reaches the target first
-    for label, url in (("ddp", a), ("powersgd:rank=4", b)):
-        exp, cells = expected_row(url), local[label]
+    for label, url, warmup in (("ddp", a, 3), ("powersgd:rank=4", b, 10)):  # powersgd declares 10 (> 8 steps)
+        exp, cells = expected_row(url, warmup), local[label]
         assert cells[3] == f"{exp['tokens_per_s']:,.0f}"
         assert cells[4] == f"{exp['step_s']:,.4f}"
         assert cells[6] == f"{exp['comm_s']:,.4f}"
