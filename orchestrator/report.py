@@ -318,7 +318,7 @@ def scenario_notes(df: pd.DataFrame) -> list[str]:
 def tuning_rows(report: Report) -> list[list[str]]:
     """Every grid point's short run: strategy, setting, final held-out and training loss, seconds, chosen."""
     out = []
-    for t in report.tuning:
+    for t in sorted(report.tuning, key=lambda t: t.label):  # grouped by strategy, in the order they ran
         s = summarize(t.run.metrics, warmup_steps=t.run.warmup_steps) if t.run else None
         out.append([t.label, t.setting, fmt_num(s["final_val_loss"], 4) if s else "-",
                     fmt_num(s["final_loss"], 4) if s else "-", fmt_num(t.wall_s, 1),
@@ -326,7 +326,7 @@ def tuning_rows(report: Report) -> list[list[str]]:
     return out
 
 
-TUNING_HEADER = ["strategy", "setting", "final held-out loss", "final train loss", "run (s)", ""]
+TUNING_HEADER = ["strategy", "setting", "final held-out loss", "final train loss", "run (s)", "result"]
 RUNS_HEADER = ["strategy", "scenario", "repeat", "training (s)", "evaluation (s)", "load median (max)", "run folder"]
 
 
