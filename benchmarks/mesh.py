@@ -7,8 +7,8 @@ and FSDP inside each node with a low-bandwidth outer sync across nodes (demo,
 powersgd, diloco). Each method at each of ``--lrs`` (its tuned lr is the one
 with the lowest held-out loss); held-out loss: the final checkpoint loaded into
 ``single`` and evaluated on the workload's held-out split. Bytes: inter-node
-bytes per rank per step, the mean over the steps after any warm-up a method
-declares (steady state; diloco's outer step every ``outer_every`` steps
+bytes per rank per step, the mean over the steady steps (``orchestrator.metrics.steady``:
+after any warm-up a method declares; diloco's outer step every ``outer_every`` steps
 included) and the whole-run mean, for the rank with the most.
 
     python benchmarks/mesh.py [--steps 300] [--lrs 1e-3 3e-3] [--methods ...]
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from orchestrator import JobSpec, compare
+from orchestrator.metrics import declared_warmup
+from orchestrator.metrics import steady as steady_rows
 from orchestrator.trainer import RankTrainer
 
 WORKLOAD = {"name": "gpt-tiny", "d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 32}
@@ -38,7 +40,6 @@ METHODS = {
     "fsdp+powersgd": {"name": "mesh", "fsdp": 2, "outer": "powersgd"},
     "fsdp+diloco": {"name": "mesh", "fsdp": 2, "outer": "diloco", "outer_every": 10},
 }
-WARMUP = {"fsdp+powersgd": 10}  # steps a method declares uncompressed (powersgd's warmup_steps)
 
 
 def heldout_loss(checkpoint: str, batch: int = 64) -> float:
@@ -71,7 +72,7 @@ def run_methods(a) -> None:
         for (name, lr), run in zip(keys, runs):
             m = run.metrics
             per_step = m.groupby("step").bytes_inter.max()
-            steady = per_step[per_step.index > WARMUP.get(name, 0)]  # after the warm-up a method declares
+            steady = steady_rows(m, declared_warmup(METHODS[name])).groupby("step").bytes_inter.max()
             results[(name, lr)] = {
                 "steady": float(steady.mean()), "mean": float(per_step.mean()),
                 "train": float(m[m.step > a.steps - 10].groupby("step").apply(
