@@ -146,6 +146,11 @@ def expand_urls(urls: list[str]) -> Sources:
 
 def build_report(src: Sources, *, target_loss: float | None = None) -> Report:
     runs = [load_run(u, repeat=rep, setting=setting) for u, rep, setting in src.runs]
+    seen: dict[tuple, int] = {}
+    for r in runs:  # folders of one strategy and scenario given apart (no matrix.yaml) are its repeats
+        key = (r.label, r.scenario, r.setting)
+        r.repeat = max(r.repeat, seen.get(key, 0))
+        seen[key] = r.repeat + 1
     tuning = [Tuned(label=t["label"], setting=t["setting"], error=t.get("error", ""), wall_s=t.get("wall_s", 0.0),
                     chosen=t.get("chosen", False), run=load_run(t["url"]) if t["status"] == "ok" else None)
               for t in src.tuning]

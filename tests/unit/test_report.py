@@ -348,3 +348,12 @@ def test_tuning_section_shows_every_grid_point_and_the_chosen_one(storage):
     assert "| ddp | optim.lr=1e-3 | 3.0000 |" in section and "| ddp | optim.lr=3e-3 | 2.5000 |" in section
     assert section.count("| chosen |") == 1 and "failed: rank 0 failed: nan" in section
     assert "ddp [optim.lr=3e-3]" in _md_rows(md, "local")  # the comparison names the setting it ran at
+
+
+def test_run_folders_of_one_strategy_given_apart_are_its_repeats(storage, tmp_path):
+    urls = [fake_run(storage, f"d{i}", strategy={"name": "ddp"}, scenario="local", step_s=s, seed=i)
+            for i, s in enumerate((0.1, 0.3))]
+    report_from_urls(urls, f"{storage}/rep")
+    md = fsspec.open(f"{storage}/rep/report.md", "r").open().read()
+    assert "2 repeats per strategy" in md and len(_md_rows(md, "local")) == 1
+    assert [ln.split(" | ")[2] for ln in md.split("## Runs")[1].splitlines() if ln.startswith("| ddp")] == ["1", "2"]
