@@ -179,7 +179,7 @@ def run_rows(report: Report, scenario: str) -> pd.DataFrame:
     if not runs:
         return pd.DataFrame()
     sums = [summarize(r.metrics, warmup_steps=r.warmup_steps) for r in runs]
-    unevaluated = [display_label(r) for r, s in zip(runs, sums) if quality(s)[0] != "val_loss"]
+    unevaluated = list(dict.fromkeys(display_label(r) for r, s in zip(runs, sums) if quality(s)[0] != "val_loss"))
     by = "loss" if unevaluated else "val_loss"
     finals = [s["final_val_loss"] if by == "val_loss" else s["final_loss"] for s in sums]
     target = max(finals) if report.target_loss is None else report.target_loss
@@ -346,7 +346,7 @@ def runs_rows(report: Report) -> list[list[str]]:
         df = run_rows(report, sc)
         for _, r in (df.iterrows() if len(df) else []):
             out.append([r.strategy, sc, str(int(r["repeat"]) + 1), fmt_num(r.train_s, 1), fmt_num(r.eval_s, 1),
-                        f"{fmt_num(r.load_avg, 2)} ({fmt_num(r.load_avg_max, 2)})", r.url])
+                        "-" if math.isnan(r.load_avg) else f"{r.load_avg:.2f} ({r.load_avg_max:.2f})", r.url])
     return out
 
 
