@@ -219,6 +219,9 @@ def scenario_table(report: Report, scenario: str) -> pd.DataFrame:
             row[key] = float(g[key].median(skipna=False))  # a repeat that never reached the target: not reached
         row.update({f"{k}_{end}": float(getattr(g[k], fn)(skipna=False)) for k in SPREAD
                     for end, fn in (("lo", "min"), ("hi", "max"))})
+        # the parts of the median step are those of the median run(s), so they still add up to it
+        middle = g.sort_values("step_s").iloc[[(len(g) - 1) // 2, len(g) // 2]]
+        row.update({k: float(middle[k].mean()) for k in ("step_s", "compute_s", "idle_s", "comm_s")})
         rows.append(row)
     df = pd.DataFrame(rows).sort_values(["time_to_target_s", "tokens_per_s"], ascending=[True, False],
                                         na_position="last").reset_index(drop=True)
@@ -314,7 +317,7 @@ def scenario_notes(df: pd.DataFrame) -> list[str]:
     else:
         target += ")"
     spread = (f"{repeats} repeats per strategy, run round-robin; every time figure is the median of the repeats "
-              f"with their min–max in brackets" if repeats > 1 else
+              f"with their min–max in brackets (the step's parts: the median run's)" if repeats > 1 else
               "One run per strategy: rankings are unchecked for noise (--repeat N checks them)")
     warm = ", ".join(f"{r.strategy} {int(r.warmup_steps)}" for _, r in df.iterrows())
     return [f"Verdict: {verdict(df)}.", f"{target}. {spread}. Warm-up steps left out of steady figures: {warm}."]

@@ -357,3 +357,19 @@ def test_run_folders_of_one_strategy_given_apart_are_its_repeats(storage, tmp_pa
     md = fsspec.open(f"{storage}/rep/report.md", "r").open().read()
     assert "2 repeats per strategy" in md and len(_md_rows(md, "local")) == 1
     assert [ln.split(" | ")[2] for ln in md.split("## Runs")[1].splitlines() if ln.startswith("| ddp")] == ["1", "2"]
+
+
+def test_over_repeats_the_parts_still_add_up_to_the_median_step(storage):
+    """Three repeats whose idle shares differ: the median of each part would not add up;
+    the parts of the median run do."""
+    runs = []
+    for rep, (step_s, idle_share) in enumerate(((0.1, 0.1), (0.2, 0.5), (0.3, 0.2))):
+        url = fake_run(storage, f"r{rep}", strategy={"name": "ddp"}, scenario="local", step_s=step_s, seed=rep)
+        m = pd.read_parquet(fsspec.open(f"{url}/metrics.parquet", "rb").open())
+        m["idle_s"] = m.step_time_s * idle_share
+        m["compute_s"] = m.step_time_s - m.idle_s
+        _write(url, "metrics.parquet", pa.Table.from_pandas(m, preserve_index=False))
+        runs.append(load_run(url, repeat=rep))
+    cells = _cells(render_markdown(Report(runs=runs)), "local", "ddp")
+    step, compute, idle = (float(cells[k].split(" ")[0]) for k in ("step (s)", "compute (s)", "idle (s)"))
+    assert step == pytest.approx(0.22) and idle == pytest.approx(0.11) and compute + idle == pytest.approx(step)
