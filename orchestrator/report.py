@@ -197,7 +197,8 @@ def run_rows(report: Report, scenario: str) -> pd.DataFrame:
             "bytes_per_step": s["bytes_sent_per_step"],  # per rank, steady
             "bytes_run": s["bytes_sent_run_per_rank"],  # per rank, whole run
             "peak_mem_bytes": s["peak_mem_bytes"], "final_loss": s["final_loss"],
-            "final_val_loss": s["final_val_loss"], "train_s": s["train_s"], "eval_s": s["eval_s"],
+            "final_val_loss": s["final_val_loss"], "final_val_spread": s["final_val_spread"],
+            "train_s": s["train_s"], "eval_s": s["eval_s"],
             "load_avg": s["load_avg"], "load_avg_max": s["load_avg_max"],
         })
     df = pd.DataFrame(rows)
@@ -320,7 +321,13 @@ def scenario_notes(df: pd.DataFrame) -> list[str]:
               f"with their min–max in brackets (the step's parts: the median run's)" if repeats > 1 else
               "One run per strategy: rankings are unchecked for noise (--repeat N checks them)")
     warm = ", ".join(f"{r.strategy} {int(r.warmup_steps)}" for _, r in df.iterrows())
-    return [f"Verdict: {verdict(df)}.", f"{target}. {spread}. Warm-up steps left out of steady figures: {warm}."]
+    notes = [f"Verdict: {verdict(df)}.", f"{target}. {spread}. Warm-up steps left out of steady figures: {warm}."]
+    replicas = df[df.final_val_spread.notna()]
+    if len(replicas):  # gossip: the held-out loss is the replicas' average model's; how far apart they ended
+        notes.append("Replicas differ: the held-out loss is that of their average; their own final held-out losses "
+                     "span " + ", ".join(f"{r.strategy} {r.final_val_spread:.4f}" for _, r in replicas.iterrows())
+                     + " (max − min).")
+    return notes
 
 
 def tuning_rows(report: Report) -> list[list[str]]:

@@ -373,3 +373,14 @@ def test_over_repeats_the_parts_still_add_up_to_the_median_step(storage):
     cells = _cells(render_markdown(Report(runs=runs)), "local", "ddp")
     step, compute, idle = (float(cells[k].split(" ")[0]) for k in ("step (s)", "compute (s)", "idle (s)"))
     assert step == pytest.approx(0.22) and idle == pytest.approx(0.11) and compute + idle == pytest.approx(step)
+
+
+def test_replicas_spread_is_named_beside_the_heldout_loss_of_their_average(storage):
+    url = fake_run(storage, "g", strategy={"name": "gossip"}, scenario="local", val=lambda s: 4.0 if s == 8 else None)
+    m = pd.read_parquet(fsspec.open(f"{url}/metrics.parquet", "rb").open())
+    m["val_spread"] = np.where(m.step == 8, 0.0125, np.nan)
+    _write(url, "metrics.parquet", pa.Table.from_pandas(m, preserve_index=False))
+    md = render_markdown(Report(runs=[load_run(url)]))
+    assert "their own final held-out losses span gossip 0.0125 (max − min)" in md
+    assert "Replicas differ" not in render_markdown(Report(runs=[load_run(fake_run(storage, "d", strategy={
+        "name": "ddp"}, scenario="local", val=lambda s: 4.0 if s == 8 else None))]))
