@@ -274,7 +274,7 @@ def choose(results: list[tuple[str, dict | None]]) -> str | None:
     from orchestrator.metrics import quality
 
     scored = [(quality(s)[1], setting) for setting, s in results if s is not None]
-    scored = [(v if v == v else math.inf, setting) for v, setting in scored]
+    scored = [(math.inf if math.isnan(v) else v, setting) for v, setting in scored]
     return min(scored, key=lambda x: x[0])[1] if scored else None
 
 

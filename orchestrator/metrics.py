@@ -12,6 +12,7 @@ driver was killed before compacting reads whole.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -361,5 +362,5 @@ def summarize(metrics, *, warmup_steps: int = 0) -> dict:
 def quality(summary: dict) -> tuple[str, float]:
     """What quality is judged by: the final held-out loss where the run evaluated,
     else the final training loss."""
-    val = summary.get("final_val_loss", float("nan"))
-    return ("val_loss", val) if val == val else ("loss", summary["final_loss"])
+    val = summary.get("final_val_loss", math.nan)
+    return ("loss", summary["final_loss"]) if math.isnan(val) else ("val_loss", val)
