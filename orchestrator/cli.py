@@ -66,7 +66,8 @@ def _add_matrix_commands(sub) -> None:
     c.add_argument("--steps", type=int, help="optimizer steps per run")
     c.add_argument("--seed", type=int, help="seed shared by every run (default 0)")
     c.add_argument("--target-loss", dest="target_loss", type=float,
-                   help="loss the ranking times runs to (default: per scenario, the worst final loss)")
+                   help="loss the ranking times runs to: held-out where every run evaluated, else training "
+                   "(default: per scenario, the worst final one)")
     c.add_argument("--out", help="folder or fsspec URL for run folders and the report")
     c.add_argument("--repeat", type=int, metavar="N", help="run the whole matrix N times round-robin (default 1); "
                    "time figures become medians with their min-max, rankings inside it are marked within noise")
