@@ -384,3 +384,14 @@ def test_replicas_spread_is_named_beside_the_heldout_loss_of_their_average(stora
     assert "their own final held-out losses span gossip 0.0125 (max − min)" in md
     assert "Replicas differ" not in render_markdown(Report(runs=[load_run(fake_run(storage, "d", strategy={
         "name": "ddp"}, scenario="local", val=lambda s: 4.0 if s == 8 else None))]))
+
+
+@pytest.mark.parametrize("strategy, steps", [
+    ({"name": "powersgd", "rank": 4}, 10), ({"name": "powersgd", "warmup_steps": 2}, 2), ({"name": "int8"}, 0),
+    ("ddp", 0), ({"name": "mesh", "fsdp": 2, "outer": "powersgd"}, 10), ({"name": "mesh", "fsdp": 2, "outer": "demo"}, 0),
+    ({"name": "no/such/plugin.py:Nope"}, 0),
+])
+def test_the_warmup_each_strategy_declares(strategy, steps):
+    from orchestrator.metrics import declared_warmup
+
+    assert declared_warmup(strategy) == steps
