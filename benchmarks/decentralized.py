@@ -32,7 +32,7 @@ import tempfile
 import pandas as pd
 
 from orchestrator import ConfigError, JobSpec, compare
-from orchestrator.compare import WARMUP_STEPS
+from orchestrator.metrics import steady as steady_rows
 from orchestrator.metrics import samples_mean
 
 WORKLOAD = {"name": "gpt-tiny"}
@@ -64,7 +64,7 @@ def curve(m: pd.DataFrame, smooth: int) -> pd.DataFrame:
 
 def row(name: str, m: pd.DataFrame, c: pd.DataFrame, target: float | None) -> dict:
     """One run's figures; ``target``: ddp's final loss (None for ddp's own row)."""
-    steady = m[m.step > WARMUP_STEPS] if m.step.max() > WARMUP_STEPS else m  # (a smoke run of a few steps)
+    steady = steady_rows(m)  # (a smoke run of a few steps: all of them)
     consensus = steady.get("consensus_bytes", pd.Series(0.0, index=steady.index)).fillna(0.0)
     out = {
         "strategy": name,

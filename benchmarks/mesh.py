@@ -7,8 +7,8 @@ and FSDP inside each node with a low-bandwidth outer sync across nodes (demo,
 powersgd, diloco). Each method at each of ``--lrs`` (its tuned lr is the one
 with the lowest held-out loss); held-out loss: the run's evaluation after its last
 step, on the workload's whole held-out split. Bytes: inter-node
-bytes per rank per step, the mean over the steps after any warm-up a method
-declares (steady state; diloco's outer step every ``outer_every`` steps
+bytes per rank per step, the mean over the steady steps (``orchestrator.metrics.steady``:
+after any warm-up a method declares; diloco's outer step every ``outer_every`` steps
 included) and the whole-run mean, for the rank with the most.
 
     python benchmarks/mesh.py [--steps 300] [--lrs 1e-3 3e-3] [--methods ...]
@@ -24,6 +24,8 @@ import tempfile
 
 
 from orchestrator import JobSpec, compare
+from orchestrator.metrics import declared_warmup, summarize
+from orchestrator.metrics import steady as steady_rows
 
 WORKLOAD = {"name": "gpt-tiny", "d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 32}
 SCENARIO = "nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=100us"
@@ -36,13 +38,6 @@ METHODS = {
     "fsdp+diloco": {"name": "mesh", "fsdp": 2, "outer": "diloco", "outer_every": 10},
 }
 HELDOUT = 10**9  # evaluate on the whole held-out split
-WARMUP = {"fsdp+powersgd": 10}  # steps a method declares uncompressed (powersgd's warmup_steps)
-
-
-def heldout_loss(metrics) -> float:
-    """The final weights' held-out loss: the run's evaluation after its last step."""
-    last = metrics[metrics.step == metrics.step.max()]
-    return float(last.val_loss.iloc[0])
 
 
 def run_methods(a) -> None:
@@ -59,12 +54,12 @@ def run_methods(a) -> None:
         for (name, lr), run in zip(keys, runs):
             m = run.metrics
             per_step = m.groupby("step").bytes_inter.max()
-            steady = per_step[per_step.index > WARMUP.get(name, 0)]  # after the warm-up a method declares
+            steady = steady_rows(m, declared_warmup(METHODS[name])).groupby("step").bytes_inter.max()
             results[(name, lr)] = {
                 "steady": float(steady.mean()), "mean": float(per_step.mean()),
                 "train": float(m[m.step > a.steps - 10].groupby("step").apply(
                     lambda g: (g.loss * g.samples).sum() / g.samples.sum()).mean()),
-                "heldout": heldout_loss(m),
+                "heldout": summarize(m)["final_val_loss"],
                 "step_s": float(m[m.step > 1].groupby("step").step_time_s.max().median()),
             }
     best = {name: min(a.lrs, key=lambda lr: results[(name, lr)]["heldout"]) for name in a.methods}

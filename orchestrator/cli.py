@@ -66,9 +66,18 @@ def _add_matrix_commands(sub) -> None:
     c.add_argument("--steps", type=int, help="optimizer steps per run")
     c.add_argument("--seed", type=int, help="seed shared by every run (default 0)")
     c.add_argument("--target-loss", dest="target_loss", type=float,
-                   help="loss the ranking times runs to (default: per scenario, the worst final loss)")
+                   help="loss the ranking times runs to: held-out where every run evaluated, else training "
+                   "(default: per scenario, the worst final one)")
     c.add_argument("--out", help="folder or fsspec URL for run folders and the report")
-    c.add_argument("--config", help="YAML/TOML: any job spec keys plus strategies: and scenarios: lists")
+    c.add_argument("--repeat", type=int, metavar="N", help="run the whole matrix N times round-robin (default 1); "
+                   "time figures become medians with their min-max, rankings inside it are marked within noise")
+    c.add_argument("--tune", action="append", default=[], metavar="KEY=v1,v2,...",
+                   help="tune each strategy over these values of a --set-able key (repeatable: the cartesian grid) "
+                   "on a short budget, then compare each at its best by final held-out loss, e.g. optim.lr=1e-3,3e-3")
+    c.add_argument("--tune-steps", dest="tune_steps", type=int, metavar="N",
+                   help="steps of each tuning run (default: a quarter of --steps, rounded up)")
+    c.add_argument("--config", help="YAML/TOML: any job spec keys plus strategies: and scenarios: lists "
+                   "(and repeat:, tune: {KEY: [values]}, tune_steps:; a strategy may carry its own tune:)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job spec field for every run, e.g. workload.d_model=64")
     c.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto)")
@@ -143,13 +152,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = read_config_file(args.config) if args.config else {}
     strategies = base.pop("strategies", None)
     scenarios = base.pop("scenarios", None)
+    repeat, make_tuning = _repeat_and_tuning(args, base)
     if args.strategies is not None:
         strategies = args.strategies
     if isinstance(strategies, str):
         strategies = parse_strategies(strategies)
-    strategies = [{"name": s} if isinstance(s, str) else s for s in (strategies or [])]
+    strategies = [{"name": s} if isinstance(s, str) else dict(s) for s in (strategies or [])]
     if not strategies:
         raise ConfigError("--strategies: empty (give e.g. --strategies ddp,fsdp or strategies: in --config)")
+    tuning = make_tuning(strategies)
     if args.scenarios is not None:
         scenarios = args.scenarios
     if isinstance(scenarios, str):
@@ -167,10 +178,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not out:
         raise ConfigError("--out: required (a folder or fsspec URL for the run folders and the report)")
     combos, html_url, md_url = run_matrix(base, strategies, scenarios, out, address=args.address,
-                                          target_loss=args.target_loss, progress=not args.quiet)
+                                          target_loss=args.target_loss, progress=not args.quiet, repeat=repeat,
+                                          tuning=tuning)
     failed = [c for c in combos if c.status != "ok"]
     print(f"{len(combos) - len(failed)}/{len(combos)} runs succeeded\nreport: {html_url}\n        {md_url}")
     return EXIT_FAILED if len(failed) == len(combos) else EXIT_OK
+
+
+def _repeat_and_tuning(args: argparse.Namespace, base: dict):
+    """--repeat and --tune (flags over the compare file's repeat:, tune:, tune_steps:):
+    the repeat count and a function of the strategies (whose own tune: it takes out)
+    returning the Tuning, or None."""
+    from orchestrator.compare import Tuning, file_tune, parse_tune
+    from orchestrator.config import ConfigError
+
+    repeat, steps = base.pop("repeat", 1), base.pop("tune_steps", None)  # the flags win
+    repeat = repeat if args.repeat is None else args.repeat
+    steps = steps if args.tune_steps is None else args.tune_steps
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise ConfigError(f"--repeat {repeat!r}: must be an integer >= 1 (passes of the whole matrix)")
+    common = file_tune(base.pop("tune", None), "tune") | parse_tune(args.tune)
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ConfigError(f"--tune-steps {steps!r}: must be an integer >= 1 (steps of each tuning run)")
+
+    def tuning(strategies: list[dict]) -> Tuning | None:
+        grids = [common | file_tune(s.pop("tune", None), f"strategies.{s.get('name')}.tune") for s in strategies]
+        if steps is not None and not any(grids):
+            raise ConfigError(f"--tune-steps {steps}: given without a grid (add --tune KEY=v1,v2,...)")
+        return Tuning(grids=grids, steps=steps) if any(grids) else None
+
+    return repeat, tuning
 
 
 def _check_target_loss(target: float | None) -> None:

@@ -5,15 +5,19 @@ estimated. The HTML/Markdown report with plots builds on this table.
 """
 from __future__ import annotations
 
+import copy
+import itertools
+import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import pandas as pd
 
 from orchestrator.config import JobSpec
-from orchestrator.metrics import WARMUP_STEPS, summarize  # noqa: F401  (summarize is part of this module's API)
+from orchestrator.metrics import WARMUP_STEPS, declared_warmup, summarize  # noqa: F401  (summarize: this module's API)
 
 if TYPE_CHECKING:
     from orchestrator.driver import RunResult
@@ -30,10 +34,12 @@ def run(spec: JobSpec, **kwargs) -> "RunResult":
 @dataclass
 class CompareResult:
     runs: list[RunResult]
+    specs: list[JobSpec] = field(default_factory=list)  # in the order of runs
 
     @property
     def summary(self) -> pd.DataFrame:
-        return pd.DataFrame([summarize(r.metrics) for r in self.runs])
+        warmups = [declared_warmup(s.strategy.model_dump()) for s in self.specs] or [0] * len(self.runs)
+        return pd.DataFrame([summarize(r.metrics, warmup_steps=w) for r, w in zip(self.runs, warmups)])
 
 
 def compare(specs: Iterable[JobSpec], *, progress: bool = True, stream=None) -> CompareResult:
@@ -46,7 +52,7 @@ def compare(specs: Iterable[JobSpec], *, progress: bool = True, stream=None) -> 
         raise ValueError(f"cluster.address: compare() runs every job on one cluster, got {sorted(map(str, addresses))}")
     runtime = ray_runtime.start(address=addresses.pop())  # each run() below reuses it
     try:
-        return CompareResult(runs=[run(s, progress=progress, stream=stream) for s in specs])
+        return CompareResult(runs=[run(s, progress=progress, stream=stream) for s in specs], specs=specs)
     finally:
         runtime.shutdown()
 
@@ -93,10 +99,94 @@ class Combination:
     status: str = "pending"  # pending, ok, failed
     error: str = ""
     wall_s: float = 0.0
+    repeat: int = 0  # which pass of --repeat (0-based)
+    setting: str = ""  # the --tune grid point it runs at, e.g. optim.lr=1e-3 ("" untuned)
 
 
-def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], storage: str):
-    """One (Combination, spec fields) per strategy x scenario; same seed and data for all."""
+# -- --tune grids ------------------------------------------------------------------
+
+SET_BY_COMPARE = ("steps", "storage", "run_id", "scenario", "resume")  # a tuning grid cannot move these
+
+
+def _split_values(raw: str) -> list[str]:
+    """``1e-3,3e-3`` -> two values; a comma inside [...] or {...} belongs to the value."""
+    out, depth, cur = [], 0, ""
+    for ch in raw:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [v.strip() for v in out + [cur] if v.strip()]
+
+
+def _check_tune_key(key: str, where: str) -> None:
+    from orchestrator.config import ConfigError
+
+    if not key or key.split(".")[0] in SET_BY_COMPARE:
+        raise ConfigError(f"{where}: key {key!r} cannot be tuned (a --set-able training key, e.g. optim.lr; "
+                          f"not {', '.join(SET_BY_COMPARE)}, which the comparison sets)")
+
+
+def parse_tune(items: list[str]) -> dict[str, list[str]]:
+    """``--tune optim.lr=1e-3,3e-3`` (repeatable) -> {key: [value as --set takes it]}; keys form a cartesian grid."""
+    from orchestrator.config import ConfigError
+
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ConfigError(f"--tune {item!r}: expected KEY=v1,v2,... (e.g. optim.lr=1e-3,3e-3)")
+        _check_tune_key(key, f"--tune {item!r}")
+        if key in grid:
+            raise ConfigError(f"--tune {item!r}: {key} given twice (one --tune per key)")
+        grid[key] = _split_values(raw)
+        if not grid[key]:
+            raise ConfigError(f"--tune {item!r}: empty grid (give at least one value, e.g. {key}=1e-3,3e-3)")
+    return grid
+
+
+def file_tune(section, where: str) -> dict[str, list[str]]:
+    """A compare file's ``tune:`` mapping ({key: [values]}, at the top or in one strategy) -> a grid."""
+    from orchestrator.config import ConfigError
+
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}={section!r}: expected a mapping of KEY: [values] (e.g. optim.lr: [1e-3, 3e-3])")
+    grid = {}
+    for key, values in section.items():
+        _check_tune_key(str(key), f"{where}.{key}")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ConfigError(f"{where}.{key}=[]: empty grid (give at least one value)")
+        grid[str(key)] = [json.dumps(v) for v in values]  # JSON is YAML: --set parses it back to the same value
+    return grid
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[list[str]]:
+    """The cartesian product as --set items, one list per point; no grid: one untuned point."""
+    return [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
+
+
+def with_setting(fields: dict, setting: list[str]) -> dict:
+    """A copy of a run's spec fields with a grid point's --set items applied."""
+    from orchestrator.config import apply_overrides
+
+    return apply_overrides(copy.deepcopy(fields), setting)
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "-" for ch in text)
+
+
+def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], storage: str, *, repeat: int = 1,
+                 settings: list[list[str]] | None = None):
+    """One (Combination, spec fields) per strategy x scenario, the whole matrix ``repeat``
+    times round-robin (a, b, c, a, b, c: drifting load touches every run alike); same seed
+    and data for all; strategy i at its grid point ``settings[i]``."""
     from orchestrator.config import ConfigError
     from orchestrator.report import strategy_label
 
@@ -105,13 +195,16 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     if not scenarios:
         raise ConfigError("scenarios: empty list (give at least one, e.g. local)")
     out = []
-    for sc in scenarios:
-        for strat in strategies:
-            label = strategy_label(strat)
-            safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "-" for ch in f"{label}-{sc}")
-            run_id = f"{len(out):02d}-{safe}"
-            fields = {**base, "strategy": strat, "scenario": sc, "storage": storage, "run_id": run_id}
-            out.append((Combination(label=label, scenario=sc, run_id=run_id), fields))
+    for rep in range(repeat):
+        for sc in scenarios:
+            for i, strat in enumerate(strategies):
+                setting = settings[i] if settings else []
+                fields = with_setting({**base, "strategy": strat, "scenario": sc, "storage": storage}, setting)
+                label = strategy_label(fields["strategy"])
+                fields["run_id"] = run_id = f"{len(out):02d}-{_safe(f'{label}-{sc}')}" + (
+                    f"-r{rep + 1}" if repeat > 1 else "")
+                out.append((Combination(label=label, scenario=sc, run_id=run_id, repeat=rep,
+                                        setting=",".join(setting)), fields))
     return out
 
 
@@ -128,54 +221,172 @@ def matrix_job(combo: Combination, fields: dict, address: str | None) -> JobSpec
         raise ConfigError(f"{combo.label} x {combo.scenario}: {e}") from None
 
 
-def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
-               target_loss: float | None = None, progress: bool = True, stream=None):
-    """Run every strategy x scenario one after another on one Ray instance, keep
-    going past failures (recorded with their one-line error), write the run
-    folders under ``out/runs``, ``out/matrix.yaml`` and the report."""
-    import sys
+@dataclass(frozen=True, kw_only=True)
+class Tuning:
+    """What ``--tune`` asks: per strategy its grid ({} : not tuned), and the short budget."""
 
+    grids: list[dict[str, list[str]]]
+    steps: int | None = None  # None: a quarter of the comparison's steps (rounded up)
+
+    def budget(self, steps: int) -> int:
+        return self.steps if self.steps is not None else math.ceil(steps / 4)
+
+
+def tuning_specs(base: dict, strategies: list[dict], tuning: Tuning, scenario: str, storage: str, steps: int):
+    """One (Combination, fields, point) per grid point of every strategy that has a grid, on the
+    short budget under ``scenario``; points interleaved across strategies (drifting load)."""
+    from orchestrator.report import strategy_label
+
+    points = [grid_points(g) if g else [] for g in tuning.grids]
+    out = []
+    for j in range(max(map(len, points), default=0)):
+        for strat, pts in zip(strategies, points):
+            if j < len(pts):
+                fields = with_setting({**base, "strategy": strat, "scenario": scenario, "storage": storage,
+                                       "steps": steps}, pts[j])
+                label = strategy_label(strat)
+                fields["run_id"] = run_id = f"{len(out):02d}-{_safe(label + '-' + ','.join(pts[j]))}"[:120]
+                out.append((Combination(label=label, scenario=scenario, run_id=run_id, setting=",".join(pts[j])),
+                            fields, pts[j]))
+    return out
+
+
+def check_grids(base: dict, strategies: list[dict], scenarios: list[str], tuning: Tuning, storage: str,
+                address: str | None) -> None:
+    """Every grid point of every strategy, in every scenario, is a valid job (bad input
+    before any run: an unknown key, a value out of range)."""
+    from orchestrator.config import ConfigError
+
+    for strat, grid in zip(strategies, tuning.grids):
+        for point in grid_points(grid) if grid else []:
+            for combo, fields in matrix_specs(base, [strat], scenarios, storage, settings=[point]):
+                try:
+                    matrix_job(combo, fields, address)
+                except ConfigError as e:
+                    own = " (a key only some strategies have goes in that strategy's own tune: in a --config " \
+                        "compare file)" if any(p.startswith("strategy.") for p in point) else ""
+                    raise ConfigError(f"--tune {','.join(point)}: {e}{own}") from None
+
+
+def choose(results: list[tuple[str, dict | None]]) -> str | None:
+    """The setting with the best final held-out loss (training loss where a run has no
+    held-out evaluation; a diverged run never wins); None when no run finished."""
+    from orchestrator.metrics import quality
+
+    scored = [(quality(s)[1], setting) for setting, s in results if s is not None]
+    scored = [(math.inf if math.isnan(v) else v, setting) for v, setting in scored]
+    return min(scored, key=lambda x: x[0])[1] if scored else None
+
+
+def _run_all(combos, specs, *, what: str, progress: bool, stream) -> None:
+    """Run one after another, recording each one's status, error (one line), url and seconds;
+    a failure is recorded, not fatal."""
+    import fsspec
+
+    from orchestrator.report import load_run
+
+    for i, (combo, spec) in enumerate(zip(combos, specs), 1):
+        name = f"{combo.label} x {combo.scenario}" + (f" [{combo.setting}]" if combo.setting else "") + (
+            f" (repeat {combo.repeat + 1})" if combo.repeat else "")
+        print(f"[{what}{i}/{len(combos)}] {name}", file=stream, flush=True)
+        t0 = time.perf_counter()
+        try:
+            combo.url = run(spec, progress=progress, stream=stream).url
+            load_run(combo.url)  # a run the report cannot read is a failed run
+            combo.status = "ok"
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # ConfigError, RunFailed, ClusterError, a strategy's bug: recorded, not fatal
+            combo.status, combo.error = "failed", (str(e).splitlines() or [type(e).__name__])[0]
+            url = combo.url or f"{spec.storage.rstrip('/')}/{combo.run_id}"
+            fs, p = fsspec.core.url_to_fs(url)
+            combo.url = url if fs.exists(f"{p}/spec.yaml") else None
+        combo.wall_s = time.perf_counter() - t0
+        word = "ok" if combo.status == "ok" else f"FAILED: {combo.error}"
+        print(f"[{what}{i}/{len(combos)}] {name}: {word} ({combo.wall_s:.1f} s)", file=stream, flush=True)
+
+
+def _tune(tunes, specs, *, progress: bool, stream) -> dict[str, list[str]]:
+    """Run every grid point; per strategy label, the point ``choose`` picks ([]: none finished)."""
+    from orchestrator.metrics import summarize
+    from orchestrator.report import load_run
+
+    _run_all([c for c, _, _ in tunes], specs, what="tune ", progress=progress, stream=stream)
+    chosen = {}
+    for label in dict.fromkeys(c.label for c, _, _ in tunes):
+        mine = [(c, p) for c, _, p in tunes if c.label == label]
+        best = choose([(c.setting, summarize(load_run(c.url).metrics) if c.status == "ok" else None)
+                       for c, _ in mine])
+        chosen[label] = next((p for c, p in mine if c.setting == best), [])
+        print(f"tuned {label}: {best if best is not None else 'no grid point finished; it runs untuned'}",
+              file=stream, flush=True)
+    return chosen
+
+
+def _write_matrix(out: str, combos: list[Combination], tunes, chosen: dict[str, list[str]], note: str) -> None:
+    """``out/matrix.yaml``: every combination, and every tuning run with whether it was chosen."""
     import fsspec
     import yaml
 
-    from orchestrator.report import Failure, Report, load_run, write_report
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    doc = {"combinations": [vars(c) for c in combos]}
+    if tunes:
+        doc["tuning"] = [dict(vars(c), chosen=bool(chosen.get(c.label)) and p == chosen[c.label])
+                         for c, _, p in tunes]
+        doc["tuning_note"] = note
+    fs.pipe_file(f"{path}/matrix.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
 
+
+def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
+               target_loss: float | None = None, progress: bool = True, stream=None, repeat: int = 1,
+               tuning: Tuning | None = None):
+    """Run every strategy x scenario (``repeat`` times round-robin) one after another on
+    one Ray instance, each strategy first tuned over its grid (``tuning``) on a short
+    budget and then run at its best point; keep going past failures (recorded with
+    their one-line error); write the run folders under ``out/runs`` (tuning runs under
+    ``out/tune``), ``out/matrix.yaml`` and the report."""
+    import sys
+
+    from orchestrator.config import ConfigError
+    from orchestrator.report import report_from_urls, strategy_label
+
+    if repeat < 1:
+        raise ConfigError(f"--repeat {repeat}: must be >= 1 (passes of the whole matrix)")
     stream = stream or sys.stderr
     out = out if "://" in out else os.path.abspath(out)
-    combos = matrix_specs(base, strategies, scenarios, f"{out.rstrip('/')}/runs")
+    root = out.rstrip("/")
+    combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat)
     specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+    tunes, tune_specs, budget = [], [], 0
+    if tuning is not None and any(tuning.grids):
+        check_grids(base, strategies, scenarios, tuning, f"{root}/runs", address)
+        budget = tuning.budget(specs[0].steps)
+        if not 1 <= budget <= specs[0].steps:
+            raise ConfigError(f"--tune-steps {budget}: must be 1..{specs[0].steps} (the comparison's steps; "
+                              f"tuning runs a short budget)")
+        tunes = tuning_specs(base, strategies, tuning, scenarios[0], f"{root}/tune", budget)
+        tune_specs = [matrix_job(c, f, address) for c, f, _ in tunes]
     from cluster import runtime as ray_runtime  # Ray and torch: only once the matrix is valid
     from orchestrator.driver import check_before_ray
 
-    for spec in specs:
+    for spec in specs + tune_specs:
         check_before_ray(spec)
     runtime = ray_runtime.start(address=address)
-    runs, failures = [], []
+    chosen: dict[str, list[str]] = {}  # strategy label -> its best grid point
     try:
-        for i, ((combo, _), spec) in enumerate(zip(combos, specs), 1):
-            print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}", file=stream, flush=True)
-            t0 = time.perf_counter()
-            try:
-                combo.url = run(spec, progress=progress, stream=stream).url
-                runs.append(load_run(combo.url))
-                combo.status = "ok"
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # ConfigError, RunFailed, ClusterError, a strategy's bug: recorded, not fatal
-                combo.status, combo.error = "failed", (str(e).splitlines() or [type(e).__name__])[0]
-                url = combo.url or f"{out.rstrip('/')}/runs/{combo.run_id}"
-                fs, p = fsspec.core.url_to_fs(url)
-                combo.url = url if fs.exists(f"{p}/spec.yaml") else None
-                failures.append(Failure(label=combo.label, scenario=combo.scenario, error=combo.error, url=combo.url))
-            combo.wall_s = time.perf_counter() - t0
-            word = "ok" if combo.status == "ok" else f"FAILED: {combo.error}"
-            print(f"[{i}/{len(combos)}] {combo.label} x {combo.scenario}: {word} ({combo.wall_s:.1f} s)",
-                  file=stream, flush=True)
+        if tunes:
+            chosen = _tune(tunes, tune_specs, progress=progress, stream=stream)
+            settings = [chosen.get(strategy_label(s), []) for s in strategies]
+            combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat, settings=settings)
+            specs = [matrix_job(combo, fields, address) for combo, fields in combos]
+        _run_all([c for c, _ in combos], specs, what="", progress=progress, stream=stream)
     finally:
         runtime.shutdown()
-    fs, path = fsspec.core.url_to_fs(out)
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/matrix.yaml", yaml.safe_dump(
-        {"combinations": [vars(c) for c, _ in combos]}, sort_keys=False).encode())
-    html_url, md_url = write_report(Report(runs=runs, failures=failures, target_loss=target_loss), out)
+    note = (f"Each strategy with a grid ran every point once for {budget} of the comparison's {specs[0].steps} "
+            f"steps under `{scenarios[0]}` (the first scenario: loss after a number of steps does not depend on "
+            f"the network model's delays); the comparison runs it at its best point by final held-out loss "
+            f"(training loss where a run has no held-out evaluation).")
+    _write_matrix(out, [c for c, _ in combos], tunes, chosen, note)
+    html_url, md_url = report_from_urls([out], out, target_loss=target_loss)
     return [c for c, _ in combos], html_url, md_url

@@ -12,6 +12,7 @@ driver was killed before compacting reads whole.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -239,28 +240,127 @@ class MetricsLog:
 
 WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebuild)
 
+# Every figure a summary or report shows, defined once (the report's header and docs/reports.md show this text).
+DEFINITIONS = (
+    "step = the slowest rank's step_time_s of each step; step, tokens/s and the compute / idle / comm parts are "
+    "over the steady steps (after the warm-up: max(3, the strategy's declared warm-up) steps; a run no longer "
+    "than that: all its steps); step is the median of those steps; compute + idle = step, each part its share "
+    "of the slowest rank's steady time (idle: blocked in communication no compute hid, or waiting for data); "
+    "comm = collectives in flight, the same share of step (it overlaps compute); time to target = training "
+    "time (wall clock since the first step began, evaluation excluded) to the first evaluated step at or below "
+    "the target; bytes are sent per rank: steady = mean per steady step, whole run = total over every step")
 
-def summarize(metrics) -> dict:
-    """One run's headline figures from its metrics rows."""
+
+def declared_warmup(strategy) -> int:
+    """The warm-up steps a strategy declares (``Strategy.declared_warmup``) for a spec's
+    ``strategy`` section (``{name, **options}`` or a name); 0 when the strategy
+    cannot be resolved here (a plugin this machine cannot import)."""
+    from strategies import STRATEGIES
+
+    component = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
+    name = component.pop("name")
+    try:
+        cls = STRATEGIES.get(name)
+        return int(cls.declared_warmup(cls.Options(**component)))
+    except Exception:  # an unknown plugin, options of an older version: no declared warm-up
+        return 0
+
+
+def steady(metrics: pd.DataFrame, declared: int = 0) -> pd.DataFrame:
+    """The rows of a run's steady steps: after max(WARMUP_STEPS, ``declared``); a run no
+    longer than that has no steady state and all its rows stand for it."""
+    after = max(WARMUP_STEPS, declared)
+    return metrics[metrics.step > after] if metrics.step.max() > after else metrics
+
+
+def slowest_ranks(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per step, the row of the rank whose step took longest (its parts add up to the step)."""
+    return metrics.loc[metrics.groupby("step").step_time_s.idxmax()]
+
+
+def run_start(m: pd.DataFrame) -> float:
+    """Unix time the run's first step began (its earliest rank)."""
+    first = m[m.step == m.step.min()]
+    return float((first.wall_time - first.step_time_s).min())
+
+
+def per_step_max(m: pd.DataFrame, column: str) -> pd.Series:
+    """``column``'s max over ranks per step, 0 where absent (older runs) or NaN."""
+    if column not in m:
+        return pd.Series(0.0, index=sorted(m.step.unique()))
+    return m.groupby("step")[column].max().fillna(0.0)
+
+
+def train_clock(m: pd.DataFrame) -> pd.Series:
+    """Per step, seconds of training since the run began: the step's last rank's
+    wall_time (taken at the end of the step, before its evaluation) less the
+    evaluation time of the steps before it (each step's slowest evaluating rank)."""
+    evals_before = per_step_max(m, "eval_s").cumsum().shift(fill_value=0.0)
+    return m.groupby("step").wall_time.max() - run_start(m) - evals_before
+
+
+def quality_curve(m: pd.DataFrame) -> pd.DataFrame:
+    """Per step: training loss (samples-weighted), held-out loss (NaN between
+    evaluations, or without any) and training time (``train_clock``)."""
+    clock = train_clock(m)
+    rows = [{"step": int(s), "time_s": float(clock[s]), "loss": samples_mean(g.loss, g.samples),
+             "val_loss": float(g.val_loss.mean()) if "val_loss" in g else float("nan")}
+            for s, g in m.groupby("step")]
+    return pd.DataFrame(rows)
+
+
+def _last_value(m: pd.DataFrame, column: str) -> float:
+    """The last step's value of a column every rank carries alike (NaN if absent)."""
+    if column not in m:
+        return float("nan")
+    last = m[m.step == m.step.max()][column].dropna()
+    return float(last.mean()) if len(last) else float("nan")
+
+
+def summarize(metrics, *, warmup_steps: int = 0) -> dict:
+    """One run's headline figures from its metrics rows, by DEFINITIONS
+    (``warmup_steps``: what the strategy declares, see ``declared_warmup``)."""
     metrics = final_attempt(metrics)
-    steady = metrics[metrics.step > WARMUP_STEPS] if metrics.step.max() > WARMUP_STEPS else metrics
-    per_step = steady.groupby("step").agg(
-        step_time_s=("step_time_s", "max"), samples=("samples", "sum"), tokens=("tokens", "sum"))
+    rows = steady(metrics, warmup_steps)
+    slow = slowest_ranks(rows)
+    step_s = float(slow.step_time_s.median())
+    busy = float(slow.step_time_s.sum())
+    share = (lambda col: float(slow[col].sum()) / busy) if busy > 0 else (lambda col: 0.0)
+    idle = step_s * share("idle_s")
+    per_step = rows.groupby("step").agg(samples=("samples", "sum"), tokens=("tokens", "sum"))
     last = metrics[metrics.step == metrics.step.max()]
+    ranks = int(metrics["rank"].nunique())
     row = {
         "run_id": metrics.run_id.iloc[0], "workload": metrics.workload.iloc[0],
         "strategy": metrics.strategy.iloc[0], "scenario": metrics.scenario.iloc[0],
-        "workers": int(metrics["rank"].nunique()), "steps": int(metrics.step.max()),
+        "workers": ranks, "steps": int(metrics.step.max()),
+        "warmup_steps": max(WARMUP_STEPS, warmup_steps), "steady_steps": int(rows.step.nunique()),
         "final_loss": samples_mean(last.loss, last.samples),
-        "median_step_s": float(per_step.step_time_s.median()),
-        "samples_per_s": float(per_step.samples.sum() / per_step.step_time_s.sum()),
-        "tokens_per_s": float(per_step.tokens.sum() / per_step.step_time_s.sum()),
-        "bytes_sent_per_step": float(steady.bytes_sent.mean()),
-        "compute_s_per_step": float(steady.compute_s.mean()),
-        "comm_s_per_step": float(steady.comm_s.mean()),
-        "idle_s_per_step": float(steady.idle_s.mean()),
+        "final_val_loss": _last_value(metrics, "val_loss"),
+        "final_val_spread": _last_value(metrics, "val_spread"),
+        "median_step_s": step_s,
+        "samples_per_s": float(per_step.samples.sum() / busy) if busy > 0 else float("nan"),
+        "tokens_per_s": float(per_step.tokens.sum() / busy) if busy > 0 else float("nan"),
+        "bytes_sent_per_step": float(rows.bytes_sent.mean()),  # steady, per rank
+        "bytes_sent_run_per_rank": float(metrics.bytes_sent.sum()) / ranks,  # whole run, warm-up included
+        "compute_s_per_step": step_s - idle,
+        "comm_s_per_step": step_s * share("comm_s"),
+        "idle_s_per_step": idle,
+        "train_s": float(train_clock(metrics).iloc[-1]),
+        "eval_s": float(per_step_max(metrics, "eval_s").sum()),
+        "load_avg": float(metrics.load_avg.median()) if "load_avg" in metrics else float("nan"),
+        "load_avg_max": float(metrics.load_avg.max()) if "load_avg" in metrics else float("nan"),
         "peak_mem_bytes": int(metrics.peak_mem_bytes.max()),
     }
     if "accuracy" in metrics:
         row["final_accuracy"] = samples_mean(last.accuracy, last.samples)
+    if "val_accuracy" in metrics:
+        row["final_val_accuracy"] = _last_value(metrics, "val_accuracy")
     return row
+
+
+def quality(summary: dict) -> tuple[str, float]:
+    """What quality is judged by: the final held-out loss where the run evaluated,
+    else the final training loss."""
+    val = summary.get("final_val_loss", math.nan)
+    return ("loss", summary["final_loss"]) if math.isnan(val) else ("val_loss", val)

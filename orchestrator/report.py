@@ -2,17 +2,15 @@
 
 Everything is read through fsspec + pyarrow (RunFolder), so run folders on
 ``memory://`` or ``s3://`` render like local ones. Every number in a table is
-computed here from the run's metrics.parquet; plots are matplotlib (Agg)
-PNGs embedded as base64, so the HTML file travels alone.
+computed here from the run's metrics.parquet (by ``metrics.summarize``); plots
+(``orchestrator/plots.py``) are matplotlib (Agg) PNGs embedded as base64, so the
+HTML file travels alone.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import fsspec
@@ -20,11 +18,9 @@ import pandas as pd
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.metrics import WARMUP_STEPS, final_attempt, read_log, samples_mean, summarize
+from orchestrator.metrics import (DEFINITIONS, declared_warmup, final_attempt, quality, quality_curve, read_log,
+                                  summarize)
 from orchestrator.storage import RunFolder
-
-# event kinds drawn on the failure timeline (prefix match)
-TIMELINE_KINDS = ("failure", "restart", "recovered", "straggler", "evict", "inject", "decision", "resume")
 
 
 @dataclass
@@ -35,6 +31,9 @@ class Run:
     metrics: pd.DataFrame  # final attempt only
     events: pd.DataFrame
     timeline: pd.DataFrame | None
+    warmup_steps: int = 0  # the strategy's declared warm-up (metrics.declared_warmup)
+    repeat: int = 0  # which pass of a compare --repeat matrix (0-based)
+    setting: str = ""  # the --tune grid point it ran at ("" untuned)
 
 
 @dataclass
@@ -48,10 +47,24 @@ class Failure:
 
 
 @dataclass
+class Tuned:
+    """One grid point of one strategy's tuning (compare --tune): its short run."""
+
+    label: str  # the strategy before tuning
+    setting: str  # the grid point, e.g. optim.lr=1e-3,strategy.lr=3e-3
+    run: Run | None  # None: it failed
+    error: str = ""
+    wall_s: float = 0.0
+    chosen: bool = False
+
+
+@dataclass
 class Report:
     runs: list[Run]
     failures: list[Failure] = field(default_factory=list)
-    target_loss: float | None = None  # None: per scenario, the worst final loss (every run reaches it)
+    target_loss: float | None = None  # None: per scenario, the worst final quality (every run reaches it)
+    tuning: list[Tuned] = field(default_factory=list)
+    tuning_note: str = ""  # how the grid ran (budget, scenario)
 
     @property
     def scenarios(self) -> list[str]:
@@ -67,7 +80,7 @@ def strategy_label(strategy) -> str:
     return strategy["name"] + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
 
 
-def load_run(url: str) -> Run:
+def load_run(url: str, *, repeat: int = 0, setting: str = "") -> Run:
     """One run folder; a ConfigError (one line) when it has no metrics."""
     folder = RunFolder.from_url(url)
     try:
@@ -88,80 +101,167 @@ def load_run(url: str) -> Run:
         events = pd.DataFrame(columns=["wall_time", "kind", "rank", "step", "seconds", "detail"])
     timeline = read_log(folder, "timeline")
     label = strategy_label(spec["strategy"]) if "strategy" in spec else str(metrics.strategy.iloc[0])
+    warmup = declared_warmup(spec["strategy"]) if "strategy" in spec else 0
     return Run(url=folder.url, label=label, scenario=str(metrics.scenario.iloc[0]), metrics=metrics,
-               events=events, timeline=timeline)
+               events=events, timeline=timeline, warmup_steps=warmup, repeat=repeat, setting=setting)
 
 
-def expand_urls(urls: list[str]) -> tuple[list[str], list[Failure]]:
+@dataclass
+class Sources:
+    """What the report is made of: run folders (with their repeat and tuned setting),
+    failed combinations, and a compare's tuning records (matrix.yaml)."""
+
+    runs: list[tuple[str, int, str]] = field(default_factory=list)  # (url, repeat, setting)
+    failures: list[Failure] = field(default_factory=list)
+    tuning: list[dict] = field(default_factory=list)
+    tuning_note: str = ""
+
+
+def expand_urls(urls: list[str]) -> Sources:
     """Run folder URLs; a compare output folder (holding matrix.yaml) stands for
-    its successful runs, and its failed combinations come back as Failures."""
-    out, failures = [], []
+    its successful runs, its failed combinations (as Failures) and its tuning."""
+    src = Sources()
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
         matrix = f"{path.rstrip('/')}/matrix.yaml"
         if not fs.exists(matrix):
-            out.append(url)
+            src.runs.append((url, 0, ""))
             continue
         with fs.open(matrix, "rb") as f:
-            for c in yaml.safe_load(f.read())["combinations"]:
-                if c["status"] == "ok":
-                    out.append(c["url"])
-                else:
-                    failures.append(Failure(label=c["label"], scenario=c["scenario"], error=c["error"], url=c["url"]))
-    return out, failures
+            doc = yaml.safe_load(f.read())
+        for c in doc["combinations"]:
+            if c["status"] == "ok":
+                src.runs.append((c["url"], c.get("repeat", 0), c.get("setting", "")))
+            else:
+                src.failures.append(Failure(label=c["label"], scenario=c["scenario"], error=c["error"], url=c["url"]))
+        src.tuning += doc.get("tuning") or []
+        src.tuning_note = doc.get("tuning_note") or src.tuning_note
+    return src
+
+
+def build_report(src: Sources, *, target_loss: float | None = None) -> Report:
+    runs = [load_run(u, repeat=rep, setting=setting) for u, rep, setting in src.runs]
+    seen: dict[tuple, int] = {}
+    for r in runs:  # folders of one strategy and scenario given apart (no matrix.yaml) are its repeats
+        key = (r.label, r.scenario, r.setting)
+        r.repeat = max(r.repeat, seen.get(key, 0))
+        seen[key] = r.repeat + 1
+    tuning = [Tuned(label=t["label"], setting=t["setting"], error=t.get("error", ""), wall_s=t.get("wall_s", 0.0),
+                    chosen=t.get("chosen", False), run=load_run(t["url"]) if t["status"] == "ok" else None)
+              for t in src.tuning]
+    return Report(runs=runs, failures=src.failures, target_loss=target_loss, tuning=tuning,
+                  tuning_note=src.tuning_note)
 
 
 # -- numbers ---------------------------------------------------------------
 
-def run_start(m: pd.DataFrame) -> float:
-    """Unix time the run's first step began (its earliest rank)."""
-    first = m[m.step == m.step.min()]
-    return float((first.wall_time - first.step_time_s).min())
+# figures whose spread over repeats is shown (medians of the repeats, min-max beside)
+SPREAD = ("time_to_target_s", "tokens_per_s", "step_s", "compute_s", "comm_s", "idle_s", "train_s", "load_avg")
+QUALITY_NAME = {"val_loss": "held-out loss", "loss": "training loss"}
 
 
-def loss_curve(m: pd.DataFrame) -> pd.DataFrame:
-    """Per step: loss (samples-weighted over reporting ranks) and seconds since the run began."""
-    t0 = run_start(m)
-    rows = [{"step": int(s), "loss": samples_mean(g.loss, g.samples), "time_s": float(g.wall_time.max()) - t0}
-            for s, g in m.groupby("step")]
-    return pd.DataFrame(rows)
+def display_label(run: Run) -> str:
+    """The strategy with the tuned setting it ran at, less what its label already shows (strategy.*)."""
+    shown = [kv for kv in run.setting.split(",") if kv and not kv.startswith("strategy.")]
+    return run.label + (f" [{','.join(shown)}]" if shown else "")
 
 
-def summary_row(run: Run, target: float) -> dict:
-    """``summarize``'s figures under the report's column names, plus the time to the target loss."""
-    m = run.metrics
-    s = summarize(m)
-    curve = loss_curve(m)
-    reached = curve[curve.loss <= target]
-    return {
-        "strategy": run.label, "scenario": run.scenario, "run_id": str(s["run_id"]),
-        "workers": s["workers"], "steps": s["steps"],
-        "time_to_target_s": float(reached.time_s.iloc[0]) if len(reached) else math.nan,
-        "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "step_s": s["median_step_s"],
-        "compute_s": s["compute_s_per_step"], "comm_s": s["comm_s_per_step"], "idle_s": s["idle_s_per_step"],
-        "bytes_per_step": s["bytes_sent_per_step"],  # per rank
-        "peak_mem_bytes": s["peak_mem_bytes"], "final_loss": s["final_loss"],
-    }
-
-
-def scenario_table(report: Report, scenario: str) -> pd.DataFrame:
-    """The ranking for one scenario: fastest to the target loss first, then by throughput."""
+def run_rows(report: Report, scenario: str) -> pd.DataFrame:
+    """One row per run of the scenario: its summary figures and time to the target.
+    Quality is the held-out loss when every run evaluated, else the training loss
+    (``attrs['by']``; ``attrs['unevaluated']``: the runs without held-out loss)."""
     runs = [r for r in report.runs if r.scenario == scenario]
     if not runs:
         return pd.DataFrame()
-    target = report.target_loss
-    if target is None:
-        target = max(loss_curve(r.metrics).loss.iloc[-1] for r in runs)
-    df = pd.DataFrame([summary_row(r, target) for r in runs])
-    df["target_loss"] = target
-    df = df.sort_values(["time_to_target_s", "tokens_per_s"], ascending=[True, False], na_position="last")
+    sums = [summarize(r.metrics, warmup_steps=r.warmup_steps) for r in runs]
+    unevaluated = list(dict.fromkeys(display_label(r) for r, s in zip(runs, sums) if quality(s)[0] != "val_loss"))
+    by = "loss" if unevaluated else "val_loss"
+    finals = [s["final_val_loss"] if by == "val_loss" else s["final_loss"] for s in sums]
+    target = max(finals) if report.target_loss is None else report.target_loss
+    rows = []
+    for r, s in zip(runs, sums):
+        curve = quality_curve(r.metrics)
+        reached = curve[curve[by] <= target]
+        rows.append({
+            "strategy": display_label(r), "scenario": r.scenario, "run_id": str(s["run_id"]), "url": r.url,
+            "repeat": r.repeat, "setting": r.setting, "workers": s["workers"], "steps": s["steps"],
+            "warmup_steps": s["warmup_steps"], "steady_steps": s["steady_steps"],
+            "time_to_target_s": float(reached.time_s.iloc[0]) if len(reached) else math.nan,
+            "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "step_s": s["median_step_s"],
+            "compute_s": s["compute_s_per_step"], "comm_s": s["comm_s_per_step"], "idle_s": s["idle_s_per_step"],
+            "bytes_per_step": s["bytes_sent_per_step"],  # per rank, steady
+            "bytes_run": s["bytes_sent_run_per_rank"],  # per rank, whole run
+            "peak_mem_bytes": s["peak_mem_bytes"], "final_loss": s["final_loss"],
+            "final_val_loss": s["final_val_loss"], "final_val_spread": s["final_val_spread"],
+            "train_s": s["train_s"], "eval_s": s["eval_s"],
+            "load_avg": s["load_avg"], "load_avg_max": s["load_avg_max"],
+        })
+    df = pd.DataFrame(rows)
+    df.attrs.update(by=by, target=target, unevaluated=unevaluated)
+    return df
+
+
+def scenario_table(report: Report, scenario: str) -> pd.DataFrame:
+    """The ranking for one scenario, one row per strategy: the median of its repeats
+    (``<figure>_lo``/``_hi``: their min and max), fastest to the target first, then
+    by throughput; ``noise`` compares each row's time to target with the row above."""
+    runs = run_rows(report, scenario)
+    if runs.empty:
+        return runs
+    rows = []
+    for label, g in runs.groupby("strategy", sort=False):
+        row = {"strategy": label, "repeats": len(g)}
+        for key in g.columns.drop(["strategy", "scenario", "run_id", "url", "repeat", "setting"]):
+            row[key] = float(g[key].median(skipna=False))  # a repeat that never reached the target: not reached
+        row.update({f"{k}_{end}": float(getattr(g[k], fn)(skipna=False)) for k in SPREAD
+                    for end, fn in (("lo", "min"), ("hi", "max"))})
+        # the parts of the median step are those of the median run(s), so they still add up to it
+        middle = g.sort_values("step_s").iloc[[(len(g) - 1) // 2, len(g) // 2]]
+        row.update({k: float(middle[k].mean()) for k in ("step_s", "compute_s", "idle_s", "comm_s")})
+        rows.append(row)
+    df = pd.DataFrame(rows).sort_values(["time_to_target_s", "tokens_per_s"], ascending=[True, False],
+                                        na_position="last").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
-    return df.reset_index(drop=True)
+    df["target_loss"] = runs.attrs["target"]
+    df["noise"] = [noise(df, i) for i in range(len(df))]
+    df.attrs.update(runs.attrs)
+    return df
+
+
+def noise(df: pd.DataFrame, i: int) -> str:
+    """Row i's time to target against the row above: within noise when their ranges
+    over the repeats overlap; unchecked with one run each."""
+    if i == 0 or math.isnan(df.time_to_target_s[i]):
+        return ""
+    if min(df.repeats[i], df.repeats[i - 1]) < 2:
+        return "unchecked"
+    return "within noise" if df.time_to_target_s_lo[i] <= df.time_to_target_s_hi[i - 1] else "beyond noise"
+
+
+def verdict(df: pd.DataFrame) -> str:
+    """The scenario's answer in one line: the best strategy by time to the target,
+    its margin over the next and whether the margin exceeds the noise."""
+    what = QUALITY_NAME[df.attrs["by"]]
+    reached = df[df.time_to_target_s.notna()].reset_index(drop=True)
+    if reached.empty:
+        return f"no strategy reached the target {what} {df.target_loss.iloc[0]:.4f}"
+    best = reached.iloc[0]
+    first = f"**{best.strategy}** reaches the target {what} first ({best.time_to_target_s:,.3f} s)"
+    if len(reached) == 1:
+        return first + ("; no other strategy reached it" if len(df) > 1 else " (the only strategy)")
+    nxt = reached.iloc[1]
+    margin = nxt.time_to_target_s / best.time_to_target_s - 1
+    how = {"unchecked": "unchecked for noise (one run each; --repeat 3 checks it)",
+           "within noise": f"within noise (their ranges over {int(min(best.repeats, nxt.repeats))} repeats overlap: "
+                           f"not a result)",
+           "beyond noise": f"beyond the noise (their ranges over {int(min(best.repeats, nxt.repeats))} repeats do "
+                           f"not overlap)"}[noise(reached, 1)]
+    return f"{first}, {margin:.0%} ahead of **{nxt.strategy}** ({nxt.time_to_target_s:,.3f} s); the margin is {how}"
 
 
 # -- formatting (the Markdown and HTML tables show the same strings) --------
 
-COLUMNS = [  # (key, header, formatter)
+COLUMNS = [  # (key, header, formatter of one value); SPREAD keys show (min-max) beside with repeats
     ("rank", "#", str),
     ("strategy", "strategy", str),
     ("time_to_target_s", "time to target (s)", lambda v: fmt_num(v, 3)),
@@ -170,9 +270,13 @@ COLUMNS = [  # (key, header, formatter)
     ("compute_s", "compute (s)", lambda v: fmt_num(v, 4)),
     ("comm_s", "comm (s)", lambda v: fmt_num(v, 4)),
     ("idle_s", "idle (s)", lambda v: fmt_num(v, 4)),
-    ("bytes_per_step", "bytes/step/rank", lambda v: fmt_bytes(v)),
+    ("bytes_per_step", "bytes/step/rank (steady)", lambda v: fmt_bytes(v)),
     ("peak_mem_bytes", "peak mem/rank", lambda v: fmt_bytes(v)),
-    ("final_loss", "final loss", lambda v: fmt_num(v, 4)),
+    ("final_loss", "final train loss", lambda v: fmt_num(v, 4)),
+    ("final_val_loss", "final held-out loss", lambda v: fmt_num(v, 4)),
+    ("bytes_run", "bytes/rank (whole run)", lambda v: fmt_bytes(v)),
+    ("load_avg", "load (1-min avg)", lambda v: fmt_num(v, 2)),
+    ("noise", "vs the row above", str),
 ]
 
 
@@ -189,208 +293,90 @@ def fmt_bytes(v: float) -> str:
     return f"{v:.0f} B"
 
 
+def _cell(row, key: str, fmt) -> str:
+    text = fmt(row[key])
+    if key in SPREAD and row["repeats"] > 1 and text != "-":
+        text += f" ({fmt(row[key + '_lo'])}–{fmt(row[key + '_hi'])})"
+    return text
+
+
 def table_cells(df: pd.DataFrame) -> list[list[str]]:
-    return [[f(row[k]) for k, _, f in COLUMNS] for _, row in df.iterrows()]
+    return [[_cell(row, k, f) for k, _, f in COLUMNS] for _, row in df.iterrows()]
+
+
+def scenario_notes(df: pd.DataFrame) -> list[str]:
+    """The lines above a scenario's table: the verdict, what quality is, the repeats, the warm-ups."""
+    by, repeats = df.attrs["by"], int(df.repeats.max())
+    target = f"Target loss {df.target_loss.iloc[0]:.4f} ({QUALITY_NAME[by]}"
+    if by == "loss":
+        target += f"; ranked by training loss: no held-out evaluation in {', '.join(df.attrs['unevaluated'])})"
+    else:
+        target += ")"
+    spread = (f"{repeats} repeats per strategy, run round-robin; every time figure is the median of the repeats "
+              f"with their min–max in brackets (the step's parts: the median run's)" if repeats > 1 else
+              "One run per strategy: rankings are unchecked for noise (--repeat N checks them)")
+    warm = ", ".join(f"{r.strategy} {int(r.warmup_steps)}" for _, r in df.iterrows())
+    notes = [f"Verdict: {verdict(df)}.", f"{target}. {spread}. Warm-up steps left out of steady figures: {warm}."]
+    replicas = df[df.final_val_spread.notna()]
+    if len(replicas):  # gossip: the held-out loss is the replicas' average model's; how far apart they ended
+        notes.append("Replicas differ: the held-out loss is that of their average; their own final held-out losses "
+                     "span " + ", ".join(f"{r.strategy} {r.final_val_spread:.4f}" for _, r in replicas.iterrows())
+                     + " (max − min).")
+    return notes
+
+
+def tuning_rows(report: Report) -> list[list[str]]:
+    """Every grid point's short run: strategy, setting, final held-out and training loss, seconds, chosen."""
+    out = []
+    for t in sorted(report.tuning, key=lambda t: t.label):  # grouped by strategy, in the order they ran
+        s = summarize(t.run.metrics, warmup_steps=t.run.warmup_steps) if t.run else None
+        out.append([t.label, t.setting, fmt_num(s["final_val_loss"], 4) if s else "-",
+                    fmt_num(s["final_loss"], 4) if s else "-", fmt_num(t.wall_s, 1),
+                    "chosen" if t.chosen else ("failed: " + t.error if t.run is None else "")])
+    return out
+
+
+TUNING_HEADER = ["strategy", "setting", "final held-out loss", "final train loss", "run (s)", "result"]
+RUNS_HEADER = ["strategy", "scenario", "repeat", "training (s)", "evaluation (s)", "load median (max)", "run folder"]
+
+
+def tuning_cost(report: Report) -> str:
+    return f"{len(report.tuning)} runs, {sum(t.wall_s for t in report.tuning):,.1f} s"
+
+
+def runs_rows(report: Report) -> list[list[str]]:
+    """Every run with the machine's load over it (os.getloadavg()[0] sampled after each step)."""
+    out = []
+    for sc in report.scenarios:
+        df = run_rows(report, sc)
+        for _, r in (df.iterrows() if len(df) else []):
+            out.append([r.strategy, sc, str(int(r["repeat"]) + 1), fmt_num(r.train_s, 1), fmt_num(r.eval_s, 1),
+                        "-" if math.isnan(r.load_avg) else f"{r.load_avg:.2f} ({r.load_avg_max:.2f})", r.url])
+    return out
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(cells) + " |" for cells in rows] + [""])
 
 
 def render_markdown(report: Report) -> str:
-    lines = ["# polytrain comparison report", ""]
+    lines = ["# polytrain comparison report", "", f"Definitions: {DEFINITIONS}.", ""]
+    if report.tuning:
+        lines += ["## Tuning", "", f"{report.tuning_note} Cost: {tuning_cost(report)}.", ""]
+        lines += _md_table(TUNING_HEADER, tuning_rows(report))
     for sc in report.scenarios:
         df = scenario_table(report, sc)
         lines += [f"## Scenario `{sc}`", ""]
         if len(df):
-            lines += [f"Target loss {df.target_loss.iloc[0]:.4f}; step times are per-step means after "
-                      f"{WARMUP_STEPS} warm-up steps; bytes are sent per rank per step.", ""]
-            lines.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-            lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
-            lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(df)]
-            lines.append("")
+            lines += [ln for note in scenario_notes(df) for ln in (note, "")]
+            lines += _md_table([h for _, h, _ in COLUMNS], table_cells(df))
         for f in report.failures:
             if f.scenario == sc:
                 lines.append(f"- **{f.label} failed**: {f.error}" + (f" ({f.url})" if f.url else ""))
         lines.append("")
-    lines += ["## Runs", ""] + [f"- `{r.label}` x `{r.scenario}`: {r.url}" for r in report.runs]
-    return "\n".join(lines) + "\n"
-
-
-# -- plots -------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _legend_outside(ax) -> None:
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-
-
-LINESTYLES = ["-", "--", ":", "-."]
-
-
-def plot_loss(runs: list[Run], x: str, title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    for i, r in enumerate(runs):  # equal curves (ddp vs fsdp) stay distinguishable by line style
-        c = loss_curve(r.metrics)
-        ax.plot(c[x], c.loss, linestyle=LINESTYLES[i % len(LINESTYLES)], marker="os^vD*"[i % 6] if len(c) < 30
-                else None, markersize=4, label=r.label, alpha=0.85)
-    ax.set_xlabel("step" if x == "step" else "wall time since the run began (s)")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
-    return _png(fig)
-
-
-def _barh(df: pd.DataFrame, key: str, xlabel: str, title: str, fmt, log: bool = False) -> str:
-    """One horizontal bar per run, its value written at the bar's end."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.45 * len(df)))
-    vals = list(df[key])
-    bars = ax.barh(list(df.strategy), vals, color="#4C78A8")
-    ax.bar_label(bars, labels=[fmt(v) for v in vals], padding=3, fontsize=8)
-    if log:  # bars start at a decade below the smallest value, so short bars stay visible
-        ax.set_xscale("log")
-        ax.set_xlim(10 ** math.floor(math.log10(max(min(vals), 1)) - 1), max(vals) * 8)
-    else:
-        ax.set_xlim(0, max(vals) * 1.2 if max(vals) > 0 else 1)
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
-
-
-def plot_breakdown(df: pd.DataFrame, title: str) -> str:
-    """compute + idle = step time (stacked); comm overlaps compute, so it is its own thin bar."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.6 * len(df)))
-    y = range(len(df))
-    ax.barh([i - 0.17 for i in y], df.compute_s, height=0.34, color="#4C78A8", label="compute (s)")
-    ax.barh([i - 0.17 for i in y], df.idle_s, left=df.compute_s, height=0.34, color="#E45756",
-            label="idle: waiting for comm/data (s)")
-    ax.barh([i + 0.17 for i in y], df.comm_s, height=0.34, color="#F58518", hatch="//",
-            label="comm in flight (overlaps compute) (s)")
-    ax.set_yticks(list(y), df.strategy)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds per step (mean per rank)")
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.grid(axis="x", alpha=0.3)
-    _legend_outside(ax)
-    return _png(fig)
-
-
-def plot_memory(runs: list[Run], title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
-    width = 0.8 / max(1, len(runs))
-    for i, r in enumerate(runs):
-        per_rank = r.metrics.groupby("rank").peak_mem_bytes.max()
-        ax.bar([k + i * width - 0.4 + width / 2 for k in per_rank.index], per_rank.values / 2**20, width=width,
-               label=r.label)
-    ranks = sorted({int(k) for r in runs for k in r.metrics["rank"].unique()})
-    ax.set_xticks(ranks, [f"rank {k}" for k in ranks])
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.grid(axis="y", alpha=0.3)
-    _legend_outside(ax)
-    return _png(fig)
-
-
-def plot_gantt(run: Run) -> str:
-    """The last step's pipeline actions (timeline.parquet), one lane per rank."""
-    title = f"{run.label} x {run.scenario}: measured pipeline step (seconds from its first action)"
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "gantt.png")
-        try:
-            from strategies.pipeline.gantt import draw_timeline
-        except ImportError:
-            draw_timeline = None
-        if draw_timeline is not None:
-            draw_timeline(run.timeline, path, title=title)
-            with open(path, "rb") as f:
-                return base64.b64encode(f.read()).decode()
-    plt = _plt()  # no pipeline package: plain bars
-    tl = run.timeline[run.timeline.step == run.timeline.step.max()]
-    t0 = tl.start.min()
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.5 * tl["rank"].nunique()))
-    ax.barh(tl["rank"], tl.end - tl.start, left=tl.start - t0, edgecolor="black")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("rank")
-    ax.set_title(title, fontsize=10, loc="left")
-    return _png(fig)
-
-
-def timeline_events(run: Run) -> pd.DataFrame:
-    ev = run.events
-    if ev is None or ev.empty:
-        return ev
-    return ev[ev.kind.astype(str).str.startswith(TIMELINE_KINDS)]
-
-
-def plot_events(runs: list[Run]) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.5 * len(runs)))
-    markers = {"failure": ("X", "#D62728"), "restart": ("^", "#1F77B4"), "recovered": ("o", "#2CA02C"),
-               "straggler": ("s", "#FF7F0E"), "evict": ("v", "#9467BD"), "inject": ("*", "#8C564B"),
-               "decision": ("D", "#7F7F7F"), "resume": ("P", "#17BECF")}
-    seen = set()
-    for y, r in enumerate(runs):
-        ev = timeline_events(r)
-        t0 = run_start(r.metrics)
-        for _, e in ev.iterrows():
-            kind = str(e.kind).split(":")[0]
-            m, c = markers[kind]
-            ax.scatter(e.wall_time - t0, y, marker=m, color=c, s=60, label=None if kind in seen else kind, zorder=3)
-            seen.add(kind)
-    ax.set_yticks(range(len(runs)), [f"{r.label} x {r.scenario}" for r in runs])
-    ax.set_ylim(-0.6, len(runs) - 0.4)
-    ax.invert_yaxis()
-    ax.set_xlabel("wall time since the run began (s)")
-    ax.set_title("failures, restarts and stragglers", fontsize=10, loc="left")
-    ax.grid(axis="x", alpha=0.3)
-    _legend_outside(ax)
-    return _png(fig)
-
-
-def make_plots(report: Report) -> dict[str, list[tuple[str, str]]]:
-    """Section name -> [(caption, base64 PNG)]."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for sc in report.scenarios:
-        runs = [r for r in report.runs if r.scenario == sc]
-        if not runs:
-            continue
-        df = scenario_table(report, sc)
-        out[sc] = [
-            ("loss vs step", plot_loss(runs, "step", f"{sc}: training loss vs step")),
-            ("loss vs wall time", plot_loss(runs, "time_s", f"{sc}: training loss vs wall time")),
-            ("throughput", _barh(df, "tokens_per_s", "throughput (tokens/s, steady state)", f"{sc}: throughput",
-                                 lambda v: fmt_num(v, 0))),
-            ("step-time breakdown", plot_breakdown(df, f"{sc}: where a step's time goes")),
-            ("bytes per step", _barh(df.assign(b=df.bytes_per_step.clip(lower=1)), "b",
-                                     "bytes sent per rank per step (log scale; 0 shown as 1 B)",
-                                     f"{sc}: communication volume", fmt_bytes, log=True)),
-            ("peak memory per rank", plot_memory(runs, f"{sc}: peak memory per rank")),
-        ]
-    gantts = [(f"{r.label} x {r.scenario}", plot_gantt(r)) for r in report.runs
-              if r.timeline is not None and len(r.timeline)]
-    if gantts:
-        out["pipeline Gantt charts"] = gantts
-    eventful = [r for r in report.runs if r.events is not None and len(timeline_events(r))]
-    if eventful:
-        out["failures, restarts and stragglers"] = [("event timeline", plot_events(eventful))]
-    return out
+    lines += ["## Runs", ""] + _md_table(RUNS_HEADER, runs_rows(report))
+    return "\n".join(lines)
 
 
 # -- HTML --------------------------------------------------------------------
@@ -401,19 +387,33 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
         "th{background:#f3f3f3}.fail{color:#b00}figure{margin:1em 0}figcaption{font-size:12px;color:#555}")
 
 
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in rows)
+    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+
+
+def _html_text(line: str) -> str:
+    """A Markdown note line as HTML (only **bold** is used)."""
+    parts = html.escape(line).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def render_html(report: Report, plots: dict[str, list[tuple[str, str]]]) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>polytrain comparison</title>"
-             f"<style>{_CSS}</style></head><body><h1>polytrain comparison report</h1>"]
+             f"<style>{_CSS}</style></head><body><h1>polytrain comparison report</h1>",
+             f"<p class='defs'>Definitions: {e(DEFINITIONS)}.</p>"]
+    if report.tuning:
+        parts += [f"<h2>Tuning</h2><p>{e(report.tuning_note)} Cost: {e(tuning_cost(report))}.</p>",
+                  _html_table(TUNING_HEADER, tuning_rows(report), "tuning")]
     for sc in report.scenarios:
         parts.append(f"<h2>Scenario <code>{e(sc)}</code></h2>")
         df = scenario_table(report, sc)
         if len(df):
-            parts.append(f"<p>Target loss {df.target_loss.iloc[0]:.4f}; step times are per-step means after "
-                         f"{WARMUP_STEPS} warm-up steps; bytes are sent per rank per step.</p>")
-            head = "".join(f"<th>{e(h)}</th>" for _, h, _ in COLUMNS)
-            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in table_cells(df))
-            parts.append(f"<table class='ranking'><tr>{head}</tr>{body}</table>")
+            parts += [f"<p>{_html_text(note)}</p>" for note in scenario_notes(df)]
+            parts.append(_html_table([h for _, h, _ in COLUMNS], table_cells(df), "ranking"))
         for f in report.failures:
             if f.scenario == sc:
                 parts.append(f"<p class='fail'><b>{e(f.label)} failed</b>: {e(f.error)}</p>")
@@ -422,8 +422,7 @@ def render_html(report: Report, plots: dict[str, list[tuple[str, str]]]) -> str:
         if section in plots:
             parts.append(f"<h2>{e(section)}</h2>")
             parts += _figures(plots[section])
-    parts.append("<h2>Runs</h2><ul>" + "".join(f"<li><code>{e(r.label)}</code> x <code>{e(r.scenario)}</code>: "
-                                               f"{e(r.url)}</li>" for r in report.runs) + "</ul></body></html>")
+    parts += ["<h2>Runs</h2>", _html_table(RUNS_HEADER, runs_rows(report), "runs"), "</body></html>"]
     return "\n".join(parts)
 
 
@@ -434,6 +433,8 @@ def _figures(items: list[tuple[str, str]]) -> list[str]:
 
 def write_report(report: Report, out: str) -> tuple[str, str]:
     """Write report.html and report.md under ``out`` (a path or fsspec URL); returns both URLs."""
+    from orchestrator.plots import make_plots  # it draws from this module's tables
+
     if not report.runs and not report.failures:
         raise ConfigError("report: no runs to report")
     plots = make_plots(report)
@@ -447,9 +448,7 @@ def write_report(report: Report, out: str) -> tuple[str, str]:
 
 
 def report_from_urls(urls: list[str], out: str, *, target_loss: float | None = None) -> tuple[str, str]:
-    """`polytrain report RUN_DIR... --out DIR`."""
+    """`polytrain report RUN_DIR... --out DIR` (and the report a compare writes)."""
     if not urls:
         raise ConfigError("report: give at least one run folder")
-    found, failures = expand_urls(urls)
-    runs = [load_run(u) for u in found]
-    return write_report(Report(runs=runs, failures=failures, target_loss=target_loss), out)
+    return write_report(build_report(expand_urls(urls), target_loss=target_loss), out)

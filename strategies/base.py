@@ -109,6 +109,13 @@ class Strategy(ABC):
         count once; ``data_shard`` must agree."""
         return workers
 
+    @classmethod
+    def declared_warmup(cls, options: BaseModel) -> int:
+        """Steps at the start of a run that this strategy runs differently from its
+        steady state (e.g. PowerSGD's uncompressed steps): reports leave them out of
+        steady-state figures. Default: none."""
+        return 0
+
     @abstractmethod
     def setup(self, workload: Workload, ctx: StrategyContext) -> None: ...
 

@@ -85,6 +85,10 @@ class MeshStrategy(Parallel):
     Options = MeshOptions
 
     @classmethod
+    def declared_warmup(cls, options: BaseModel) -> int:
+        return options.warmup_steps if options.outer == "powersgd" else 0  # the outer sync's uncompressed steps
+
+    @classmethod
     def plan(cls, options: BaseModel, workers: int) -> Plan:
         o = options
         u = o.ulysses

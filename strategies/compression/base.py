@@ -25,7 +25,7 @@ from typing import ClassVar, Iterable, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -144,6 +144,10 @@ class Compressed(DDP):
     # The compressor a strategy runs; the default ``make_compressor`` passes it the
     # strategy's own options (those beyond ``CompressionOptions``) by name.
     compressor: ClassVar[type[Compressor]]
+
+    @classmethod
+    def declared_warmup(cls, options: BaseModel) -> int:
+        return options.warmup_steps  # all-reduced uncompressed, as ddp
 
     def make_compressor(self, wire: Wire, shapes: dict[str, torch.Size], seed: int) -> Compressor:
         own = self.options.model_dump(exclude=set(CompressionOptions.model_fields))

@@ -84,3 +84,31 @@ def test_compare_two_strategies_two_scenarios(ray_address, tmp_path, capsys, mon
     # the same report rendered again from the run folders (`polytrain report`)
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compare_tuned_and_repeated(ray_address, tmp_path, capsys):
+    """--tune on a one-step budget, then the matrix twice round-robin: the report shows
+    the grid, the chosen point, medians of the two repeats and their spread."""
+    import statistics
+
+    out = tmp_path / "tuned"
+    rc = main(["compare", "--workload", "gpt-tiny", "--strategies", "ddp", "--workers", "1", "--steps", "4",
+               "--tune", "optim.lr=1e-3,3e-2", "--tune-steps", "1", "--repeat", "2", *TINY, "--out", str(out),
+               "--address", ray_address, "--quiet"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    doc = yaml.safe_load((out / "matrix.yaml").read_text())
+    assert [t["status"] for t in doc["tuning"]] == ["ok", "ok"] and sum(t["chosen"] for t in doc["tuning"]) == 1
+    chosen = next(t["setting"] for t in doc["tuning"] if t["chosen"])
+    assert [(c["repeat"], c["setting"], c["status"]) for c in doc["combinations"]] == [(0, chosen, "ok"),
+                                                                                       (1, chosen, "ok")]
+    md = (out / "report.md").read_text()
+    assert "## Tuning" in md and "Cost: 2 runs" in md and "| chosen |" in md
+    assert "2 repeats per strategy, run round-robin" in md and "Verdict: **ddp" in md
+    # the step figure: the median over the repeats of each run's median slowest-rank step after the 3 warm-up steps
+    frames = [pd.read_parquet(os.path.join(c["url"], "metrics.parquet")) for c in doc["combinations"]]
+    per_run = [m[m.step > 3].groupby("step").step_time_s.max().median() for m in frames]
+    cells = _md_rows(md, "local")[f"ddp [{chosen}]"]
+    lo, hi = min(per_run), max(per_run)
+    assert cells[4] == f"{statistics.median(per_run):,.4f} ({lo:,.4f}–{hi:,.4f})"
