@@ -17,12 +17,11 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from strategies.projection import Prediction, Profile, Skip, Target, job_for, predict
-from workloads import Workload
+if TYPE_CHECKING:  # the parser is built on every `polytrain` call: torch is imported only to project
+    from strategies.projection import Prediction, Profile, Target
+    from workloads import Workload
 
 SWEEP = tuple(2 ** i for i in range(11))  # the picture's N: 1 .. 1024
 COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "predicted_compute_s", "predicted_comm_s",
@@ -33,6 +32,8 @@ COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "pre
 @contextmanager
 def _one_thread():
     """A worker alone on one core: what the projection's speed factor is relative to."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -43,9 +44,12 @@ def _one_thread():
 
 def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
     """Measure ``workload`` on this rank (seconds and steps of the run are in the result)."""
+    import numpy as np
+    import torch
     from torch import nn
 
     from strategies.pipeline.stages import boundary_shapes, measure_blocks
+    from strategies.projection import Profile
 
     t0 = time.perf_counter()
     with _one_thread(), torch.random.fork_rng():
@@ -82,6 +86,8 @@ def _best_of(fn, repeats: int = 3) -> float:
 def _outer_seconds(model, seed: int) -> dict[str, float]:
     """One step's own compute of AdamW, DeMo and PowerSGD on the whole model, one rank
     (their collectives at world 1 cost nothing)."""
+    import torch
+
     from cluster import Comm
     from strategies.base import OptimConfig
     from strategies.compression.base import Wire
@@ -118,6 +124,8 @@ def parse_strategies(text: str) -> list[tuple[str, dict]]:
 def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], workers: list[int],
             target: Target, *, microbatches: int = 4) -> tuple[list[Prediction], list[str]]:
     """Every (strategy, N) row the layout rules allow, and a note for each that they do not."""
+    from strategies.projection import Skip, job_for, predict
+
     rows, notes = [], []
     for name, options in strategies:
         for n in workers:
@@ -128,3 +136,253 @@ def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]
                 continue
             rows.append(predict(prof, job, target))
     return rows, notes
+
+
+# -- measured loss curves ----------------------------------------------------------------------
+def loss_curve(metrics) -> list[tuple[int, float]]:
+    """(step, loss) of one run: the held-out loss where it was evaluated, else the
+    training loss (samples-weighted over ranks)."""
+    from orchestrator.metrics import samples_mean
+
+    if "val_loss" in metrics and metrics.val_loss.notna().any():
+        held = metrics[metrics.val_loss.notna()].groupby("step").val_loss.mean()
+        return [(int(s), float(v)) for s, v in held.items()]
+    return [(int(s), samples_mean(g.loss, g.samples)) for s, g in metrics.groupby("step")]
+
+
+def curves_from(urls: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each strategy's measured curve from run folders or comparison folders (its first run's)."""
+    from orchestrator.report import expand_urls, load_run
+
+    found, _ = expand_urls(urls)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for url in found:
+        run = load_run(url)
+        curves.setdefault(str(run.metrics.strategy.iloc[0]), loss_curve(run.metrics))
+    return curves
+
+
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((s for s, v in curve if v <= target), None)
+
+
+def default_target(curves: dict[str, list[tuple[int, float]]]) -> float:
+    """The loss every measured run reaches: the highest of their best losses."""
+    return max(min(v for _, v in c if math.isfinite(v)) for c in curves.values())
+
+
+def table(rows: list[Prediction], curves: dict[str, list[tuple[int, float]]] | None = None,
+          target_loss: float | None = None):
+    """projection.parquet's rows; time to the target where the strategy has a curve
+    (quality per step is the measured one: the cluster changes only time)."""
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        d = {k: v for k, v in asdict(r).items() if k not in ("compute_s", "comm_s", "bubble_s")}
+        d.update(predicted_step_s=r.step_s, predicted_compute_s=r.compute_s, predicted_comm_s=r.comm_s,
+                 predicted_bubble_s=r.bubble_s, steps_to_target=math.nan, time_to_target_s=math.nan)
+        if curves and r.strategy in curves and target_loss is not None:
+            steps = steps_to_target(curves[r.strategy], target_loss)
+            if steps is not None:
+                d.update(steps_to_target=steps, time_to_target_s=steps * r.step_s)
+        out.append(d)
+    return pd.DataFrame(out, columns=list(COLUMNS))
+
+
+def render(df, notes: list[str], prof: Profile, target: Target, target_loss: float | None) -> str:
+    """The printed answer: the profiling cost, one line per row, the notes."""
+    lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} measured passes of "
+             f"{len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
+             f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
+             f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
+             f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}"]
+    for r in df.itertuples():
+        ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
+        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} "
+                     f"{r.predicted_compute_s:>9.4f} {r.predicted_comm_s:>9.4f} {r.predicted_bubble_s:>9.4f} "
+                     f"{r.bytes_intra / 1e6:>9.2f} {r.bytes_inter / 1e6:>9.2f} {r.param_bytes_per_rank / 1e6:>9.2f} "
+                     f"{r.state_bytes_per_rank / 1e6:>9.2f} {ttt:>11}")
+    if target_loss is not None:
+        lines.append(f"time to target: loss {target_loss:.4f} at the measured run's step count x predicted step time")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+# -- the picture -------------------------------------------------------------------------------
+def crossovers(series: dict[str, list[tuple[int, float]]]) -> list[tuple[float, float, str, str]]:
+    """(N, step s, a, b) where strategy b overtakes a between two measured N (log-linear interpolation)."""
+    out = []
+    names = sorted(series)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pa, pb = dict(series[a]), dict(series[b])
+            ns = sorted(set(pa) & set(pb))
+            for n0, n1 in zip(ns, ns[1:]):
+                d0, d1 = math.log(pa[n0] / pb[n0]), math.log(pa[n1] / pb[n1])
+                if d0 * d1 < 0:
+                    f = d0 / (d0 - d1)
+                    n = math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0)))
+                    t = math.exp(math.log(pa[n0]) + f * (math.log(pa[n1]) - math.log(pa[n0])))
+                    out.append((n, t, a, b) if d0 > 0 else (n, t, b, a))
+    return out
+
+
+def plot(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
+    """PNG: predicted step time against N (log axes), crossovers marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(series.items()):
+        ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", ms=3, label=name)
+    for n, t, winner, loser in crossovers(series):
+        ax.plot([n], [t], "kx", ms=8)
+        ax.annotate(f"{winner} < {loser}\nfrom N~{n:.0f}", (n, t), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers N")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sweep(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], target: Target, *,
+          microbatches: int = 4) -> dict[str, list[tuple[int, float]]]:
+    """Predicted step time per strategy at N = 1, 2, 4 .. 1024 (rows the rules skip are left out)."""
+    rows, _ = project(prof, workload, strategies, list(SWEEP), target, microbatches=microbatches)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(r.strategy, []).append((r.workers, r.step_s))
+    return series
+
+
+def write(out: str, df, png: bytes) -> tuple[str, str]:
+    """projection.parquet and projection.png under ``out`` (a folder or fsspec URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/projection.parquet", "wb") as f:
+        df.to_parquet(f, index=False)
+    fs.pipe_file(f"{path}/projection.png", png)
+    return f"{out.rstrip('/')}/projection.parquet", f"{out.rstrip('/')}/projection.png"
+
+
+# -- the command -------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    """`polytrain project` (called from orchestrator.cli)."""
+    p = sub.add_parser("project", help="predict each strategy's step time, bytes and memory on N workers of a "
+                       "target cluster from a short profiling run here",
+                       description="Project strategies to a cluster you do not have: per strategy and N, the "
+                       "predicted step split into compute / exposed communication / bubble, bytes per step per "
+                       "link class and memory per rank. Without --scenario or --speed: this machine as it is "
+                       "(loopback, the workers sharing its cores). Nothing is written without --out.")
+    p.add_argument("--workload", required=True, help="registered workload name")
+    p.add_argument("--strategies", required=True, help="e.g. ddp,fsdp,pipeline:schedule=zb-h1")
+    p.add_argument("--workers", default="2,4,64", help="comma-separated N (default 2,4,64)")
+    p.add_argument("--scenario", default=None, help="target network: a name from `polytrain scenarios` or "
+                   "nodes=..,per_node=..,inter=..,intra=..,latency=..")
+    p.add_argument("--speed", type=float, default=None,
+                   help="a target worker's compute speed against one worker alone on one core here (default 1)")
+    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per replica per step (default 4)")
+    p.add_argument("--from", dest="from_", default=None, metavar="RUN_OR_COMPARE_DIR",
+                   help="measured loss curves (held-out where evaluated): time to --target-loss")
+    p.add_argument("--target-loss", dest="target_loss", type=float, default=None,
+                   help="with --from: the loss to reach (default: the highest of the runs' best losses)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="workload.KEY=VALUE",
+                   help="workload options (repeatable)")
+    p.add_argument("--out", default=None, help="write projection.parquet and projection.png here")
+
+
+def parse_workers(text: str) -> list[int]:
+    try:
+        ns = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ns = []
+    if not ns or min(ns) < 1:
+        raise ValueError(f"--workers {text!r}: comma-separated whole numbers >= 1 (e.g. 2,4,64)")
+    return ns
+
+
+def parse_target(scenario: str | None, speed: float | None, workers: list[int]) -> Target:
+    """No scenario and no speed: this machine as it is (loopback, its cores shared)."""
+    import os
+
+    from cluster.network import parse_scenario
+    from strategies.projection import Target
+
+    if speed is not None and not (math.isfinite(speed) and speed > 0):
+        raise ValueError(f"--speed {speed!r}: must be a number > 0 (a target worker's speed against one core here)")
+    if scenario is None and speed is None:
+        return Target(cores=os.cpu_count() or 1)
+    try:
+        sc = parse_scenario(scenario or "local")
+    except ValueError as e:
+        raise ValueError(f"--scenario {scenario!r}: {e}") from None
+    for n in workers:
+        if sc is not None and n > sc.per_node and n % sc.per_node:
+            raise ValueError(f"--workers {n}: not a multiple of the scenario's {sc.per_node} workers per node")
+        if sc is not None:
+            sc.check(n)
+    return Target(scenario=sc, speed=1.0 if speed is None else speed)
+
+
+def run_cli(args) -> int:
+    """`polytrain project`; bad input raises ConfigError (one line, exit 2) before any profiling."""
+    from orchestrator.config import ConfigError, load_spec
+
+    try:
+        workers = parse_workers(args.workers)
+        target = parse_target(args.scenario, args.speed, workers)
+        if args.microbatches < 1:
+            raise ValueError(f"--microbatches {args.microbatches}: must be >= 1")
+        if args.target_loss is not None and not math.isfinite(args.target_loss):
+            raise ValueError(f"--target-loss {args.target_loss!r}: must be a finite number")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    strategies = parse_strategies(args.strategies)
+    spec = load_spec(workload=args.workload, strategy="single", workers=1, overrides=args.overrides)
+    workload = spec.build_workload()
+    _check_runnable(strategies, workers, workload, args.microbatches)
+    curves = curves_from([args.from_]) if args.from_ else None
+    prof = profile(workload, seed=spec.seed)
+    rows, notes = project(prof, workload, strategies, workers, target, microbatches=args.microbatches)
+    target_loss = args.target_loss if args.target_loss is not None or not curves else default_target(curves)
+    df = table(rows, curves, target_loss)
+    print(render(df, notes, prof, target, target_loss))
+    if args.out:
+        png = plot(sweep(prof, workload, strategies, target, microbatches=args.microbatches),
+                   f"{prof.workload} on {target.name} (speed x{target.speed:g})")
+        for url in write(args.out, df, png):
+            print(f"wrote {url}")
+    return 0
+
+
+def _check_runnable(strategies: list[tuple[str, dict]], workers: list[int], workload: Workload, m: int) -> None:
+    """Bad input: an unknown strategy, invalid options, or one with no row at any of the N."""
+    from orchestrator.config import ConfigError
+    from strategies.pipeline.part import count_blocks
+    from strategies.projection import Skip, job_for
+
+    n_blocks = count_blocks(workload)
+    for name, options in strategies:
+        skips = []
+        for n in workers:
+            try:
+                job_for(name, options, n, workload, microbatches=m, n_blocks=n_blocks)
+            except Skip as e:
+                skips.append(str(e))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if len(skips) == len(workers):
+            raise ConfigError(f"strategy={name!r} cannot run workload={workload.name!r} at any of "
+                              f"--workers {','.join(map(str, workers))}: {skips[0]}")
