@@ -49,9 +49,9 @@ def options_of(name: str, options: dict, workload: Workload):
 def job_for(name: str, options: dict, workers: int, workload: Workload, *, microbatches: int,
             n_blocks: int) -> Job:
     """The projected job of strategy ``name`` on ``workers`` (Skip: no such row)."""
+    cls, opts = options_of(name, options, workload)
     if name not in MODELLED:
         raise Skip(f"{name}: no projection model yet (modelled: {', '.join(MODELLED)})")
-    cls, opts = options_of(name, options, workload)
     if name.startswith("zero"):
         from cluster.mesh import Layout
 

@@ -369,7 +369,7 @@ def _pipeline(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[fl
     per_rank = [[s for s, r in enumerate(sched.placement) if r == rank] for rank in range(L.pp)]
     held = [sum(profile.param_bytes[i] for s in stages for i in range(*bounds[s])) for stages in per_rank]
     k = target.slowdown(L.world)
-    optim = [profile.optim_s * k * h / sum(profile.param_bytes) for h in held]
+    optim = [profile.optim_s * k * h / max(1, sum(profile.param_bytes)) for h in held]
     busiest = max(range(L.pp), key=lambda r: ideal.busy[r] + optim[r])
     # bytes: the busiest rank's messages (its stages' outputs forward, input gradients backward)
     for s in per_rank[busiest]:

@@ -1,0 +1,121 @@
+"""The projection model against closed forms at scale, its layout rules, and the
+pieces of `polytrain project` that need no profiling run."""
+import math
+
+import pytest
+
+from cluster.network import Link, Scenario, parse_scenario
+from orchestrator.project import crossovers, default_target, loss_curve, steps_to_target, table
+from strategies.pipeline.stages import BlockProfile
+from strategies.projection import Profile, Skip, Target, job_for, predict
+from strategies.projection.model import Job, buckets
+from cluster.mesh import Layout
+from workloads import WORKLOADS
+
+
+def _profile(n_blocks: int, *, f=0.0, b=0.0, w=0.0, param_bytes=0, act_bytes=0) -> Profile:
+    return Profile(workload="synthetic", micro_batch=1, blocks=tuple(BlockProfile(f, b, w, 0) for _ in range(n_blocks)),
+                   shapes=tuple(((param_bytes // 4,),) for _ in range(n_blocks)),
+                   param_bytes=(param_bytes,) * n_blocks, act_bytes=(act_bytes,) * n_blocks)
+
+
+def _flat(gbit: float, latency: float, per_node: int = 1) -> Target:
+    link = Link(gbit_s=gbit, latency_s=latency)
+    return Target(scenario=Scenario(name="t", description="", per_node=per_node, intra=link, inter=link))
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 64, 1000, 1024])
+def test_ddp_comm_is_the_closed_form_ring_allreduce(n):
+    """No compute to hide behind: the exposed time is 2(N-1) latencies + 2(N-1)/N of the bytes at the bandwidth."""
+    size, gbit, alpha = 8 * 2**20, 25.0, 7e-6
+    job = Job(strategy="ddp", layout=Layout(dp=n), microbatches=1)
+    p = predict(_profile(1, param_bytes=size), job, _flat(gbit, alpha))
+    closed = 2 * (n - 1) * alpha + 2 * (n - 1) * size // n * 8 / (gbit * 1e9)
+    assert p.comm_s == pytest.approx(closed, rel=1e-12)
+    assert p.bytes_inter == 2 * (n - 1) * size // n and p.bytes_intra == 0
+    assert p.compute_s == 0 and p.bubble_s == 0
+
+
+def test_an_all_reduce_inside_one_node_is_intra_and_hidden_under_backward():
+    """One node of 8 holds all ranks: intra bytes; a backward longer than the all-reduce hides all but the last bucket."""
+    job = Job(strategy="ddp", layout=Layout(dp=8), microbatches=1)
+    p = predict(_profile(4, f=0.1, b=0.1, w=0.1, param_bytes=10 * 2**20), job, _flat(100.0, 0.0, per_node=8))
+    last_bucket = 2 * 7 * (20 * 2**20) // 8 * 8 / 100e9  # buckets of 25 MiB hold two blocks each
+    assert buckets([10 * 2**20] * 4) == [[3, 2], [1, 0]]
+    assert p.bytes_intra > 0 and p.bytes_inter == 0
+    assert p.comm_s == pytest.approx(last_bucket, rel=1e-9)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("schedule, bubble", [("1f1b", lambda p, f, b, w: (p - 1) * (f + b + w)),
+                                              ("zb-h1", lambda p, f, b, w: (p - 1) * (f + b - w))])
+def test_pipeline_bubble_is_the_closed_form(p, schedule, bubble):
+    """One block a stage, uniform F/B/W, free transfers: 1F1B idles (p-1)(F+B+W), ZB-H1 (p-1)(F+B-W)."""
+    f, b, w, m = 1.0, 1.2, 0.7, 2 * p
+    job = Job(strategy="pipeline", layout=Layout(pp=p), microbatches=m, schedule=schedule)
+    pred = predict(_profile(p, f=f, b=b, w=w), job, _flat(1.0, 0.0))
+    assert pred.bubble_s == pytest.approx(bubble(p, f, b, w), rel=1e-9)
+    assert pred.compute_s == pytest.approx(m * (f + b + w), rel=1e-9)
+    assert pred.comm_s == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cores_shared_slow_compute_and_speed_speeds_it():
+    prof = _profile(2, f=1.0, b=1.0, w=1.0)
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(12.0)  # 4 workers on 2 cores
+    assert predict(prof, job, _flat(1.0, 0.0)).compute_s == pytest.approx(6.0)
+    assert predict(prof, job, Target(scenario=parse_scenario("internet-1g"), speed=40)).compute_s == \
+        pytest.approx(6.0 / 40)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return WORKLOADS.get("gpt-tiny")()
+
+
+def test_layout_rules(gpt):
+    """pipeline: the largest divisor of N within the blocks, the rest dp; sequence: the largest degree that fits."""
+    job = job_for("pipeline", {}, 64, gpt, microbatches=8, n_blocks=6)
+    assert (job.layout.pp, job.layout.dp) == (4, 16)
+    assert job_for("pipeline", {}, 6, gpt, microbatches=8, n_blocks=6).layout.pp == 6
+    with pytest.raises(Skip, match="pipeline on 1 workers"):
+        job_for("pipeline", {}, 1, gpt, microbatches=8, n_blocks=6)
+    seq = job_for("sequence", {}, 1024, gpt, microbatches=4, n_blocks=6)  # seq_len 128, zigzag: sp <= 64
+    assert (seq.layout.sp, seq.layout.dp) == (64, 16)
+    assert job_for("fsdp", {}, 8, gpt, microbatches=4, n_blocks=6).shards
+    assert job_for("zero2", {}, 8, gpt, microbatches=4, n_blocks=6).zero == 2
+    with pytest.raises(Skip, match="no projection model"):
+        job_for("terngrad", {}, 8, gpt, microbatches=4, n_blocks=6)
+    with pytest.raises(ValueError, match="strategy='nosuch'"):
+        job_for("nosuch", {}, 2, gpt, microbatches=4, n_blocks=6)
+
+
+def test_sharded_memory_and_bytes_against_the_formulas():
+    """FSDP holds 1/N of the parameters; it gathers each block twice per micro-batch and reduce-scatters once."""
+    n, size, m = 4, 4 * 2**20, 2
+    job = Job(strategy="fsdp", layout=Layout(fsdp=n), microbatches=m, shards=True)
+    p = predict(_profile(3, param_bytes=size), job, _flat(10.0, 0.0, per_node=n))
+    per_block = 2 * m * (n - 1) * (size // n) + (n - 1) * size // n
+    assert p.bytes_intra == 3 * per_block
+    assert p.param_bytes_per_rank == 3 * size // n and p.state_bytes_per_rank == 4 * 3 * size // n
+
+
+def test_crossovers_mark_where_one_strategy_overtakes_another():
+    series = {"a": [(1, 1.0), (2, 2.0), (4, 4.0)], "b": [(1, 3.0), (2, 3.0), (4, 3.0)]}
+    (n, t, winner, loser), = crossovers(series)
+    assert 2 < n < 4 and 2.0 < t < 4.0 and (winner, loser) == ("b", "a")
+
+
+def test_time_to_target_uses_held_out_loss_where_evaluated():
+    import pandas as pd
+
+    m = pd.DataFrame({"step": [1, 2, 3, 4], "rank": 0, "loss": [3.0, 2.0, 1.0, 0.5], "samples": 8,
+                      "val_loss": [math.nan, 2.5, math.nan, 1.5]})
+    assert loss_curve(m) == [(2, 2.5), (4, 1.5)]
+    assert loss_curve(m.drop(columns="val_loss"))[2] == (3, 1.0)
+    curves = {"ddp": loss_curve(m)}
+    assert default_target(curves) == 1.5 and steps_to_target(curves["ddp"], 2.0) == 4
+    prof = _profile(1, f=0.5)
+    rows = [predict(prof, Job(strategy=s, layout=Layout(dp=2), microbatches=1), _flat(1.0, 0.0)) for s in ("ddp", "demo")]
+    df = table(rows, curves, 2.0)
+    assert df.time_to_target_s.iloc[0] == pytest.approx(4 * rows[0].step_s) and math.isnan(df.time_to_target_s.iloc[1])
