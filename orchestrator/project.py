@@ -117,8 +117,7 @@ def parse_strategies(text: str) -> list[tuple[str, dict]]:
     """``ddp,pipeline:schedule=zb-h1`` -> [(name, options)] (compare's spelling)."""
     from orchestrator.compare import parse_strategies as parse
 
-    return [(s["name"], s.get("options", {})) for s in
-            ({"name": s} if isinstance(s, str) else s for s in parse(text))]
+    return [(s["name"], {k: v for k, v in s.items() if k != "name"}) for s in parse(text)]
 
 
 def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], workers: list[int],
