@@ -193,9 +193,25 @@ def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     else:
         compute, comm, held = _flat(profile, job, target, net)
         bubble = 0.0
+    comm += _scalars(job, net)
     return Prediction(strategy=job.strategy, workers=job.layout.world, scenario=target.name, layout=str(job.layout),
                       compute_s=compute, comm_s=comm, bubble_s=bubble, bytes_intra=net.bytes["intra"],
                       bytes_inter=net.bytes["inter"], **_memory(job, held))
+
+
+def _scalars(job: Job, net: _Net) -> float:
+    """The blocking all-reduces of one number a step: the squared gradient norm over
+    the axes that split the model (clipping; fp32), a sequence's loss shares (fp64).
+    Few bytes, but 2(p-1) latencies each: on a slow network they count."""
+    L, t = job.layout, 0.0
+    split = tuple(a for a in ("pp", "fsdp") if getattr(L, a) > 1 and (a == "pp" or job.shards))
+    if split:
+        group = net.group(*split)
+        t += net.call("all_reduce", ring_allreduce_bytes(4, len(group)), group)
+    if L.sp > 1:
+        group = net.group("sp")
+        t += net.call("all_reduce", ring_allreduce_bytes(8, len(group)), group)
+    return t
 
 
 def _memory(job: Job, held: int) -> dict[str, int]:
@@ -371,22 +387,26 @@ def _pipeline(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[fl
     k = target.slowdown(L.world)
     optim = [profile.optim_s * k * h / max(1, sum(profile.param_bytes)) for h in held]
     busiest = max(range(L.pp), key=lambda r: ideal.busy[r] + optim[r])
-    # bytes: the busiest rank's messages (its stages' outputs forward, input gradients backward)
-    for s in per_rank[busiest]:
-        a, b = bounds[s]
-        if s + 1 < len(bounds):
-            net.call("send", profile.act_bytes[b - 1], (pp[sched.placement[s]], pp[sched.placement[s + 1]]), times=m)
-        if s > 0:
-            net.call("send", profile.act_bytes[a - 1], (pp[sched.placement[s]], pp[sched.placement[s - 1]]), times=m)
+    dp = net.group("dp")
+
+    def calls(rank: int) -> list[tuple[str, int, tuple[int, ...], int]]:
+        """A rank's sends: its stages' outputs forward and input gradients backward, its dp all-reduce."""
+        out = []
+        for s in per_rank[rank]:
+            a, b = bounds[s]
+            for peer, nbytes in ((s + 1, profile.act_bytes[b - 1]), (s - 1, profile.act_bytes[a - 1])):
+                if 0 <= peer < len(bounds) and sched.placement[peer] != rank:
+                    out.append(("send", nbytes, (pp[rank], pp[sched.placement[peer]]), m))
+        return out + [("all_reduce", ring_allreduce_bytes(held[rank], L.dp), dp, 1)]
+
+    heaviest = max(range(L.pp), key=lambda r: sum(c[1] * c[3] for c in calls(r)))
+    for op, sent, ranks, times in calls(heaviest):  # the bytes of the rank that sends most
+        net.call(op, sent, ranks, times)
     end = real.makespan
-    if L.dp > 1:
-        dp = net.group("dp")
-        for rank, stages in enumerate(per_rank):
-            last_w = max(e for _, _, e in real.times[rank])
-            sent = ring_allreduce_bytes(held[rank], L.dp)
-            t = (net.call("all_reduce", sent, dp) if rank == busiest else
-                 net.scenario.seconds("all_reduce", sent, sent, dp))
-            end = max(end, last_w + t)
+    for rank in range(L.pp):  # each stage's dp all-reduce starts once its last W is done
+        last_w = max(e for _, _, e in real.times[rank])
+        sent = ring_allreduce_bytes(held[rank], L.dp)
+        end = max(end, last_w + net.scenario.seconds("all_reduce", sent, sent, dp))
     compute = ideal.busy[busiest] + optim[busiest]
     bubble = ideal.makespan - ideal.busy[busiest]
     return compute, end - ideal.makespan, bubble, held[busiest]
