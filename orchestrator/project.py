@@ -12,7 +12,6 @@ by the stated layout rules; ``time_to_target`` reads measured loss curves;
 from __future__ import annotations
 
 import base64
-import io
 import math
 import time
 from contextlib import contextmanager
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the parser is built on every `polytrain` call: torch is imported only to project
     from strategies.projection import Prediction, Profile, Target
     from workloads import Workload
+
+from orchestrator.project_plot import crossovers, plot  # noqa: F401  (the picture; re-exported)
 
 SWEEP = tuple(2 ** i for i in range(11))  # the picture's N: 1 .. 1024
 COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "predicted_compute_s", "predicted_comm_s",
@@ -104,7 +105,7 @@ def _outer_seconds(model, seed: int) -> dict[str, float]:
     names = [f"p{i}" for i in range(len(params))]
     psgd = PowerSGDCompressor(Wire(Comm()), {n: p.shape for n, p in zip(names, params)}, rank=4,
                               min_compression_rate=2.0, seed=seed)
-    grads = lambda: [(n, p.grad.clone()) for n, p in zip(names, params)]  # noqa: E731
+    grads = lambda: [(n, p.grad.clone()) for n, p in zip(names, params)]
     with torch.no_grad():
         out = {"adamw": _best_of(opt.step), "demo": _best_of(lambda: demo.step(1e-3, 0.0)),
                "powersgd": _best_of(lambda: psgd.reduce(grads(), 100))}
@@ -194,8 +195,8 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
     lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} measured passes of "
              f"{len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
-             f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
-             f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}"]
+             (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
+             f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
         lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} "
@@ -206,52 +207,6 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
         lines.append(f"time to target: loss {target_loss:.4f} at the measured run's step count x predicted step time")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
-
-
-# -- the picture -------------------------------------------------------------------------------
-def crossovers(series: dict[str, list[tuple[int, float]]]) -> list[tuple[float, float, str, str]]:
-    """(N, step s, a, b) where strategy b overtakes a between two measured N (log-linear interpolation)."""
-    out = []
-    names = sorted(series)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            pa, pb = dict(series[a]), dict(series[b])
-            ns = sorted(set(pa) & set(pb))
-            for n0, n1 in zip(ns, ns[1:]):
-                d0, d1 = math.log(pa[n0] / pb[n0]), math.log(pa[n1] / pb[n1])
-                if d0 * d1 < 0:
-                    f = d0 / (d0 - d1)
-                    n = math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0)))
-                    t = math.exp(math.log(pa[n0]) + f * (math.log(pa[n1]) - math.log(pa[n0])))
-                    out.append((n, t, a, b) if d0 > 0 else (n, t, b, a))
-    return out
-
-
-def plot(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
-    """PNG: predicted step time against N (log axes), crossovers marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in sorted(series.items()):
-        ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", ms=3, label=name)
-    for n, t, winner, loser in crossovers(series):
-        ax.plot([n], [t], "kx", ms=8)
-        ax.annotate(f"{winner} < {loser}\nfrom N~{n:.0f}", (n, t), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("workers N")
-    ax.set_ylabel("predicted step time (s)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def sweep(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], target: Target, *,
@@ -385,3 +340,57 @@ def _check_runnable(strategies: list[tuple[str, dict]], workers: list[int], work
         if len(skips) == len(workers):
             raise ConfigError(f"strategy={name!r} cannot run workload={workload.name!r} at any of "
                               f"--workers {','.join(map(str, workers))}: {skips[0]}")
+
+
+# -- the comparison report's section -----------------------------------------------------------
+def _run_spec(url: str) -> dict:
+    import yaml
+
+    from orchestrator.storage import RunFolder
+
+    folder = RunFolder.from_url(url)
+    with folder.fs.open(f"{folder.path}/spec.yaml", "rb") as f:
+        return yaml.safe_load(f.read()) or {}
+
+
+def report_section(runs: list[str], scenario: str | None = None, *, speed: float | None = None,
+                   workers: tuple[int, ...] = (8, 64, 1024)) -> tuple[str, list[tuple[str, str]]]:
+    """The comparison report's projection: its own runs' workload and strategies (with
+    their options) projected on ``scenario``/``speed`` (neither: this machine), time to
+    the loss every run reached from their measured curves. Returns (Markdown, [(title,
+    PNG as base64)]). ConfigError for a target that cannot be parsed."""
+    from orchestrator.config import ConfigError, JobSpec
+    from orchestrator.report import expand_urls, load_run
+
+    found, _ = expand_urls(runs)
+    specs = [_run_spec(u) for u in found]
+    strategies: dict[str, dict] = {}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for url, spec in zip(found, specs):
+        s = spec["strategy"] if isinstance(spec["strategy"], dict) else {"name": spec["strategy"]}
+        strategies.setdefault(s["name"], {k: v for k, v in s.items() if k != "name"})
+        curves.setdefault(s["name"], loss_curve(load_run(url).metrics))
+    ns = sorted({int(s["workers"]) for s in specs} | set(workers))
+    try:
+        target = parse_target(scenario, speed, ns)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    workload = JobSpec(**specs[0]).build_workload()
+    prof = profile(workload)
+    chosen = list(strategies.items())
+    rows, notes = project(prof, workload, chosen, ns, target)
+    target_loss = default_target(curves)
+    df = table(rows, curves, target_loss)
+    png = plot(sweep(prof, workload, chosen, target), f"{prof.workload} on {target.name} (speed x{target.speed:g})")
+    md = ["## Projection", "", (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile "
+          f"({prof.seconds:.1f} s); time to loss {target_loss:.4f} = the run's steps to it x the predicted step. "
+          "See docs/projection.md for what is modelled."), "",
+          ("| strategy | N | layout | step s | compute s | exposed comm s | bubble s | MB inter | MB/rank state | "
+          "to target s |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
+        md.append(f"| {r.strategy} | {r.workers} | {r.layout} | {r.predicted_step_s:.4f} | {r.predicted_compute_s:.4f} "
+                  f"| {r.predicted_comm_s:.4f} | {r.predicted_bubble_s:.4f} | {r.bytes_inter / 1e6:.2f} | "
+                  f"{r.state_bytes_per_rank / 1e6:.2f} | {ttt} |")
+    md += [""] + [f"- {n}" for n in notes]
+    return "\n".join(md), [(f"Predicted step time against N on {target.name}", base64.b64encode(png).decode())]

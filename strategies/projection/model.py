@@ -36,7 +36,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from cluster.comm import all_gather_bytes, all_to_all_bytes, reduce_scatter_bytes, ring_allreduce_bytes
+from cluster.comm import (
+    all_gather_bytes,
+    all_to_all_bytes,
+    reduce_scatter_bytes,
+    ring_allreduce_bytes,
+)
 from cluster.mesh import Layout, nodes_from_per_node
 from cluster.network import Link, Scenario
 from strategies.pipeline.simulate import StageCost, simulate
@@ -340,7 +345,7 @@ def _sequence_comm(profile: Profile, job: Job, net: _Net) -> float:
     """Ulysses' all-to-alls (q, k, v and the output; again backward) and the ring's
     k/v passes (k/v and dk/dv backward) per attention layer and micro-batch:
     blocking, inside the layer's compute."""
-    L, sp, u = job.layout, job.layout.sp, job.ulysses
+    sp, u = job.layout.sp, job.ulysses
     ring = sp // u
     group = net.group("sp")
     t = 0.0

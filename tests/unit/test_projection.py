@@ -5,12 +5,18 @@ import math
 import pytest
 
 from cluster.comm import ring_allreduce_bytes
+from cluster.mesh import Layout
 from cluster.network import Link, Scenario, parse_scenario
-from orchestrator.project import crossovers, default_target, loss_curve, steps_to_target, table
+from orchestrator.project import (
+    crossovers,
+    default_target,
+    loss_curve,
+    steps_to_target,
+    table,
+)
 from strategies.pipeline.stages import BlockProfile
 from strategies.projection import Profile, Skip, Target, job_for, predict
 from strategies.projection.model import Job, buckets
-from cluster.mesh import Layout
 from workloads import WORKLOADS
 
 
@@ -121,3 +127,33 @@ def test_time_to_target_uses_held_out_loss_where_evaluated():
     rows = [predict(prof, Job(strategy=s, layout=Layout(dp=2), microbatches=1), _flat(1.0, 0.0)) for s in ("ddp", "demo")]
     df = table(rows, curves, 2.0)
     assert df.time_to_target_s.iloc[0] == pytest.approx(4 * rows[0].step_s) and math.isnan(df.time_to_target_s.iloc[1])
+
+
+def _fake_run(tmp_path, strategy: str, losses: list[float]) -> str:
+    from orchestrator.config import JobSpec
+    from orchestrator.metrics import metrics_table
+    from orchestrator.storage import RunFolder
+
+    spec = JobSpec(workload="gpt-tiny", strategy=strategy, workers=2, steps=len(losses), storage=str(tmp_path),
+                   run_id=strategy)
+    folder = RunFolder(str(tmp_path), strategy)
+    folder.create(spec.to_yaml())
+    rows = [{"run_id": strategy, "workload": "gpt-tiny", "strategy": strategy, "scenario": "local", "step": s + 1,
+             "rank": r, "loss": loss, "step_time_s": 0.1, "samples": 8} for s, loss in enumerate(losses) for r in (0, 1)]
+    folder.compact("metrics", metrics_table(rows))
+    return folder.url
+
+
+def test_report_section_projects_the_reports_own_runs(tmp_path):
+    import base64
+
+    from orchestrator.project import report_section
+
+    runs = [_fake_run(tmp_path, "ddp", [3.0, 2.0, 1.5, 1.2]), _fake_run(tmp_path, "fsdp", [3.0, 2.5, 2.0, 1.4])]
+    md, plots = report_section(runs, "internet-1g", workers=(64,))
+    assert md.startswith("## Projection") and "internet-1g" in md and "time to loss 1.4000" in md
+    lines = [line for line in md.splitlines() if line.startswith(("| ddp |", "| fsdp |"))]
+    assert [line.split(" | ")[1] for line in lines] == ["2", "64", "2", "64"]
+    assert all(line.rstrip(" |").split(" | ")[-1] != "-" for line in lines)  # both runs reach the target
+    (title, png), = plots
+    assert "internet-1g" in title and base64.b64decode(png)[:4] == b"\x89PNG"
