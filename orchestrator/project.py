@@ -44,12 +44,17 @@ def _one_thread():
 
 
 def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
-    """Measure ``workload`` on this rank (seconds and steps of the run are in the result)."""
+    """Measure ``workload`` on this rank (seconds and steps of the run are in the result).
+
+    The blocks' F/B/W, timed apart, are scaled so that they add up to what one
+    micro-batch costs in the real training step (``single`` on one rank, with 1
+    and 2 micro-batches: the difference is one micro-batch, the rest a step's
+    fixed cost)."""
     import numpy as np
     import torch
     from torch import nn
 
-    from strategies.pipeline.stages import boundary_shapes, measure_blocks
+    from strategies.pipeline.stages import BlockProfile, boundary_shapes, measure_blocks
     from strategies.projection import Profile
 
     t0 = time.perf_counter()
@@ -64,14 +69,33 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         model = nn.Sequential(*blocks)
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
-        prof = Profile(
-            workload=workload.name, micro_batch=k, blocks=tuple(measured),
-            shapes=tuple(tuple(tuple(p.shape) for p in b.parameters()) for b in blocks),
-            param_bytes=tuple(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks),
-            act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
-            attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
-            optim_s=outer.pop("adamw"), outer_s=outer, steps=repeats + 1)
-    return Profile(**{**prof.__dict__, "seconds": time.perf_counter() - t0})
+        one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
+    per_mb, summed = two - one, sum(b.total for b in measured)
+    scale = per_mb / summed if per_mb > 0 and summed > 0 else 1.0
+    return Profile(
+        workload=workload.name, micro_batch=k,
+        blocks=tuple(BlockProfile(b.f * scale, b.b * scale, b.w * scale, b.params) for b in measured),
+        shapes=tuple(tuple(tuple(p.shape) for p in b.parameters()) for b in blocks),
+        param_bytes=tuple(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks),
+        act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
+        attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
+        optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
+        fixed_s=max(0.0, one - per_mb - outer["adamw"]) if per_mb > 0 else 0.0,
+        seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
+
+
+def _real_step_seconds(workload: Workload, micro_batches: int, seed: int, repeats: int) -> float:
+    """The fastest of ``repeats`` real training steps (after one) of ``single`` on
+    ``micro_batches`` micro-batches: the job's own loop, data, loss and clipping."""
+    import torch
+
+    from orchestrator.config import JobSpec
+    from orchestrator.trainer import RankTrainer
+
+    spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy="single", workers=1, steps=repeats + 1, seed=seed,
+                   batch_size=workload.micro_batch * micro_batches, grad_accum=micro_batches)
+    trainer = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"), workload=workload)
+    return min(trainer.train_step()["step_time_s"] for _ in range(repeats + 1))
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -192,7 +216,7 @@ def table(rows: list[Prediction], curves: dict[str, list[tuple[int, float]]] | N
 
 def render(df, notes: list[str], prof: Profile, target: Target, target_loss: float | None) -> str:
     """The printed answer: the profiling cost, one line per row, the notes."""
-    lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} measured passes of "
+    lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} timed block passes and real steps; "
              f"{len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
              (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "

@@ -66,6 +66,7 @@ class Profile:
     act_bytes: tuple[int, ...]  # each block's output bytes for the micro-batch (a stage boundary's message)
     attention: tuple[int, ...] = ()  # blocks that hold an attention layer (sequence parallelism)
     optim_s: float = 0.0  # one AdamW step over the whole model
+    fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
@@ -240,7 +241,8 @@ def _flat(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[float,
     # the optimizer steps the shard a rank holds (ZeRO: every stage shards it); demo's step replaces AdamW
     step_s = profile.outer_s.get("demo", profile.optim_s) if job.outer == "demo" else profile.optim_s
     optim = step_s * target.slowdown(L.world) / (L.world if job.zero else ways)
-    optim += profile.outer_s.get(job.strategy, 0.0) * target.slowdown(L.world)  # a compressor's own compute
+    # a compressor's own compute, and the step's cost beyond micro-batches and optimizer
+    optim += (profile.outer_s.get(job.strategy, 0.0) + profile.fixed_s) * target.slowdown(L.world)
     compute = m * (fwd + bwd) + optim
     comm = _sequence_comm(profile, job, net) if L.sp > 1 else 0.0
     if sharded:
@@ -390,7 +392,7 @@ def _pipeline(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[fl
     per_rank = [[s for s, r in enumerate(sched.placement) if r == rank] for rank in range(L.pp)]
     held = [sum(profile.param_bytes[i] for s in stages for i in range(*bounds[s])) for stages in per_rank]
     k = target.slowdown(L.world)
-    optim = [profile.optim_s * k * h / max(1, sum(profile.param_bytes)) for h in held]
+    optim = [(profile.optim_s * h / max(1, sum(profile.param_bytes)) + profile.fixed_s) * k for h in held]
     busiest = max(range(L.pp), key=lambda r: ideal.busy[r] + optim[r])
     dp = net.group("dp")
 

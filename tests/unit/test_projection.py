@@ -134,7 +134,7 @@ def _fake_run(tmp_path, strategy: str, losses: list[float]) -> str:
     from orchestrator.metrics import metrics_table
     from orchestrator.storage import RunFolder
 
-    spec = JobSpec(workload="gpt-tiny", strategy=strategy, workers=2, steps=len(losses), storage=str(tmp_path),
+    spec = JobSpec(workload={"name": "gpt-tiny", "d_model": 64, "seq_len": 32}, strategy=strategy, workers=2, steps=len(losses), storage=str(tmp_path),
                    run_id=strategy)
     folder = RunFolder(str(tmp_path), strategy)
     folder.create(spec.to_yaml())
