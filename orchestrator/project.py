@@ -54,7 +54,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
     import torch
     from torch import nn
 
-    from strategies.pipeline.stages import BlockProfile, boundary_shapes, measure_blocks
+    from strategies.pipeline.stages import boundary_shapes, measure_blocks
     from strategies.projection import Profile
 
     t0 = time.perf_counter()
@@ -70,18 +70,30 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
         one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
-    per_mb, summed = two - one, sum(b.total for b in measured)
-    scale = per_mb / summed if per_mb > 0 and summed > 0 else 1.0
+    calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
     return Profile(
-        workload=workload.name, micro_batch=k,
-        blocks=tuple(BlockProfile(b.f * scale, b.b * scale, b.w * scale, b.params) for b in measured),
+        workload=workload.name, micro_batch=k, blocks=calibrated,
         shapes=tuple(tuple(tuple(p.shape) for p in b.parameters()) for b in blocks),
         param_bytes=tuple(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks),
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=max(0.0, one - per_mb - outer["adamw"]) if per_mb > 0 else 0.0,
+        fixed_s=fixed,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
+
+
+def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tuple, float]:
+    """Blocks scaled to the real step's cost of a micro-batch (``two - one``: steps of 2
+    and 1 micro-batches) and the step's fixed cost beyond it and the optimizer; the
+    blocks as measured when the difference is not positive (noise)."""
+    from strategies.pipeline.stages import BlockProfile
+
+    per_mb, summed = two - one, sum(b.total for b in blocks)
+    if per_mb <= 0 or summed <= 0:
+        return tuple(blocks), 0.0
+    scale = per_mb / summed
+    return (tuple(BlockProfile(b.f * scale, b.b * scale, b.w * scale, b.params) for b in blocks),
+            max(0.0, one - per_mb - optim_s))
 
 
 def _real_step_seconds(workload: Workload, micro_batches: int, seed: int, repeats: int) -> float:

@@ -157,3 +157,16 @@ def test_report_section_projects_the_reports_own_runs(tmp_path):
     assert all(line.rstrip(" |").split(" | ")[-1] != "-" for line in lines)  # both runs reach the target
     (title, png), = plots
     assert "internet-1g" in title and base64.b64decode(png)[:4] == b"\x89PNG"
+
+
+def test_blocks_are_calibrated_to_the_real_step_and_its_fixed_cost_counts():
+    from orchestrator.project import calibrate
+
+    blocks = [BlockProfile(0.1, 0.1, 0.1, 0), BlockProfile(0.2, 0.2, 0.2, 0)]  # 0.9 s timed apart
+    scaled, fixed = calibrate(blocks, one=1.3, two=2.5, optim_s=0.05)  # the real step: 1.2 s a micro-batch
+    assert sum(b.total for b in scaled) == pytest.approx(1.2) and scaled[1].f == pytest.approx(2 * scaled[0].f)
+    assert fixed == pytest.approx(1.3 - 1.2 - 0.05)
+    assert calibrate(blocks, one=1.3, two=1.2, optim_s=0.05) == (tuple(blocks), 0.0)  # noise: as measured
+    prof = Profile(**{**_profile(2, f=0.1).__dict__, "fixed_s": 0.05})
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(2 * (0.2 + 0.05))
