@@ -37,7 +37,7 @@ def plot(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
         ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", ms=3, label=name)
     for n, t, winner, loser in crossovers(series):
         ax.plot([n], [t], "kx", ms=8)
-        ax.annotate(f"{winner} < {loser}\nfrom N~{n:.0f}", (n, t), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{winner}<{loser}", (n, t), fontsize=6, xytext=(3, -9), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workers N")

@@ -32,6 +32,7 @@ CASES = [
     ("unknown-strategy", [*PJ, "--strategies", "ddp,nosuch"], "strategy='nosuch'"),
     ("bad-strategy-option", [*PJ, "--strategies", "powersgd:rank=0"], "strategy.rank=0"),
     ("bad-workers", [*PJ, "--strategies", "ddp", "--workers", "2,zero"], "--workers '2,zero'"),
+    ("target-loss-nan", [*PJ, "--strategies", "ddp", "--target-loss", "nan"], "--target-loss nan"),
     ("bad-workload-option", [*PJ, "--strategies", "ddp", "--set", "workload.n_layers=-1"], "workload.n_layers"),
 ]
 

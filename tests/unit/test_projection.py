@@ -170,3 +170,17 @@ def test_blocks_are_calibrated_to_the_real_step_and_its_fixed_cost_counts():
     prof = Profile(**{**_profile(2, f=0.1).__dict__, "fixed_s": 0.05})
     job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
     assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(2 * (0.2 + 0.05))
+
+
+def test_from_a_run_gives_time_to_target_in_the_printed_table(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    run = _fake_run(tmp_path, "ddp", [3.0, 2.0, 1.5, 1.2])
+    argv = ["project", "--workload", "gpt-tiny", "--set", "workload.d_model=64", "--set", "workload.seq_len=32",
+            "--strategies", "ddp,fsdp", "--workers", "2", "--scenario", "internet-1g", "--from", run,
+            "--target-loss", "1.5"]
+    assert main(argv) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(("ddp", "fsdp"))}
+    step = float(lines["ddp"].split()[3])
+    assert float(lines["ddp"].split()[-1]) == pytest.approx(3 * step, abs=0.1)  # step 3 reaches 1.5
+    assert lines["fsdp"].split()[-1] == "-"  # no measured curve
