@@ -247,6 +247,9 @@ def _flat(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[float,
     comm = _sequence_comm(profile, job, net) if L.sp > 1 else 0.0
     if sharded:
         end = _gathered_step(profile, job, net, k, ways)
+        if job.shards and L.dp > 1 and job.outer == "none":  # HSDP: the shards all-reduced across dp after
+            group = net.group("dp")
+            end += net.call("all_reduce", ring_allreduce_bytes(total // ways, L.dp), group)
         comm += end - m * (fwd + bwd)
     else:
         comm += _grad_sync(profile, job, net, blocks, bwd_start=(m - 1) * (fwd + bwd) + fwd, k=k) - m * (fwd + bwd)

@@ -184,3 +184,11 @@ def test_from_a_run_gives_time_to_target_in_the_printed_table(tmp_path, capsys):
     step = float(lines["ddp"].split()[3])
     assert float(lines["ddp"].split()[-1]) == pytest.approx(3 * step, abs=0.1)  # step 3 reaches 1.5
     assert lines["fsdp"].split()[-1] == "-"  # no measured curve
+
+
+def test_hsdp_all_reduces_the_shards_across_nodes():
+    """FSDP inside each node of 4, the shards all-reduced across the 2 nodes: inter-node bytes are the ring's on 1/4."""
+    size = 4 * 2**20
+    job = Job(strategy="mesh", layout=Layout(dp=2, fsdp=4), microbatches=1, shards=True)
+    p = predict(_profile(3, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
+    assert p.bytes_inter == ring_allreduce_bytes(3 * size // 4, 2)
