@@ -34,7 +34,7 @@ communication on the computing cores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cluster.comm import (
     all_gather_bytes,
@@ -44,8 +44,7 @@ from cluster.comm import (
 )
 from cluster.mesh import Layout, nodes_from_per_node
 from cluster.network import Link, Scenario
-from strategies.pipeline.simulate import StageCost, simulate
-from strategies.pipeline.stages import BlockProfile, partition
+from strategies.pipeline.stages import BlockProfile
 
 # gloo over loopback on the development machine (2 ranks, 1 KiB and 16 MiB all-reduces:
 # 0.6 ms and 19 ms), the link a run without a scenario has between its workers
@@ -132,7 +131,7 @@ class Job:
     options: dict = field(default_factory=dict)  # the outer method's or compressor's options
 
 
-class _Net:
+class Net:
     """Call times and per-link byte tallies for one rank of a layout."""
 
     def __init__(self, target: Target, layout: Layout):
@@ -178,7 +177,7 @@ def buckets(sizes: list[int], cap: int = BUCKET_BYTES) -> list[list[int]]:
     return out
 
 
-def allreduce_tail(net: _Net, profile: Profile, blocks: list[int], ranks: tuple[int, ...], *, bwd_end: float,
+def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[int, ...], *, bwd_end: float,
                    bwd_start: float, scale: float, divide: int = 1) -> float:
     """End of the bucketed gradient all-reduce of ``blocks`` whose last backward runs
     bwd_start..bwd_end: each bucket starts once its blocks' backward is done."""
@@ -193,9 +192,11 @@ def allreduce_tail(net: _Net, profile: Profile, blocks: list[int], ranks: tuple[
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
-    net = _Net(target, job.layout)
+    net = Net(target, job.layout)
     if job.layout.pp > 1:
-        compute, comm, bubble, held = _pipeline(profile, job, target, net)
+        from strategies.projection.pipeline import pipeline_step
+
+        compute, comm, bubble, held = pipeline_step(profile, job, target, net)
     else:
         compute, comm, held = _flat(profile, job, target, net)
         bubble = 0.0
@@ -205,7 +206,7 @@ def predict(profile: Profile, job: Job, target: Target) -> Prediction:
                       bytes_inter=net.bytes["inter"], **_memory(job, held))
 
 
-def _scalars(job: Job, net: _Net) -> float:
+def _scalars(job: Job, net: Net) -> float:
     """The blocking all-reduces of one number a step: the squared gradient norm over
     the axes that split the model (clipping; fp32), a sequence's loss shares (fp64).
     Few bytes, but 2(p-1) latencies each: on a slow network they count."""
@@ -229,7 +230,7 @@ def _memory(job: Job, held: int) -> dict[str, int]:
     return {"param_bytes_per_rank": params, "state_bytes_per_rank": params + grads + optim}
 
 
-def _flat(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[float, float, int]:
+def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, float, int]:
     """A step without pipeline stages: (compute, exposed communication, parameter bytes held)."""
     L, m, k = job.layout, job.microbatches, target.slowdown(job.layout.world) / job.layout.sp
     blocks = list(range(len(profile.blocks)))
@@ -263,7 +264,7 @@ def _flat(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[float,
     return compute, comm, total
 
 
-def _grad_sync(profile: Profile, job: Job, net: _Net, blocks: list[int], *, bwd_start: float, k: float) -> float:
+def _grad_sync(profile: Profile, job: Job, net: Net, blocks: list[int], *, bwd_start: float, k: float) -> float:
     """End of the gradient synchronisation after the last micro-batch's backward (from the step's start)."""
     L = job.layout
     bwd_end = bwd_start + sum(profile.blocks[i].b + profile.blocks[i].w for i in blocks) * k
@@ -286,7 +287,7 @@ def _grad_sync(profile: Profile, job: Job, net: _Net, blocks: list[int], *, bwd_
     return allreduce_tail(net, profile, blocks, group, bwd_end=bwd_end, bwd_start=bwd_start, scale=k)
 
 
-def _powersgd(profile: Profile, job: Job, net: _Net, blocks: list[int], group: tuple[int, ...]) -> float:
+def _powersgd(profile: Profile, job: Job, net: Net, blocks: list[int], group: tuple[int, ...]) -> float:
     """Two all-reduces after backward (its hook hands over every bucket at the last):
     the dense tensors and every P, then every Q (fp32)."""
     from strategies.compression.base import matrix_shape
@@ -306,7 +307,7 @@ def _powersgd(profile: Profile, job: Job, net: _Net, blocks: list[int], group: t
             + net.call("all_reduce", ring_allreduce_bytes(qs, w), group))
 
 
-def _gossip(profile: Profile, job: Job, net: _Net, compute: float) -> float:
+def _gossip(profile: Profile, job: Job, net: Net, compute: float) -> float:
     """Parameters exchanged with the topology's neighbours after the step; with
     ``overlap`` sent at the start of the next step, under its compute."""
     n, total = job.layout.dp, sum(profile.param_bytes)
@@ -319,7 +320,7 @@ def _gossip(profile: Profile, job: Job, net: _Net, compute: float) -> float:
     return max(0.0, t - compute) if job.options.get("overlap") else t
 
 
-def _gathered_step(profile: Profile, job: Job, net: _Net, k: float, ways: int) -> float:
+def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int) -> float:
     """End of the step's compute and parameter traffic when every block's parameters
     are sharded: gathered before each forward and backward of each micro-batch (the
     next block's gather prefetched while this one computes, FSDP2's implicit
@@ -346,7 +347,7 @@ def _gathered_step(profile: Profile, job: Job, net: _Net, k: float, ways: int) -
     return max(t, comm_free)
 
 
-def _sequence_comm(profile: Profile, job: Job, net: _Net) -> float:
+def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
     """Ulysses' all-to-alls (q, k, v and the output; again backward) and the ring's
     k/v passes (k/v and dk/dv backward) per attention layer and micro-batch:
     blocking, inside the layer's compute."""
@@ -361,62 +362,3 @@ def _sequence_comm(profile: Profile, job: Job, net: _Net) -> float:
         if ring > 1:
             t += net.call("exchange", 2 * local, group[::u][:2], times=3 * (ring - 1) * job.microbatches)
     return t
-
-
-def pipeline_stage_costs(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[list[StageCost], list[tuple[int, int]], tuple[int, ...]]:
-    """Per-stage simulator costs (compute slowed for the target, each boundary's
-    transfer time) and the cut, balanced by measured time as the pipeline's default."""
-    from strategies.pipeline.generators import placement
-
-    k = target.slowdown(job.layout.world)
-    n_stages = job.layout.pp * job.chunks
-    bounds = partition([b.total for b in profile.blocks], n_stages)
-    place = placement(job.schedule, job.layout.pp, job.chunks)
-    pp = net.group("pp")
-    costs = []
-    for s, (a, b) in enumerate(bounds):
-        blocks = profile.blocks[a:b]
-        there = pp[place[min(s + 1, n_stages - 1)]]
-        hop = net.scenario.seconds("send", profile.act_bytes[b - 1], 0, tuple(sorted({pp[place[s]], there})))
-        costs.append(StageCost(f=sum(x.f for x in blocks) * k, b=sum(x.b for x in blocks) * k,
-                               w=sum(x.w for x in blocks) * k, comm=hop, mem=1.0 / job.chunks))
-    return costs, bounds, pp
-
-
-def _pipeline(profile: Profile, job: Job, target: Target, net: _Net) -> tuple[float, float, float, int]:
-    """(compute of the busiest rank, exposed transfers and dp all-reduce, bubble, its parameter bytes)."""
-    from strategies.pipeline.generators import generate
-
-    L, m = job.layout, job.microbatches
-    sched = generate(job.schedule, L.pp, m, chunks=job.chunks)
-    costs, bounds, pp = pipeline_stage_costs(profile, job, target, net)
-    ideal = simulate(sched, [replace(c, comm=0.0) for c in costs])
-    real = simulate(sched, costs)
-    per_rank = [[s for s, r in enumerate(sched.placement) if r == rank] for rank in range(L.pp)]
-    held = [sum(profile.param_bytes[i] for s in stages for i in range(*bounds[s])) for stages in per_rank]
-    k = target.slowdown(L.world)
-    optim = [(profile.optim_s * h / max(1, sum(profile.param_bytes)) + profile.fixed_s) * k for h in held]
-    busiest = max(range(L.pp), key=lambda r: ideal.busy[r] + optim[r])
-    dp = net.group("dp")
-
-    def calls(rank: int) -> list[tuple[str, int, tuple[int, ...], int]]:
-        """A rank's sends: its stages' outputs forward and input gradients backward, its dp all-reduce."""
-        out = []
-        for s in per_rank[rank]:
-            a, b = bounds[s]
-            for peer, nbytes in ((s + 1, profile.act_bytes[b - 1]), (s - 1, profile.act_bytes[a - 1])):
-                if 0 <= peer < len(bounds) and sched.placement[peer] != rank:
-                    out.append(("send", nbytes, (pp[rank], pp[sched.placement[peer]]), m))
-        return out + [("all_reduce", ring_allreduce_bytes(held[rank], L.dp), dp, 1)]
-
-    heaviest = max(range(L.pp), key=lambda r: sum(c[1] * c[3] for c in calls(r)))
-    for op, sent, ranks, times in calls(heaviest):  # the bytes of the rank that sends most
-        net.call(op, sent, ranks, times)
-    end = real.makespan
-    for rank in range(L.pp):  # each stage's dp all-reduce starts once its last W is done
-        last_w = max(e for _, _, e in real.times[rank])
-        sent = ring_allreduce_bytes(held[rank], L.dp)
-        end = max(end, last_w + net.scenario.seconds("all_reduce", sent, sent, dp))
-    compute = ideal.busy[busiest] + optim[busiest]
-    bubble = ideal.makespan - ideal.busy[busiest]
-    return compute, end - ideal.makespan, bubble, held[busiest]
