@@ -9,12 +9,13 @@ would be floored at) and each strategy's own structure:
 - data-parallel gradients (ddp, sequence's and a pipeline's dp axis): buckets in
   reverse block order, each all-reduced once the last micro-batch's backward
   has produced it, overlapping the rest of that backward;
-- FSDP (and zero3): per block, an all-gather before its forward and again before
-  its backward for every micro-batch, the next block's gather prefetched under
-  the current block's compute, a reduce-scatter after the last backward;
-- zero1/zero2: a reduce-scatter of the gradients after backward and an
-  all-gather of the updated shard after the step, not overlapped (DeepSpeed's
-  ``overlap_comm`` is off by default);
+- FSDP: per block, an all-gather before its forward and again before its
+  backward for every micro-batch, the next block's gather prefetched under the
+  current block's compute, a reduce-scatter after the last backward; zero3:
+  one gather per block and micro-batch, a reduce-scatter after each backward;
+- zero1/zero2: DeepSpeed's all-reduce of the gradients (zero2: after every
+  micro-batch) and an all-gather of the updated shard after the step, not
+  overlapped (``overlap_comm`` is off by default);
 - pipeline: the schedule through ``strategies.pipeline.simulate`` with the
   measured per-stage costs, once without transfers (the bubble) and once with
   the point-to-point time of each boundary (the exposed transfers), then the dp
@@ -208,7 +209,8 @@ def predict(profile: Profile, job: Job, target: Target) -> Prediction:
 
 def _scalars(job: Job, net: Net) -> float:
     """The blocking all-reduces of one number a step: the squared gradient norm over
-    the axes that split the model (clipping; fp32), a sequence's loss shares (fp64).
+    the axes that split the model (clipping; fp32), a sequence's loss shares (fp64),
+    DeepSpeed's two.
     Few bytes, but 2(p-1) latencies each: on a slow network they count."""
     L, t = job.layout, 0.0
     split = tuple(a for a in ("pp", "fsdp") if getattr(L, a) > 1 and (a == "pp" or job.shards))
@@ -218,6 +220,9 @@ def _scalars(job: Job, net: Net) -> float:
     if L.sp > 1:
         group = net.group("sp")
         t += net.call("all_reduce", ring_allreduce_bytes(8, len(group)), group)
+    if job.zero:  # DeepSpeed's overflow check and gradient norm (fp32; fp64 at stage 3)
+        group = net.group("dp")
+        t += net.call("all_reduce", ring_allreduce_bytes(8 if job.zero == 3 else 4, len(group)), group, times=2)
     return t
 
 
@@ -254,9 +259,9 @@ def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, 
         comm += end - m * (fwd + bwd)
     else:
         comm += _grad_sync(profile, job, net, blocks, bwd_start=(m - 1) * (fwd + bwd) + fwd, k=k) - m * (fwd + bwd)
-    if job.zero in (1, 2):
+    if job.zero in (1, 2):  # DeepSpeed's bucketed all-reduce (stage 2: every micro-batch), the new shards gathered
         group = net.group("dp")
-        comm += net.call("reduce_scatter", reduce_scatter_bytes(total, L.world), group)
+        comm += net.call("all_reduce", ring_allreduce_bytes(total, L.world), group, times=m if job.zero == 2 else 1)
         comm += net.call("all_gather", all_gather_bytes(total // L.world, L.world), group)
     comm = max(comm, 0.0)
     if job.outer == "gossip":
@@ -322,34 +327,36 @@ def _gossip(profile: Profile, job: Job, net: Net, compute: float) -> float:
 
 def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int) -> float:
     """End of the step's compute and parameter traffic when every block's parameters
-    are sharded: gathered before each forward and backward of each micro-batch (the
-    next block's gather prefetched while this one computes, FSDP2's implicit
-    prefetch; not for zero3), and reduce-scattered after the last backward."""
+    are sharded. FSDP2: gathered before each forward and again before each backward
+    of every micro-batch, the next block's gather prefetched while this one computes,
+    reduce-scattered after the last backward. ZeRO-3 (as DeepSpeed runs it here):
+    gathered once per micro-batch (they stay live through its backward), reduce-
+    scattered after every micro-batch's backward, no prefetch (``overlap_comm`` off)."""
     group = net.group("fsdp") if job.shards else net.group("dp")
-    n = len(profile.blocks)
-    gather = [net.call("all_gather", all_gather_bytes(profile.param_bytes[i] // ways, ways), group, times=2 * job.microbatches)
-              / (2 * job.microbatches) for i in range(n)]
-    scatter = [net.call("reduce_scatter", reduce_scatter_bytes(profile.param_bytes[i], ways), group) for i in range(n)]
-    prefetch = job.zero != 3
+    n, m, fsdp = len(profile.blocks), job.microbatches, not job.zero
+    per_mb = 2 if fsdp else 1
+    gather = [net.call("all_gather", all_gather_bytes(profile.param_bytes[i] // ways, ways), group,
+                       times=per_mb * m) / (per_mb * m) for i in range(n)]
+    scatter = [net.call("reduce_scatter", reduce_scatter_bytes(profile.param_bytes[i], ways), group,
+                        times=1 if fsdp else m) / (1 if fsdp else m) for i in range(n)]
     t = comm_free = 0.0
-    for mb in range(job.microbatches):
+    for mb in range(m):
         order = [(i, profile.blocks[i].f * k) for i in range(n)] + \
                 [(i, (profile.blocks[i].b + profile.blocks[i].w) * k) for i in reversed(range(n))]
         started = t
         for j, (i, cost) in enumerate(order):
-            # the gather of this block is issued when the previous one's compute starts (prefetch) or ends
-            issue = started if prefetch else t
-            comm_free = max(comm_free, issue) + gather[i]
+            if j < n or fsdp:  # the gather is issued when the previous block's compute starts (prefetch) or ends
+                comm_free = max(comm_free, started if fsdp else t) + gather[i]
             started = max(t, comm_free)
             t = started + cost
-            if mb == job.microbatches - 1 and j >= n:  # its gradient is complete: reduce-scatter it
+            if j >= n and (mb == m - 1 or not fsdp):  # its gradient is complete: reduce-scatter it
                 comm_free = max(comm_free, t) + scatter[i]
     return max(t, comm_free)
 
 
 def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
     """Ulysses' all-to-alls (q, k, v and the output; again backward) and the ring's
-    k/v passes (k/v and dk/dv backward) per attention layer and micro-batch:
+    k/v passes (r-1 forward; r-1 backward and dk/dv's r) per attention layer and micro-batch:
     blocking, inside the layer's compute."""
     sp, u = job.layout.sp, job.ulysses
     ring = sp // u
@@ -360,5 +367,6 @@ def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
         if u > 1:
             t += net.call("all_to_all", all_to_all_bytes(local, u), group[:u], times=8 * job.microbatches)
         if ring > 1:
-            t += net.call("exchange", 2 * local, group[::u][:2], times=3 * (ring - 1) * job.microbatches)
+            # k/v forward r-1 passes, again backward, and dk/dv all r passes home
+            t += net.call("send", 2 * local, group[::u][:2], times=(3 * ring - 2) * job.microbatches)
     return t
