@@ -103,11 +103,14 @@ def table(rows: list[Prediction], curves: dict[str, list[tuple[int, float]]] | N
     return pd.DataFrame(out, columns=list(COLUMNS))
 
 
-def render(df, notes: list[str], prof: Profile, target: Target, target_loss: float | None) -> str:
+def render(df, notes: list[str], prof: Profile, target: Target, target_loss: float | None, *,
+           microbatches: int = 4) -> str:
     """The printed answer: the profiling cost, one line per row, the notes."""
-    lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} timed block passes and real steps; "
-             f"{len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
+    lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} timed block passes and "
+             f"real steps; {len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
+             (f"the batch grows with N: each replica {microbatches} x {prof.micro_batch} samples a step "
+             f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + AdamW"),
              (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
              f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
@@ -225,7 +228,7 @@ def run_cli(args) -> int:
     rows, notes = project(prof, workload, strategies, workers, target, microbatches=args.microbatches)
     target_loss = args.target_loss if args.target_loss is not None or not curves else default_target(curves)
     df = table(rows, curves, target_loss)
-    print(render(df, notes, prof, target, target_loss))
+    print(render(df, notes, prof, target, target_loss, microbatches=args.microbatches))
     if args.out:
         png = plot(sweep(prof, workload, strategies, target, microbatches=args.microbatches),
                    f"{prof.workload} on {target.name} (speed x{target.speed:g})")
