@@ -192,3 +192,17 @@ def test_hsdp_all_reduces_the_shards_across_nodes():
     job = Job(strategy="mesh", layout=Layout(dp=2, fsdp=4), microbatches=1, shards=True)
     p = predict(_profile(3, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
     assert p.bytes_inter == ring_allreduce_bytes(3 * size // 4, 2)
+
+
+def test_the_target_is_this_machine_unless_a_scenario_or_speed_is_given():
+    import os
+
+    from orchestrator.project import parse_target
+
+    here = parse_target(None, None, [2, 4])
+    assert (here.scenario, here.speed, here.cores) == (None, 1.0, os.cpu_count())
+    remote = parse_target("internet-1g", None, [2, 4])
+    assert (str(remote.scenario), remote.speed, remote.cores) == ("internet-1g", 1.0, None)
+    fast = parse_target(None, 40.0, [2])
+    assert (fast.scenario, fast.speed, fast.cores) == (None, 40.0, None)
+    assert parse_target("per_node=8,inter=25gbit", None, [4, 64]).scenario.per_node == 8  # 4: inside one node
