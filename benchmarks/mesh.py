@@ -5,8 +5,8 @@ gpt-tiny (width 256, 4 layers, sequence 32, global batch 8) on
 plain 4-way fsdp, HSDP (FSDP inside each node, gradients all-reduced across),
 and FSDP inside each node with a low-bandwidth outer sync across nodes (demo,
 powersgd, diloco). Each method at each of ``--lrs`` (its tuned lr is the one
-with the lowest held-out loss); held-out loss: the final checkpoint loaded into
-``single`` and evaluated on the workload's held-out split. Bytes: inter-node
+with the lowest held-out loss); held-out loss: the run's evaluation after its last
+step, on the workload's whole held-out split. Bytes: inter-node
 bytes per rank per step, the mean over the steps after any warm-up a method
 declares (steady state; diloco's outer step every ``outer_every`` steps
 included) and the whole-run mean, for the rank with the most.
@@ -22,11 +22,8 @@ import argparse
 import math
 import tempfile
 
-import numpy as np
-import torch
 
 from orchestrator import JobSpec, compare
-from orchestrator.trainer import RankTrainer
 
 WORKLOAD = {"name": "gpt-tiny", "d_model": 256, "n_layers": 4, "n_heads": 4, "seq_len": 32}
 SCENARIO = "nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=100us"
@@ -38,23 +35,14 @@ METHODS = {
     "fsdp+powersgd": {"name": "mesh", "fsdp": 2, "outer": "powersgd"},
     "fsdp+diloco": {"name": "mesh", "fsdp": 2, "outer": "diloco", "outer_every": 10},
 }
+HELDOUT = 10**9  # evaluate on the whole held-out split
 WARMUP = {"fsdp+powersgd": 10}  # steps a method declares uncompressed (powersgd's warmup_steps)
 
 
-def heldout_loss(checkpoint: str, batch: int = 64) -> float:
-    """The final weights (any layout's checkpoint loads into single) on the held-out split."""
-    spec = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1)
-    t = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"))
-    t.strategy.load_checkpoint(f"{checkpoint}/state")
-    workload, model = t.workload, t.strategy.module
-    source = workload.heldout_source()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(source), batch):
-            b = source.gather(np.arange(i, min(i + batch, len(source))))
-            total += float(workload.loss(model(b[0]), b)) * len(b[0])
-            n += len(b[0])
-    return total / n
+def heldout_loss(metrics) -> float:
+    """The final weights' held-out loss: the run's evaluation after its last step."""
+    last = metrics[metrics.step == metrics.step.max()]
+    return float(last.val_loss.iloc[0])
 
 
 def run_methods(a) -> None:
@@ -64,7 +52,7 @@ def run_methods(a) -> None:
             for name in a.methods:
                 specs.append(JobSpec(workload=WORKLOAD, strategy=METHODS[name], workers=4, steps=a.steps,
                                      batch_size=8, seed=0, scenario=SCENARIO, storage=tmp,
-                                     checkpoint_every=a.steps, optim={"lr": lr}))
+                                     eval_every=0, eval_samples=HELDOUT, optim={"lr": lr}))
                 keys.append((name, lr))
         runs = compare(specs, progress=False).runs
         results = {}
@@ -76,7 +64,7 @@ def run_methods(a) -> None:
                 "steady": float(steady.mean()), "mean": float(per_step.mean()),
                 "train": float(m[m.step > a.steps - 10].groupby("step").apply(
                     lambda g: (g.loss * g.samples).sum() / g.samples.sum()).mean()),
-                "heldout": heldout_loss(run.checkpoint),
+                "heldout": heldout_loss(m),
                 "step_s": float(m[m.step > 1].groupby("step").step_time_s.max().median()),
             }
     best = {name: min(a.lrs, key=lambda lr: results[(name, lr)]["heldout"]) for name in a.methods}

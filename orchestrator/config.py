@@ -136,7 +136,7 @@ class StragglerSpec(BaseModel):
 _TOP_KEYS = (
     "workload", "strategy", "workers", "steps", "batch_size", "grad_accum", "seed",
     "storage", "run_id", "optim", "cluster", "scenario", "checkpoint_every", "keep_checkpoints", "resume",
-    "failure", "straggler", "inject",
+    "eval_every", "eval_samples", "failure", "straggler", "inject",
 )
 
 
@@ -163,6 +163,11 @@ class JobSpec(BaseModel):
         "local", validate_default=True, description="simulated network: local (none), a name from "
         "`polytrain scenarios`, or nodes=2,per_node=2,inter=1gbit,intra=50gbit,latency=200us")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0: never)")
+    eval_every: int | None = Field(
+        None, ge=0, description="score the held-out split every N steps and always after the last (0: only after "
+        "the last; default, resolved when built: about 4 times a run)")
+    eval_samples: int = Field(64, ge=1, description="held-out samples each evaluation scores (all of them if fewer); "
+                              "the same samples every time")
     keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints to keep (oldest deleted first)")
     resume: str | None = Field(None, description="'latest' (this run's newest committed checkpoint) or a checkpoint URL")
     # strategies.OptimConfig once built (_resolve): importing it imports torch, which bad input must not wait for
@@ -242,6 +247,8 @@ class JobSpec(BaseModel):
         options = self.strategy_options()
         replicas = strategy_cls.replicas(workers=self.workers, options=options)
         per_step = replicas * self.grad_accum
+        if self.eval_every is None:  # resolved here, so spec.yaml records what ran
+            self.eval_every = max(1, self.steps // 4)
         if self.batch_size is None:  # resolved here, so spec.yaml records it and workers need no registry
             self.batch_size = workload.micro_batch * per_step
         sc = self.scenario

@@ -1,11 +1,15 @@
 """The per-rank training loop; runs inside a worker (a Ray actor, or a test process)."""
 from __future__ import annotations
 
+import math
+import os
 import resource
 import time
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from cluster import Comm
 from cluster.faults import FaultInjector, Injection
@@ -100,6 +104,51 @@ class RankTrainer:
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
+        self.eval_batches = self._eval_batches(workload, replica, replicas)
+
+    def _eval_batches(self, workload: Workload, replica: int, replicas: int) -> tuple[list, list] | None:
+        """The held-out samples every evaluation scores, the same ones each time:
+        (this replica's slice, all of them), each as micro-batches. None: no
+        evaluation (the workload holds nothing out, or the strategy cannot evaluate)."""
+        heldout = workload.heldout_source()
+        if heldout is None or type(self.strategy).evaluate is Strategy.evaluate:
+            return None
+        n = min(self.spec.eval_samples, len(heldout))
+        n -= n % replicas  # every replica scores as many samples: their collectives pair up
+        if not n:
+            return None
+        idx = np.arange(n)
+        mine, whole = heldout.gather(idx[replica::replicas]), heldout.gather(idx)
+        return split_max(mine, self.micro_batch), split_max(whole, self.micro_batch)
+
+    def evaluates(self, step: int) -> bool:
+        every = self.spec.eval_every
+        return self.eval_batches is not None and (step == self.spec.steps or bool(every) and step % every == 0)
+
+    def evaluate(self) -> dict[str, float]:
+        """Collective: the held-out figures of the model as it is now, the same on
+        every rank. Replicas that differ (gossip) are scored on their average, with
+        ``val_spread`` the range of their own held-out losses."""
+        t0 = time.perf_counter()
+        mine, whole = self.eval_batches
+        out: dict[str, float] = {}
+        if self.strategy.replicas_differ():
+            own = _eval_sums(self.strategy.evaluate(whole), self._replica)
+            losses = [ls / n for ls, n, _ in _merge_by_replica(own).values() if n]
+            out["val_spread"] = max(losses) - min(losses) if losses else math.nan
+            with self.strategy.replica_average():
+                stats = self.strategy.evaluate(whole)
+        else:
+            stats = self.strategy.evaluate(mine)
+        loss_sum, n, sums = _merge(_eval_sums(stats, self._replica))
+        out["val_loss"] = loss_sum / n if n else math.nan
+        out.update({f"val_{k}": v / n for k, v in sums.items()} if n else {})
+        out["eval_s"] = time.perf_counter() - t0
+        return out
+
+    @property
+    def _replica(self) -> int:
+        return self.strategy.data_shard()[0]
 
     def progress(self) -> dict:
         """Where this rank is now (read from another thread): the step it began and
@@ -184,6 +233,7 @@ class RankTrainer:
             "tokens": stats.samples * self.tokens_per_sample,  # 0 on ranks that do not report samples
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "wall_time": time.time(),
+            "load_avg": os.getloadavg()[0],  # the machine's load: a reader can see what bent a timing
             **({"dropped": 1.0} if dropped else {}),
             **stats.extra,
             **self.strategy.memory_bytes(),
@@ -195,11 +245,45 @@ class RankTrainer:
         while self.step < self.spec.steps:
             for msg in controls():
                 self.control(msg)
-            report(Row.of(self.train_step()))
+            row = self.train_step()
+            if self.eval_batches is not None:  # after the step's clock: evaluation is not training time
+                row.update(self.evaluate() if self.evaluates(self.step) else {"val_loss": math.nan, "eval_s": 0.0})
+            report(Row.of(row))
             if checkpointer is not None and checkpointer.due(self.step):
                 checkpointer.save(self)
             if snapshot is not None and self.step % self.spec.failure.snapshot_every == 0:
                 snapshot(self.step)
+
+
+def _eval_sums(stats, replica: int) -> tuple[int, float, int, dict[str, float]]:
+    """One rank's share of an evaluation, as sums: (replica, loss x samples, samples, metric x samples)."""
+    n = stats.samples
+    return replica, (stats.loss * n if n else 0.0), n, {k: v * n for k, v in stats.extra.items()} if n else {}
+
+
+def _gather(item) -> list:
+    """Every rank's ``item`` (a few numbers: outside the step, not accounted)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [item]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+def _merge_by_replica(item) -> dict[int, tuple[float, int, dict[str, float]]]:
+    merged: dict[int, tuple[float, int, dict[str, float]]] = {}
+    for replica, loss_sum, n, sums in _gather(item):
+        ls, m, acc = merged.get(replica, (0.0, 0, {}))
+        merged[replica] = (ls + loss_sum, m + n, {k: acc.get(k, 0.0) + sums.get(k, 0.0) for k in {*acc, *sums}})
+    return merged
+
+
+def _merge(item) -> tuple[float, int, dict[str, float]]:
+    """The world's evaluation sums (replicas that scored the same samples count each time)."""
+    parts = _merge_by_replica(item).values()
+    names = {k for _, _, sums in parts for k in sums}
+    return (sum(p[0] for p in parts), sum(p[1] for p in parts),
+            {k: sum(p[2].get(k, 0.0) for p in parts) for k in names})
 
 
 def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, ClassVar, ContextManager
+from typing import Annotated, Callable, ClassVar, ContextManager, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,14 +22,18 @@ from workloads import Batch, Workload
 
 
 class OptimConfig(BaseModel):
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW (or momentum SGD) with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    name: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw | sgd (momentum SGD, as the gradient-compression papers train)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    weight_decay: float = Field(0.1, ge=0, description="weight decay, AdamW's decoupled or sgd's L2 (not applied to "
+                                "biases and norms)")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.95), description="AdamW betas, each in [0, 1)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum (heavy ball), in [0, 1)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of lr")
     schedule: str = Field("cosine", pattern="^(cosine|constant)$", description="cosine | constant after warm-up")
@@ -118,6 +122,23 @@ class Strategy(ABC):
     @abstractmethod
     def train_step(self, micro_batches: list[Batch]) -> StepStats: ...
 
+    def evaluate(self, micro_batches: list[Batch]) -> StepStats | None:
+        """Collective, forward only (no gradients, the model in eval mode): the loss
+        of this rank's share of held-out ``micro_batches``, reported as ``train_step``
+        reports (ranks that share samples give them once). None: this strategy does
+        not evaluate (a user's strategy without the hook); the run is then judged
+        on its training loss."""
+        return None
+
+    def replicas_differ(self) -> bool:
+        """Whether data-parallel replicas hold different weights (gossip, DiLoCo
+        between syncs): evaluation then scores each replica and their average."""
+        return False
+
+    def replica_average(self) -> ContextManager:
+        """Collective: while open, every replica holds the replicas' average weights."""
+        return nullcontext()
+
     @abstractmethod
     def save_checkpoint(self, url: str) -> None:
         """Collective (every rank calls it): write this strategy's model, optimizer
@@ -132,6 +153,42 @@ class Strategy(ABC):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: ``param_bytes``, ``grad_bytes``, ``optim_bytes``,
         measured once gradients and optimizer state exist (empty before)."""
+
+
+def eval_micro_batches(model: nn.Module, workload: Workload, micro_batches: list[Batch], *,
+                       device: torch.device, positions: torch.Tensor | None = None,
+                       scale: float = 1.0) -> tuple[float, dict[str, float]]:
+    """``run_micro_batches``' forward alone, under no_grad with ``model`` in eval
+    mode (restored after): (mean loss times ``scale``, per-sample-weighted metrics)."""
+    micro_batches = [mb for mb in micro_batches if mb[0].shape[0]]
+    total_samples = sum(mb[0].shape[0] for mb in micro_batches)
+    if not total_samples:
+        return float("nan"), {}
+    total, extra = 0.0, {}
+    with eval_mode(model):
+        for mb in micro_batches:
+            mb = tuple((t if positions is None else t[:, positions]).to(device, non_blocking=True) for t in mb)
+            k = mb[0].shape[0]
+            out = model(mb[0])
+            total += float(workload.loss(out, mb)) * scale * k
+            for name, v in workload.step_metrics(out, mb).items():
+                extra[name] = extra.get(name, 0.0) + v * k
+    return total / total_samples, {k: v / total_samples for k, v in extra.items()}
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """no_grad with ``modules`` in eval mode (batch norm on its running statistics,
+    no dropout), each put back in the mode it was in."""
+    was = [m.training for m in modules]
+    try:
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+            yield
+    finally:
+        for m, training in zip(modules, was):
+            m.train(training)
 
 
 def run_micro_batches(

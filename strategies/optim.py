@@ -1,4 +1,4 @@
-"""AdamW + warm-up/cosine LR + clipping, built the same way by every strategy."""
+"""AdamW (or momentum SGD) + warm-up/cosine LR + clipping, built the same way by every strategy."""
 from __future__ import annotations
 
 import math
@@ -32,7 +32,11 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
     return opt, sched
 

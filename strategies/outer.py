@@ -48,6 +48,7 @@ class Outer:
 
     replaces_optimizer = False
     mixes_buffers = False  # whether it keeps batch-norm statistics together itself
+    replicas_differ = False  # whether the dp replicas' weights differ between steps
 
     def begin_step(self, step: int) -> None:
         """Before the step's forward (``step``: 0-based)."""
@@ -154,6 +155,7 @@ class DeMoOuter(Outer, _Named):
 
 class GossipOuter(Outer, _Named):
     mixes_buffers = True  # batch-norm statistics are mixed with the parameters
+    replicas_differ = True  # each replica mixes with its neighbours only
 
     def __init__(self, module: nn.Module, comm: Comm, options: dict[str, Any]):
         from strategies.decentralized.flat import float_buffers
@@ -186,6 +188,7 @@ class GossipOuter(Outer, _Named):
 
 
 class DiLoCoOuter(Outer, _Named):
+    replicas_differ = True  # between outer syncs
     def __init__(self, module: nn.Module, comm: Comm, options: dict[str, Any]):
         from strategies.decentralized.diloco import DiLoCo
 

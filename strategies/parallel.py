@@ -37,11 +37,11 @@ from pydantic import BaseModel
 from torch import nn
 
 from cluster.mesh import Layout, Mesh, per_node_of
-from strategies.base import StepStats, Strategy, StrategyContext, run_micro_batches
+from strategies.base import OptimConfig, StepStats, Strategy, StrategyContext, eval_micro_batches, eval_mode, run_micro_batches
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.dcp import full_param_groups, held_bytes, load_state, read_metadata, save_state
 from strategies.optim import build_optimizer
-from strategies.step import StepEnd, grad_norm
+from strategies.step import StepEnd, clip
 from workloads import Batch, Workload
 
 OUTERS = ("none", "demo", "powersgd", "gossip", "diloco")
@@ -204,14 +204,15 @@ class Parallel(Strategy):
         self.grad_comm = mesh.group(*plan.grad_axes) if plan.grad_axes else None
         self._sync_batchnorm(plan)
         self.model = self._distribute(plan, held)
-        self.opt, self.sched = build_optimizer(self.module, ctx.optim, ctx.total_steps)
+        self.optim = optim = self.optim_config(ctx.optim)
+        self.opt, self.sched = build_optimizer(self.module, optim, ctx.total_steps)
         norm_comm = mesh.group(*plan.norm_axes) if plan.norm_axes else None
-        self.end = StepEnd(self.module, self.opt, self.sched, ctx.optim, norm_comm=norm_comm)
+        self.end = StepEnd(self.module, self.opt, self.sched, optim, norm_comm=norm_comm)
         from strategies.decentralized.flat import broadcast_flat, float_buffers
         from strategies.outer import local_tensors, make_outer
 
         self.outer = make_outer(plan.outer, self.module, mesh.group("dp") if plan.outer != "none" else None,
-                                plan.outer_options, optim=ctx.optim, total_steps=ctx.total_steps,
+                                plan.outer_options, optim=optim, total_steps=ctx.total_steps,
                                 seed=torch.initial_seed() % 2**31)
         # an outer method's replicas start equal whatever the workload's init, and keep their
         # batch-norm statistics equal (each rank's own batch moves them): averaged after each step
@@ -220,7 +221,11 @@ class Parallel(Strategy):
         if plan.outer != "none":
             broadcast_flat(mesh.group("dp"), [*local_tensors(self.module), *self._outer_buffers])
         # a rank holding part of the model writes the whole model's optimizer groups
-        self.full_groups = full_param_groups(workload, ctx.optim.weight_decay) if L.pp > 1 else None
+        self.full_groups = full_param_groups(workload, optim.weight_decay) if L.pp > 1 else None
+
+    def optim_config(self, base: OptimConfig) -> OptimConfig:
+        """This strategy's optimizer settings: the job's (a method with its own overrides it)."""
+        return base
 
     def _sync_batchnorm(self, plan: Plan) -> None:
         """Batch norm statistics over the replicas a step averages (as one process
@@ -326,12 +331,59 @@ class Parallel(Strategy):
         return StepStats(loss=loss if reports else math.nan, samples=samples if reports else 0, extra=extra,
                          timeline=timeline)
 
+    # -- held-out evaluation ---------------------------------------------------------------------
+    def evaluate(self, micro_batches: list[Batch]) -> StepStats:
+        scale = self.sp.frac if self.sp else 1.0
+        positions = self.sp.positions if self.sp else None
+        with eval_mode(self.module):
+            if self.pp:
+                loss_sum, sums, samples = self.pp.evaluate(micro_batches, positions=positions, scale=scale)
+                loss = loss_sum / samples if samples else math.nan
+                extra = {k: v / samples for k, v in sums.items()} if samples else {}
+            else:
+                # the module, not DDP's wrapper: a forward without gradients needs no reducer
+                loss, extra = eval_micro_batches(self.module, self.workload, micro_batches, device=self.ctx.device,
+                                                 positions=positions, scale=scale)
+                samples = sum(mb[0].shape[0] for mb in micro_batches)
+        for unit in self._fsdp:  # gathered for the forward (a pipeline's stay gathered): shard again
+            unit.reshard()
+        reports = not self.pp or self.pp.reports_loss
+        if self.sp:
+            share = torch.tensor(0.0 if math.isnan(loss) else loss, dtype=torch.float64)
+            loss = float(self.mesh.group("sp").all_reduce(share))  # the shares add up to the loss
+            reports = reports and self.mesh.coord("sp") == 0
+        return StepStats(loss=loss if reports else math.nan, samples=samples if reports else 0,
+                         extra=extra if reports else {})
+
+    def replicas_differ(self) -> bool:
+        return self.outer.replicas_differ
+
+    @contextmanager
+    def replica_average(self):
+        """Every replica's weights replaced by the replicas' mean over dp, then put back."""
+        if not self.outer.replicas_differ:
+            yield
+            return
+        from strategies.decentralized.flat import average_flat, float_buffers
+        from strategies.outer import local_tensors
+
+        tensors = [*local_tensors(self.module), *float_buffers(self.module)]
+        kept = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            average_flat(self.mesh.group("dp"), tensors)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, k in zip(tensors, kept):
+                    t.copy_(k)
+
     def _outer_step(self, step: int) -> dict[str, float]:
         """The outer method's own update in place of AdamW (demo's sign step)."""
         if not self.end.held:
             self.end.held = {**held_bytes(self.module, self.opt), "optim_bytes": self.outer.optim_bytes()}
-        norm = float(grad_norm([p for p in self.module.parameters() if p.requires_grad], self.end.norm_comm))
-        out = self.outer.optimizer_step(step, finite=math.isfinite(norm))
+        norm, finite = clip(self.module, self.optim, norm_comm=self.end.norm_comm)
+        out = self.outer.optimizer_step(step, finite=finite)
         self.sched.step()  # the LR schedule and the step count, as the optimizer's
         return {**out, "grad_norm": norm}
 

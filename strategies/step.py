@@ -45,16 +45,24 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, sched, cfg: Opti
     unless that norm is not finite (a NaN/Inf loss skips the update, as AMP's
     scaler does; every rank skips the same step), advance the schedule (LR stays
     a function of the step number). Returns the norm."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = grad_norm(params, norm_comm)
-    finite = math.isfinite(float(norm))
+    norm, finite = clip(model, cfg, norm_comm=norm_comm)
     if finite:
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
         opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
+
+
+def clip(model: nn.Module, cfg: OptimConfig, *, norm_comm: Comm | None = None) -> tuple[float, bool]:
+    """Clip ``model``'s gradients to ``cfg.grad_clip`` by the global norm (every
+    update rule does, the sign step's included: DeMo's paper clips at 1.0 before
+    it). Returns (the norm before clipping, whether it is finite)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = grad_norm(params, norm_comm)
+    finite = math.isfinite(float(norm))
+    if finite and cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+    return float(norm), finite
 
 
 class StepEnd:

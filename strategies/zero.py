@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.comm import all_gather_bytes, broadcast_bytes, nbytes, reduce_scatter_bytes, ring_allreduce_bytes
-from strategies.base import StepStats, Strategy, StrategyContext
+from strategies.base import StepStats, Strategy, StrategyContext, eval_micro_batches, eval_mode
 from strategies.batchnorm import convert_sync_batchnorm, has_batchnorm
 from strategies.dcp import is_local
 from strategies.optim import build_optimizer
@@ -303,6 +303,13 @@ class _Zero(Strategy):
         norm = engine.get_global_grad_norm()
         extra["grad_norm"] = float(norm) if norm is not None else float("nan")
         return StepStats(loss=total / samples, samples=samples, extra=extra)
+
+    def evaluate(self, micro_batches: list[Batch]) -> StepStats:
+        global _current_comm
+        _current_comm = self.ctx.comm
+        with eval_mode(self.engine):  # the engine's forward: ZeRO-3 gathers each block's parameters
+            loss, extra = eval_micro_batches(self.engine, self.workload, micro_batches, device=self.ctx.device)
+        return StepStats(loss=loss, samples=sum(mb[0].shape[0] for mb in micro_batches), extra=extra)
 
     # -- memory ---------------------------------------------------------------------------------
     def _measure(self) -> dict[str, int]:

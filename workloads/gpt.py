@@ -154,6 +154,9 @@ class GptTiny(Workload):
     data_seed: int = Field(1234, description="seed of the generated corpus (corpus=toy)")
     heldout_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="tail of the data kept out of training, for held-out evaluation")
+    init: Literal["gpt2", "torch"] = Field(
+        "gpt2", description="gpt2: N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers); torch: each "
+                            "module's default (a sign-step method's lr depends on the weights' scale)")
 
     corpus_version: ClassVar[int] = 2
 
@@ -169,6 +172,8 @@ class GptTiny(Workload):
         blocks = [Embedding(self.vocab_size, self.d_model, self.seq_len)]
         blocks += [Block(self.d_model, self.n_heads) for _ in range(self.n_layers)]
         blocks.append(Head(self.d_model, self.vocab_size))
+        if self.init == "torch":  # each module's own default (embeddings N(0, 1), linears Kaiming-uniform)
+            return blocks
         for b in blocks:
             b.apply(_init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers)

@@ -21,7 +21,7 @@ warm-up steps still do, bucket by bucket, as ddp).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cluster import Comm, all_gather_bytes, all_to_all_bytes, nbytes, ring_allreduce_bytes
-from strategies.base import StepStats
+from strategies.base import OptimConfig, StepStats
 from strategies.ddp import DDP, DDPOptions
 from workloads import Batch, Workload
 
@@ -38,6 +38,25 @@ from workloads import Batch, Workload
 class CompressionOptions(DDPOptions):
     warmup_steps: int = Field(
         0, ge=0, description="first optimizer steps that all-reduce gradients uncompressed (no error feedback)")
+    # The papers train with momentum SGD; each method may run at its own settings in a comparison.
+    optimizer: Literal["adamw", "sgd"] | None = Field(
+        None, description="adamw | sgd (momentum SGD, as the compression papers); default: optim.name")
+    lr: float | None = Field(None, gt=0, description="peak LR of this method's optimizer; default: optim.lr")
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd's momentum; default: optim.momentum")
+    weight_decay: float | None = Field(None, ge=0, description="default: optim.weight_decay, or for another "
+                                       "optimizer than optim.name its usual (sgd: 1e-4, the papers' L2)")
+
+    def optim(self, base: OptimConfig) -> OptimConfig:
+        """The job's optimizer settings with this method's own over them."""
+        name = self.optimizer or base.name
+        if self.weight_decay is not None:
+            wd = self.weight_decay
+        elif name == base.name:
+            wd = base.weight_decay
+        else:  # another optimizer than the job's: its own usual decay
+            wd = 1e-4 if name == "sgd" else OptimConfig.model_fields["weight_decay"].default
+        return base.model_copy(update={"name": name, "lr": self.lr or base.lr, "weight_decay": wd,
+                                       "momentum": base.momentum if self.momentum is None else self.momentum})
 
 
 class Wire:
@@ -140,6 +159,9 @@ class Compressed(DDP):
         super().check_job(workers=workers, workload=workload, options=options, batch_size=batch_size)
         if options is not None:  # the driver, before any worker starts
             cls.check_options(options, workers=workers, workload=workload)
+
+    def optim_config(self, base: OptimConfig) -> OptimConfig:
+        return self.options.optim(base)
 
     def setup(self, workload: Workload, ctx) -> None:
         # the same checks the driver ran, for jobs built without a JobSpec

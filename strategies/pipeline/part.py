@@ -170,3 +170,34 @@ class PipelinePart:
         run.run()
         mailbox.finish()
         return run
+
+    def evaluate(self, micro_batches: list[Batch], *, positions: torch.Tensor | None = None,
+                 scale: float = 1.0) -> tuple[float, dict[str, float], int]:
+        """Forward only, no schedule: each micro-batch runs through the stages in
+        order, every rank taking its stages in turn (one chain, so blocking sends
+        cannot deadlock). Returns the last stage's (loss sum x ``scale``, metric sums,
+        samples); zeros elsewhere. The caller holds no_grad and eval mode."""
+        loss_sum, sums, samples = 0.0, {}, 0
+        placement, last = self.schedule.placement, self.schedule.n_stages - 1
+        for mb in micro_batches:
+            k = mb[0].shape[0]
+            if not k:
+                continue
+            mb = tuple((t if positions is None else t[:, positions]).to(self.device) for t in mb)
+            x = mb[0]
+            for s in range(last + 1):
+                here, before = placement[s] == self.rank, placement[s - 1] if s else None
+                if s and here and before != self.rank:
+                    x = self.pp.recv(self._buffer(("act", s - 1, 0), k), before)
+                if not here:
+                    continue
+                x = self.stages[s](x)
+                if s == last:
+                    loss_sum += float(self.workload.loss(x, mb)) * scale * k
+                    samples += k
+                    for name, v in self.workload.step_metrics(x, mb).items():
+                        sums[name] = sums.get(name, 0.0) + v * k
+                elif placement[s + 1] != self.rank:
+                    self.pp.send(x.contiguous(), placement[s + 1])
+        return loss_sum, sums, samples
+

@@ -46,13 +46,15 @@ LOSSY = [
     {"name": "terngrad"},
     {"name": "int8", "bucket_mb": 0.1},  # several buckets, exchanged together at the last
 ]
+# the papers' optimizer: momentum SGD at the method's own lr (weight decay defaults to the papers' 1e-4)
+SGD = {"name": "int8", "warmup_steps": 5, "optimizer": "sgd", "lr": 0.05}
 RESUMED = [{"name": "powersgd", "warmup_steps": 1, "rank": 2},
            {"name": "adaptive", "warmup_steps": 1, "every": 3}, {"name": "terngrad"}]
 STEPS = 3
 
 
 def _everything(rank, world, root):
-    return {"lossless": _train_each(rank, world, LOSSLESS), "lossy": _train_recorded(rank, world, LOSSY),
+    return {"lossless": _train_each(rank, world, LOSSLESS), "sgd": _train_each(rank, world, [SGD]), "lossy": _train_recorded(rank, world, LOSSY),
             "full": _train_and_save(rank, world, RESUMED, root), "resumed": _resume(rank, world, RESUMED, root)}
 
 
@@ -73,6 +75,14 @@ def test_lossless_configurations_match_single(runs):
         assert per_rank["topk"]["ratios"] == [pytest.approx(0.5)] * 5  # (index, value) per value: half of dense
         for name in ("powersgd", "adaptive", "terngrad", "int8"):
             assert per_rank[name]["ratios"] == [1.0] * 5, name
+    spec = JobSpec(workload=GPT, strategy="single", workers=1, steps=5, batch_size=8, seed=3,
+                   optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4})
+    single = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"))
+    for _ in range(5):
+        single.train_step()
+    assert type(single.strategy.opt) is torch.optim.SGD
+    for r in runs:
+        _assert_same(r["sgd"]["int8"]["state"], full_state(single.strategy.module))
 
 
 def _train_each(rank, world, strategies):

@@ -67,6 +67,13 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _held_out(state: dict) -> float:
+    """single's held-out loss with ``state`` loaded (in this process)."""
+    t = _trainer({"name": "single"}, 0, 1)
+    t.strategy.module.load_state_dict(state)
+    return t.evaluate()["val_loss"]
+
+
 def _resume_is_exact(rank: int, world: int, strategy: dict, folder: str) -> bool:
     """Train 2 steps, checkpoint, train 1; a fresh trainer restored from the
     checkpoint trains the same step to the same bits."""
@@ -129,26 +136,35 @@ def _demo_payload_bytes(shapes: list[torch.Size], topk: int = 32, chunk: int = 6
     return total
 
 
-def _sign_sgd_reference(steps: int) -> tuple[dict, list[float]]:
-    """Sign-SGD on the full batch's gradient with decoupled weight decay on
-    matrices: what demo is when nothing is compressed."""
+def _sign_sgd_reference(steps: int, world: int) -> tuple[dict, list[float]]:
+    """Sign-SGD on the mean of the ranks' gradients, each clipped to grad_clip by its
+    own norm first (as DeMo's paper, where every rank clips its local gradient), with
+    decoupled weight decay on matrices: what demo is when nothing is compressed."""
     from orchestrator.trainer import RankTrainer
 
     spec = _spec({"name": "demo"}, 1, steps)
     t = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"))  # same seed, model and global batches
     model, workload, losses = t.strategy.module, t.workload, []
+    params = list(model.parameters())
     for s in range(steps):
         x, y = t.loader.next_batch()
-        model.zero_grad()
-        loss = workload.loss(model(x), (x, y))
-        loss.backward()
-        losses.append(loss.item())
+        mean = [torch.zeros_like(p) for p in params]
+        step_loss = 0.0
+        for xs, ys in zip(x.chunk(world), y.chunk(world)):  # each rank's slice of the global batch
+            model.zero_grad()
+            loss = workload.loss(model(xs), (xs, ys))
+            loss.backward()
+            step_loss += loss.item() / world
+            torch.nn.utils.clip_grad_norm_(params, spec.optim.grad_clip)
+            for m, p in zip(mean, params):
+                m.add_(p.grad, alpha=1 / world)
+        losses.append(step_loss)
         lr = spec.optim.lr * lr_factor(s, spec.optim, steps)
         with torch.no_grad():
-            for p in model.parameters():
+            for p, g in zip(params, mean):
                 if p.dim() >= 2:
                     p.mul_(1 - lr * spec.optim.weight_decay)
-                p.add_(p.grad.sign(), alpha=-lr)
+                p.add_(g.sign(), alpha=-lr)
     return _state(t), losses
 
 
@@ -225,9 +241,9 @@ def test_demo_ranks_identical_bytes_exact_and_uncompressed_is_sign_sgd(four_rank
     for r in out:
         for row in r["rows"]:
             assert (row["bytes_sent"], row["bytes_received"]) == (expected, expected)
-    # uncompressed demo == sign-SGD on the mean gradient. A sign can differ only where the
+    # uncompressed demo == sign-SGD on the mean of the clipped gradients. A sign can differ only where the
     # mean gradient is within float rounding of zero (summed in another order here).
-    ref, ref_losses = _sign_sgd_reference(STEPS)
+    ref, ref_losses = _sign_sgd_reference(STEPS, WORLD)
     lr, n, differ = _spec({"name": "demo"}, 1).optim.lr, 0, 0
     for k, v in ref.items():
         got = out[0]["off_state"][k]
@@ -327,6 +343,8 @@ def gossip_rank(rank: int, world: int, folder: str) -> dict:
         t = _trainer({"name": "gossip", "consensus_every": 2, **opts}, rank, world)
         rows = [t.train_step() for _ in range(STEPS)]
         out["train"][name] = {"rows": rows, "final": _gather(flatten(_params(t)))}
+        if name == "ring":  # replicas differ: evaluated on their average, with their spread
+            out["train"][name].update(eval=t.evaluate(), state=_state(t))
     out["resume_exact"] = _resume_is_exact(rank, world, {"name": "gossip", "overlap": True}, folder)
     out["subgroup"] = mixer_on_subgroup(rank, world)
     return out
@@ -394,6 +412,15 @@ def test_gossip_on_4_ranks(four_ranks):
     torch.testing.assert_close(ring["final"], _gossip_reference("ring", world, overlap=False), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(overlap["final"], _gossip_reference("ring", world, overlap=True), rtol=1e-5, atol=1e-7)
     assert out["resume_exact"]
+    # held-out: the loss of the replicas' average, and the range of their own losses
+    states = [rank_out["gossip"]["train"]["ring"]["state"] for rank_out in four_ranks]
+    own = [_held_out(s) for s in states]
+    mean = _held_out({k: sum(s[k] for s in states) / world for k in states[0]})
+    for rank_out in four_ranks:
+        got = rank_out["gossip"]["train"]["ring"]["eval"]
+        assert got["val_loss"] == pytest.approx(mean, rel=1e-5)
+        assert got["val_spread"] == pytest.approx(max(own) - min(own), rel=1e-3, abs=1e-7)
+    assert max(own) > min(own)
     for r, rank_out in enumerate(four_ranks):  # the mixer over a sub-group: each pair averages, one send each
         sub = rank_out["gossip"]["subgroup"]
         torch.testing.assert_close(sub["after"][r], (sub["before"][r] + sub["before"][r ^ 2]) / 2, rtol=0, atol=1e-6)

@@ -40,7 +40,7 @@ def train(rank: int, world: int, strategy, ckpt: str | None = None, scenario: st
     rows = [trainer.train_step() for _ in range(STEPS)]
     if ckpt:
         trainer.strategy.save_checkpoint(ckpt)
-    return {"state": full_state(trainer.strategy.module), "rows": rows}
+    return {"state": full_state(trainer.strategy.module), "rows": rows, "eval": trainer.evaluate()}
 
 
 def load_into(rank: int, world: int, strategy, ckpt: str) -> dict:
@@ -59,6 +59,13 @@ def train_all(rank: int, world: int, ckpt: str) -> list[dict]:
         out.append(train(rank, world, o, scenario=SCENARIO))
     out.append(train(rank, world, {"name": "mesh", "fsdp": 2}, scenario=SCENARIO))  # plain 4-way FSDP
     return out
+
+
+def held_out(state: dict) -> float:
+    """single's held-out loss with ``state`` loaded."""
+    trainer = RankTrainer(_spec("single", 1), rank=0, world=1, device=torch.device("cpu"))
+    trainer.strategy.module.load_state_dict(state)
+    return trainer.evaluate()["val_loss"]
 
 
 def merged(states: list[dict]) -> dict:
@@ -91,6 +98,8 @@ def test_compositions_match_single(tmp_path):
             assert sum(r[step]["samples"] for r in rows) == BATCH, o  # each sample reported once
         for r in rows:  # ranks that compute no loss say so with NaN, never 0
             assert all(x["samples"] or math.isnan(x["loss"]) for x in r), o
+        for r in ranks:  # held-out loss: every rank has the whole figure, single's
+            assert r["eval"]["val_loss"] == pytest.approx(ref["eval"]["val_loss"], rel=1e-5), o
 
     # the pipeline x FSDP checkpoint (single-process names) loads into single
     single = RankTrainer(_spec("single", 1), rank=0, world=1, device=torch.device("cpu"))
@@ -118,6 +127,13 @@ def test_compositions_match_single(tmp_path):
         assert all(x["bytes_intra"] > 0 for x in rows[0]), outer  # FSDP inside each node
         # the replicas across nodes agree where the method makes them (demo: bit-identical;
         # diloco with outer_every=1, lr 1 and no momentum: averaged every step)
+        if outer == "gossip":  # replicas differ: scored on their average, spread = their range
+            own = [held_out(out[r][n + j]["state"]) for r in (0, 2)]
+            a, b = out[0][n + j]["state"], out[2][n + j]["state"]
+            mean = held_out({k: (a[k] + b[k]) / 2 for k in a})
+            for r in out:
+                assert r[n + j]["eval"]["val_loss"] == pytest.approx(mean, rel=1e-5)
+                assert r[n + j]["eval"]["val_spread"] == pytest.approx(abs(own[0] - own[1]), rel=1e-4, abs=1e-6)
         if outer in ("demo", "diloco"):
             a, b = out[0][n + j]["state"], out[2][n + j]["state"]
             for k in a:

@@ -41,8 +41,9 @@ def full_state(strategy) -> dict:
 def train(rank: int, world: int, strategy, steps: int = 5, grad_accum: int = 1) -> dict:
     trainer = _trainer(rank, world, strategy, grad_accum)
     rows = [trainer.train_step() for _ in range(steps)]
+    memory = trainer.strategy.memory_bytes()
     return {"state": full_state(trainer.strategy), "losses": [r["loss"] for r in rows],
-            "rows": rows, "memory": trainer.strategy.memory_bytes()}
+            "rows": rows, "memory": memory, "eval": trainer.evaluate()}
 
 
 def train_and_save(rank: int, world: int, strategy, steps: int, url: str) -> dict:
@@ -78,6 +79,8 @@ def test_zero_matches_single(runs, stage):
     torch.testing.assert_close(torch.tensor(mean_losses), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
     for row in runs[stage][0]["rows"]:
         assert row["bytes_sent"] > 0 and row["grad_norm"] > 0 and row["lr"] > 0
+    for r in runs[stage]:  # held-out loss through DeepSpeed's forward: the whole figure on every rank
+        assert r["eval"]["val_loss"] == pytest.approx(ref["eval"]["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("stage,key", [("zero1", "optim_bytes"), ("zero2", "grad_bytes"), ("zero3", "param_bytes")])

@@ -26,10 +26,15 @@ def _check_metrics(df: pd.DataFrame, *, steps: int, workers: int, strategy: str)
 
 
 def test_python_api_ddp_two_workers(ray_address, tmp_path):
-    spec = JobSpec(workload="gpt-tiny", strategy="ddp", workers=2, steps=3, storage=str(tmp_path))
+    spec = JobSpec(workload="gpt-tiny", strategy="ddp", workers=2, steps=3, storage=str(tmp_path), eval_every=2)
     result = run(spec, progress=False)
     df = result.metrics
     _check_metrics(df, steps=3, workers=2, strategy="ddp")
+    # held-out loss after steps 2 (eval_every) and 3 (the last), the same on both ranks; NaN between
+    evaluated = df[df.val_loss.notna()]
+    assert sorted(set(evaluated.step)) == [2, 3] and (df[df.step == 1].eval_s == 0).all()
+    assert (evaluated.groupby("step").val_loss.nunique() == 1).all() and (evaluated.eval_s > 0).all()
+    assert (df.load_avg >= 0).all()
     params = 3_323_392  # gpt-tiny's default shape
     assert (df.bytes_sent == params * 4).all()  # ring all-reduce at 2 ranks: 2 (n-1)/n x 4 bytes
     saved = yaml.safe_load(open(os.path.join(result.url, "spec.yaml")))

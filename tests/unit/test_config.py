@@ -27,6 +27,9 @@ BASE = ["--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "2", "--step
     ([*BASE, "--set", "workload.d_model=100", "--set", "workload.n_heads=3"], "workload.d_model=100: must be divisible by n_heads=3"),
     ([*BASE, "--set", "colour=red"], "colour: unknown key (allowed: workload, strategy"),
     ([*BASE, "--set", "optim.lr=-1"], "optim.lr=-1: Input should be greater than 0"),
+    ([*BASE, "--set", "optim.name=lion"], "optim.name='lion': Input should be 'adamw' or 'sgd'"),
+    ([*BASE, "--set", "eval_every=-1"], "eval_every=-1: Input should be greater than or equal to 0"),
+    ([*BASE, "--set", "eval_samples=0"], "eval_samples=0: Input should be greater than or equal to 1"),
     ([*BASE, "--set", "novalue"], "--set 'novalue': expected KEY=VALUE"),
     (["--workload", "gpt-tiny", "--strategy", "single", "--workers", "2"], "workers=2: strategy 'single' runs exactly 1 worker"),
     ([*BASE, "--storage", "/proc/polytrain-cannot-write-here"], "storage='/proc/polytrain-cannot-write-here': not writable"),
@@ -88,6 +91,13 @@ def test_toml_config(tmp_path):
     cfg.write_text('workload = "gpt-tiny"\nstrategy = "single"\nsteps = 3\n[optim]\nlr = 0.002\n')
     spec = load_spec(config=str(cfg))
     assert spec.steps == 3 and spec.optim.lr == 0.002
+
+
+def test_evaluation_defaults_to_a_few_times_a_run_and_is_recorded():
+    spec = JobSpec(workload="gpt-tiny", strategy="ddp", workers=2, steps=100)
+    assert spec.eval_every == 25  # and after the last step, always
+    assert JobSpec(workload="gpt-tiny", strategy="ddp", steps=3).eval_every == 1
+    assert JobSpec.model_validate(spec.model_dump()).eval_every == 25
 
 
 def test_spec_round_trips_through_yaml(tmp_path):
