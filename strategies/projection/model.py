@@ -231,7 +231,8 @@ def _memory(job: Job, held: int) -> dict[str, int]:
     n = job.layout.world
     params = held // job.layout.fsdp if job.shards else held // n if job.zero == 3 else held
     grads = held // n if job.zero >= 2 else params
-    optim = (held // n if job.zero else params) * (1 if job.outer == "demo" else ADAM_STATE)
+    moments = 1 if job.outer == "demo" or job.options.get("optimizer") == "sgd" else ADAM_STATE  # sign step, momentum SGD
+    optim = (held // n if job.zero else params) * moments
     return {"param_bytes_per_rank": params, "state_bytes_per_rank": params + grads + optim}
 
 

@@ -206,3 +206,11 @@ def test_the_target_is_this_machine_unless_a_scenario_or_speed_is_given():
     fast = parse_target(None, 40.0, [2])
     assert (fast.scenario, fast.speed, fast.cores) == (None, 40.0, None)
     assert parse_target("per_node=8,inter=25gbit", None, [4, 64]).scenario.per_node == 8  # 4: inside one node
+
+
+def test_momentum_sgd_holds_one_buffer_adamw_two():
+    prof = _profile(1, param_bytes=1000)
+    adamw = predict(prof, Job(strategy="powersgd", layout=Layout(dp=2), microbatches=1), _flat(1.0, 0.0))
+    sgd = predict(prof, Job(strategy="powersgd", layout=Layout(dp=2), microbatches=1, options={"optimizer": "sgd"}),
+                  _flat(1.0, 0.0))
+    assert (adamw.state_bytes_per_rank, sgd.state_bytes_per_rank) == (4000, 3000)
