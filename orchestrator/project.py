@@ -110,7 +110,7 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
              f"real steps; {len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
              (f"the batch grows with N: each replica {microbatches} x {prof.micro_batch} samples a step "
-             f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + AdamW"),
+             f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + optimizer state"),
              (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
              f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
