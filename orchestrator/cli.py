@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_matrix_commands(sub)
     _add_cluster_commands(sub)
     _add_pipeline_commands(sub)
+    from orchestrator.project import add_parser as _add_project_command  # noqa: E402
+
+    _add_project_command(sub)
     for name, what in (("workloads", "registered workloads and their options"),
                        ("strategies", "registered strategies and their options"),
                        ("scenarios", "simulated network scenarios (--scenario)")):
@@ -444,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_job(args)
         if args.command == "pipeline":
             return cmd_pipeline_show(args)
+        if args.command == "project":
+            from orchestrator.project import run_cli
+
+            return run_cli(args)
         return cmd_run(args)
     except ConfigError as e:
         print(f"polytrain: error: {e}", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""The projection's measured inputs: one rank of the workload, one thread, a few
+seconds (see docs/projection.md, *Measured inputs*)."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from strategies.projection import Profile
+    from workloads import Workload
+
+
+@contextmanager
+def _one_thread():
+    """A worker alone on one core: what the projection's speed factor is relative to."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
+    """Measure ``workload`` on this rank (seconds and steps of the run are in the result).
+
+    The blocks' F/B/W, timed apart, are scaled so that they add up to what one
+    micro-batch costs in the real training step (``single`` on one rank, with 1
+    and 2 micro-batches: the difference is one micro-batch, the rest a step's
+    fixed cost)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from strategies.pipeline.stages import boundary_shapes, measure_blocks
+    from strategies.projection import Profile
+
+    t0 = time.perf_counter()
+    with _one_thread(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        blocks = workload.blocks()
+        source = workload.train_source()
+        k = min(workload.micro_batch, len(source))
+        probe = tuple(source.gather(np.arange(k)))
+        shapes = boundary_shapes(blocks, probe)
+        measured = measure_blocks(blocks, workload, probe, repeats=repeats)
+        model = nn.Sequential(*blocks)
+        attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
+        outer = _outer_seconds(model, seed)
+        one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
+    calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
+    return Profile(
+        workload=workload.name, micro_batch=k, blocks=calibrated,
+        shapes=tuple(tuple(tuple(p.shape) for p in b.parameters()) for b in blocks),
+        param_bytes=tuple(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks),
+        act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
+        attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
+        optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
+        fixed_s=fixed,
+        seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
+
+
+def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tuple, float]:
+    """Blocks scaled to the real step's cost of a micro-batch (``two - one``: steps of 2
+    and 1 micro-batches) and the step's fixed cost beyond it and the optimizer; the
+    blocks as measured when the difference is not positive (noise)."""
+    from strategies.pipeline.stages import BlockProfile
+
+    per_mb, summed = two - one, sum(b.total for b in blocks)
+    if per_mb <= 0 or summed <= 0:
+        return tuple(blocks), 0.0
+    scale = per_mb / summed
+    return (tuple(BlockProfile(b.f * scale, b.b * scale, b.w * scale, b.params) for b in blocks),
+            max(0.0, one - per_mb - optim_s))
+
+
+def _real_step_seconds(workload: Workload, micro_batches: int, seed: int, repeats: int) -> float:
+    """The fastest of ``repeats`` real training steps (after one) of ``single`` on
+    ``micro_batches`` micro-batches: the job's own loop, data, loss and clipping."""
+    import torch
+
+    from orchestrator.config import JobSpec
+    from orchestrator.trainer import RankTrainer
+
+    spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy="single", workers=1, steps=repeats + 1, seed=seed,
+                   batch_size=workload.micro_batch * micro_batches, grad_accum=micro_batches)
+    trainer = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"), workload=workload)
+    return min(trainer.train_step()["step_time_s"] for _ in range(repeats + 1))
+
+
+def _best_of(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: state allocation
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _outer_seconds(model, seed: int) -> dict[str, float]:
+    """One step's own compute of AdamW, DeMo and PowerSGD on the whole model, one rank
+    (their collectives at world 1 cost nothing)."""
+    import torch
+
+    from cluster import Comm
+    from strategies.base import OptimConfig
+    from strategies.compression.base import Wire
+    from strategies.compression.powersgd import PowerSGDCompressor
+    from strategies.decentralized.demo import DeMo
+    from strategies.optim import build_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt, _ = build_optimizer(model, OptimConfig(), 100)
+    demo = DeMo(params, Comm(), topk=32, chunk=64, decay=0.999, value_dtype=torch.bfloat16,
+                decays=[p.dim() > 1 for p in params])
+    names = [f"p{i}" for i in range(len(params))]
+    psgd = PowerSGDCompressor(Wire(Comm()), {n: p.shape for n, p in zip(names, params)}, rank=4,
+                              min_compression_rate=2.0, seed=seed)
+    grads = lambda: [(n, p.grad.clone()) for n, p in zip(names, params)]
+    with torch.no_grad():
+        out = {"adamw": _best_of(opt.step), "demo": _best_of(lambda: demo.step(1e-3, 0.0)),
+               "powersgd": _best_of(lambda: psgd.reduce(grads(), 100))}
+    for p in params:
+        p.grad = None
+    return out

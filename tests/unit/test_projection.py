@@ -1,0 +1,216 @@
+"""The projection model against closed forms at scale, its layout rules, and the
+pieces of `polytrain project` that need no profiling run."""
+import math
+
+import pytest
+
+from cluster.comm import ring_allreduce_bytes
+from cluster.mesh import Layout
+from cluster.network import Link, Scenario, parse_scenario
+from orchestrator.project import (
+    crossovers,
+    default_target,
+    loss_curve,
+    steps_to_target,
+    table,
+)
+from strategies.pipeline.stages import BlockProfile
+from strategies.projection import Profile, Skip, Target, job_for, predict
+from strategies.projection.model import Job, buckets
+from workloads import WORKLOADS
+
+
+def _profile(n_blocks: int, *, f=0.0, b=0.0, w=0.0, param_bytes=0, act_bytes=0) -> Profile:
+    return Profile(workload="synthetic", micro_batch=1, blocks=tuple(BlockProfile(f, b, w, 0) for _ in range(n_blocks)),
+                   shapes=tuple(((param_bytes // 4,),) for _ in range(n_blocks)),
+                   param_bytes=(param_bytes,) * n_blocks, act_bytes=(act_bytes,) * n_blocks)
+
+
+def _flat(gbit: float, latency: float, per_node: int = 1) -> Target:
+    link = Link(gbit_s=gbit, latency_s=latency)
+    return Target(scenario=Scenario(name="t", description="", per_node=per_node, intra=link, inter=link))
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 64, 1000, 1024])
+def test_ddp_comm_is_the_closed_form_ring_allreduce(n):
+    """No compute to hide behind: the exposed time is 2(N-1) latencies + 2(N-1)/N of the bytes at the bandwidth."""
+    size, gbit, alpha = 8 * 2**20, 25.0, 7e-6
+    job = Job(strategy="ddp", layout=Layout(dp=n), microbatches=1)
+    p = predict(_profile(1, param_bytes=size), job, _flat(gbit, alpha))
+    closed = 2 * (n - 1) * alpha + 2 * (n - 1) * size // n * 8 / (gbit * 1e9)
+    assert p.comm_s == pytest.approx(closed, rel=1e-12)
+    assert p.bytes_inter == 2 * (n - 1) * size // n and p.bytes_intra == 0
+    assert p.compute_s == 0 and p.bubble_s == 0
+
+
+def test_an_all_reduce_inside_one_node_is_intra_and_hidden_under_backward():
+    """One node of 8 holds all ranks: intra bytes; a backward longer than the all-reduce hides all but the last bucket."""
+    job = Job(strategy="ddp", layout=Layout(dp=8), microbatches=1)
+    p = predict(_profile(4, f=0.1, b=0.1, w=0.1, param_bytes=10 * 2**20), job, _flat(100.0, 0.0, per_node=8))
+    last_bucket = 2 * 7 * (20 * 2**20) // 8 * 8 / 100e9  # buckets of 25 MiB hold two blocks each
+    assert buckets([10 * 2**20] * 4) == [[3, 2], [1, 0]]
+    assert p.bytes_intra > 0 and p.bytes_inter == 0
+    assert p.comm_s == pytest.approx(last_bucket, rel=1e-9)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("schedule, bubble", [("1f1b", lambda p, f, b, w: (p - 1) * (f + b + w)),
+                                              ("zb-h1", lambda p, f, b, w: (p - 1) * (f + b - w))])
+def test_pipeline_bubble_is_the_closed_form(p, schedule, bubble):
+    """One block a stage, uniform F/B/W, free transfers: 1F1B idles (p-1)(F+B+W), ZB-H1 (p-1)(F+B-W).
+    The only communication left is the gradient norm's all-reduce over the stages (one fp32)."""
+    f, b, w, m = 1.0, 1.2, 0.7, 2 * p
+    job = Job(strategy="pipeline", layout=Layout(pp=p), microbatches=m, schedule=schedule)
+    pred = predict(_profile(p, f=f, b=b, w=w), job, _flat(1.0, 0.0))
+    assert pred.bubble_s == pytest.approx(bubble(p, f, b, w), rel=1e-9)
+    assert pred.compute_s == pytest.approx(m * (f + b + w), rel=1e-9)
+    assert pred.comm_s == pytest.approx(ring_allreduce_bytes(4, p) * 8 / 1e9, rel=1e-9)
+
+
+def test_cores_shared_slow_compute_and_speed_speeds_it():
+    prof = _profile(2, f=1.0, b=1.0, w=1.0)
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(12.0)  # 4 workers on 2 cores
+    assert predict(prof, job, _flat(1.0, 0.0)).compute_s == pytest.approx(6.0)
+    assert predict(prof, job, Target(scenario=parse_scenario("internet-1g"), speed=40)).compute_s == \
+        pytest.approx(6.0 / 40)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return WORKLOADS.get("gpt-tiny")()
+
+
+def test_layout_rules(gpt):
+    """pipeline: the largest divisor of N within the blocks, the rest dp; sequence: the largest degree that fits."""
+    job = job_for("pipeline", {}, 64, gpt, microbatches=8, n_blocks=6)
+    assert (job.layout.pp, job.layout.dp) == (4, 16)
+    assert job_for("pipeline", {}, 6, gpt, microbatches=8, n_blocks=6).layout.pp == 6
+    with pytest.raises(Skip, match="pipeline on 1 workers"):
+        job_for("pipeline", {}, 1, gpt, microbatches=8, n_blocks=6)
+    seq = job_for("sequence", {}, 1024, gpt, microbatches=4, n_blocks=6)  # seq_len 128, zigzag: sp <= 64
+    assert (seq.layout.sp, seq.layout.dp) == (64, 16)
+    assert job_for("fsdp", {}, 8, gpt, microbatches=4, n_blocks=6).shards
+    assert job_for("zero2", {}, 8, gpt, microbatches=4, n_blocks=6).zero == 2
+    with pytest.raises(Skip, match="no projection model"):
+        job_for("terngrad", {}, 8, gpt, microbatches=4, n_blocks=6)
+    with pytest.raises(ValueError, match="strategy='nosuch'"):
+        job_for("nosuch", {}, 2, gpt, microbatches=4, n_blocks=6)
+
+
+def test_sharded_memory_and_bytes_against_the_formulas():
+    """FSDP holds 1/N of the parameters; it gathers each block twice per micro-batch and reduce-scatters once."""
+    n, size, m = 4, 4 * 2**20, 2
+    job = Job(strategy="fsdp", layout=Layout(fsdp=n), microbatches=m, shards=True)
+    p = predict(_profile(3, param_bytes=size), job, _flat(10.0, 0.0, per_node=n))
+    per_block = 2 * m * (n - 1) * (size // n) + (n - 1) * size // n
+    assert p.bytes_intra == 3 * per_block + ring_allreduce_bytes(4, n)  # and the gradient norm (clipping)
+    assert p.param_bytes_per_rank == 3 * size // n and p.state_bytes_per_rank == 4 * 3 * size // n
+
+
+def test_crossovers_mark_where_one_strategy_overtakes_another():
+    series = {"a": [(1, 1.0), (2, 2.0), (4, 4.0)], "b": [(1, 3.0), (2, 3.0), (4, 3.0)]}
+    (n, t, winner, loser), = crossovers(series)
+    assert 2 < n < 4 and 2.0 < t < 4.0 and (winner, loser) == ("b", "a")
+
+
+def test_time_to_target_uses_held_out_loss_where_evaluated():
+    import pandas as pd
+
+    m = pd.DataFrame({"step": [1, 2, 3, 4], "rank": 0, "loss": [3.0, 2.0, 1.0, 0.5], "samples": 8,
+                      "val_loss": [math.nan, 2.5, math.nan, 1.5]})
+    assert loss_curve(m) == [(2, 2.5), (4, 1.5)]
+    assert loss_curve(m.drop(columns="val_loss"))[2] == (3, 1.0)
+    curves = {"ddp": loss_curve(m)}
+    assert default_target(curves) == 1.5 and steps_to_target(curves["ddp"], 2.0) == 4
+    prof = _profile(1, f=0.5)
+    rows = [predict(prof, Job(strategy=s, layout=Layout(dp=2), microbatches=1), _flat(1.0, 0.0)) for s in ("ddp", "demo")]
+    df = table(rows, curves, 2.0)
+    assert df.time_to_target_s.iloc[0] == pytest.approx(4 * rows[0].step_s) and math.isnan(df.time_to_target_s.iloc[1])
+
+
+def _fake_run(tmp_path, strategy: str, losses: list[float]) -> str:
+    from orchestrator.config import JobSpec
+    from orchestrator.metrics import metrics_table
+    from orchestrator.storage import RunFolder
+
+    spec = JobSpec(workload={"name": "gpt-tiny", "d_model": 64, "seq_len": 32}, strategy=strategy, workers=2, steps=len(losses), storage=str(tmp_path),
+                   run_id=strategy)
+    folder = RunFolder(str(tmp_path), strategy)
+    folder.create(spec.to_yaml())
+    rows = [{"run_id": strategy, "workload": "gpt-tiny", "strategy": strategy, "scenario": "local", "step": s + 1,
+             "rank": r, "loss": loss, "step_time_s": 0.1, "samples": 8} for s, loss in enumerate(losses) for r in (0, 1)]
+    folder.compact("metrics", metrics_table(rows))
+    return folder.url
+
+
+def test_report_section_projects_the_reports_own_runs(tmp_path):
+    import base64
+
+    from orchestrator.project import report_section
+
+    runs = [_fake_run(tmp_path, "ddp", [3.0, 2.0, 1.5, 1.2]), _fake_run(tmp_path, "fsdp", [3.0, 2.5, 2.0, 1.4])]
+    md, plots = report_section(runs, "internet-1g", workers=(64,))
+    assert md.startswith("## Projection") and "internet-1g" in md and "time to loss 1.4000" in md
+    lines = [line for line in md.splitlines() if line.startswith(("| ddp |", "| fsdp |"))]
+    assert [line.split(" | ")[1] for line in lines] == ["2", "64", "2", "64"]
+    assert all(line.rstrip(" |").split(" | ")[-1] != "-" for line in lines)  # both runs reach the target
+    (title, png), = plots
+    assert "internet-1g" in title and base64.b64decode(png)[:4] == b"\x89PNG"
+
+
+def test_blocks_are_calibrated_to_the_real_step_and_its_fixed_cost_counts():
+    from orchestrator.project import calibrate
+
+    blocks = [BlockProfile(0.1, 0.1, 0.1, 0), BlockProfile(0.2, 0.2, 0.2, 0)]  # 0.9 s timed apart
+    scaled, fixed = calibrate(blocks, one=1.3, two=2.5, optim_s=0.05)  # the real step: 1.2 s a micro-batch
+    assert sum(b.total for b in scaled) == pytest.approx(1.2) and scaled[1].f == pytest.approx(2 * scaled[0].f)
+    assert fixed == pytest.approx(1.3 - 1.2 - 0.05)
+    assert calibrate(blocks, one=1.3, two=1.2, optim_s=0.05) == (tuple(blocks), 0.0)  # noise: as measured
+    prof = Profile(**{**_profile(2, f=0.1).__dict__, "fixed_s": 0.05})
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(2 * (0.2 + 0.05))
+
+
+def test_from_a_run_gives_time_to_target_in_the_printed_table(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    run = _fake_run(tmp_path, "ddp", [3.0, 2.0, 1.5, 1.2])
+    argv = ["project", "--workload", "gpt-tiny", "--set", "workload.d_model=64", "--set", "workload.seq_len=32",
+            "--strategies", "ddp,fsdp", "--workers", "2", "--scenario", "internet-1g", "--from", run,
+            "--target-loss", "1.5"]
+    assert main(argv) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(("ddp", "fsdp"))}
+    step = float(lines["ddp"].split()[3])
+    assert float(lines["ddp"].split()[-1]) == pytest.approx(3 * step, abs=0.1)  # step 3 reaches 1.5
+    assert lines["fsdp"].split()[-1] == "-"  # no measured curve
+
+
+def test_hsdp_all_reduces_the_shards_across_nodes():
+    """FSDP inside each node of 4, the shards all-reduced across the 2 nodes: inter-node bytes are the ring's on 1/4."""
+    size = 4 * 2**20
+    job = Job(strategy="mesh", layout=Layout(dp=2, fsdp=4), microbatches=1, shards=True)
+    p = predict(_profile(3, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
+    assert p.bytes_inter == ring_allreduce_bytes(3 * size // 4, 2)
+
+
+def test_the_target_is_this_machine_unless_a_scenario_or_speed_is_given():
+    import os
+
+    from orchestrator.project import parse_target
+
+    here = parse_target(None, None, [2, 4])
+    assert (here.scenario, here.speed, here.cores) == (None, 1.0, os.cpu_count())
+    remote = parse_target("internet-1g", None, [2, 4])
+    assert (str(remote.scenario), remote.speed, remote.cores) == ("internet-1g", 1.0, None)
+    fast = parse_target(None, 40.0, [2])
+    assert (fast.scenario, fast.speed, fast.cores) == (None, 40.0, None)
+    assert parse_target("per_node=8,inter=25gbit", None, [4, 64]).scenario.per_node == 8  # 4: inside one node
+
+
+def test_momentum_sgd_holds_one_buffer_adamw_two():
+    prof = _profile(1, param_bytes=1000)
+    adamw = predict(prof, Job(strategy="powersgd", layout=Layout(dp=2), microbatches=1), _flat(1.0, 0.0))
+    sgd = predict(prof, Job(strategy="powersgd", layout=Layout(dp=2), microbatches=1, options={"optimizer": "sgd"}),
+                  _flat(1.0, 0.0))
+    assert (adamw.state_bytes_per_rank, sgd.state_bytes_per_rank) == (4000, 3000)
