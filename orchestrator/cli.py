@@ -85,6 +85,7 @@ def _add_matrix_commands(sub) -> None:
                    help="override a job spec field for every run, e.g. workload.d_model=64")
     c.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto)")
     c.add_argument("--quiet", action="store_true", help="no per-run progress line")
+    _add_project_on(c)
 
     r = sub.add_parser("report", help="render a report from existing run folders",
                        description="Render report.html and report.md from run folders (paths or fsspec URLs; "
@@ -92,6 +93,39 @@ def _add_matrix_commands(sub) -> None:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", required=True, help="folder or fsspec URL for report.html and report.md")
     r.add_argument("--target-loss", dest="target_loss", type=float, help="loss the ranking times runs to")
+    _add_project_on(r)
+
+
+def _add_project_on(p) -> None:
+    p.add_argument("--project-on", dest="project_on", metavar="SCENARIO",
+                   help="the report's projection section: the runs projected on 8, 64 and 1024 workers of this "
+                   "scenario (default: the first scenario; none: no section)")
+    p.add_argument("--project-speed", dest="project_speed", type=float, metavar="X",
+                   help="with --project-on: each worker computes X times one core of this machine")
+
+
+def _project_on(args: argparse.Namespace, base: dict | None = None):
+    """--project-on/--project-speed (over a compare file's project_on:, project_speed:)."""
+    import math
+
+    from orchestrator.config import ConfigError
+    from orchestrator.report import ProjectOn
+
+    base = base if base is not None else {}
+    scenario = args.project_on if args.project_on is not None else base.pop("project_on", None)
+    speed = args.project_speed if args.project_speed is not None else base.pop("project_speed", None)
+    base.pop("project_on", None), base.pop("project_speed", None)
+    if speed is not None and not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0):
+        raise ConfigError(f"--project-speed {speed!r}: must be a number > 0 (a worker's speed relative to one core "
+                          f"here)")
+    if scenario not in (None, "none"):
+        from orchestrator.project import parse_target
+
+        try:
+            parse_target(str(scenario), speed, [8])
+        except ValueError as e:
+            raise ConfigError(f"--project-on {scenario!r}: {e}") from None
+    return ProjectOn(scenario=None if scenario is None else str(scenario), speed=speed)
 
 
 def _add_dashboard(p) -> None:
@@ -156,6 +190,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     strategies = base.pop("strategies", None)
     scenarios = base.pop("scenarios", None)
     repeat, make_tuning = _repeat_and_tuning(args, base)
+    project_on = _project_on(args, base)
     if args.strategies is not None:
         strategies = args.strategies
     if isinstance(strategies, str):
@@ -182,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--out: required (a folder or fsspec URL for the run folders and the report)")
     combos, html_url, md_url = run_matrix(base, strategies, scenarios, out, address=args.address,
                                           target_loss=args.target_loss, progress=not args.quiet, repeat=repeat,
-                                          tuning=tuning)
+                                          tuning=tuning, project_on=project_on)
     failed = [c for c in combos if c.status != "ok"]
     print(f"{len(combos) - len(failed)}/{len(combos)} runs succeeded\nreport: {html_url}\n        {md_url}")
     return EXIT_FAILED if len(failed) == len(combos) else EXIT_OK
@@ -233,7 +268,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             check_protocol(url)
         except ValueError as e:
             raise ConfigError(f"{flag} {url!r}: {e}") from None
-    html_url, md_url = report_from_urls(args.runs, args.out, target_loss=args.target_loss)
+    html_url, md_url = report_from_urls(args.runs, args.out, target_loss=args.target_loss,
+                                        project_on=_project_on(args))
     print(f"report: {html_url}\n        {md_url}")
     return EXIT_OK
 

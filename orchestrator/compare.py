@@ -340,7 +340,7 @@ def _write_matrix(out: str, combos: list[Combination], tunes, chosen: dict[str, 
 
 def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: str, *, address: str | None = None,
                target_loss: float | None = None, progress: bool = True, stream=None, repeat: int = 1,
-               tuning: Tuning | None = None):
+               tuning: Tuning | None = None, project_on=None):
     """Run every strategy x scenario (``repeat`` times round-robin) one after another on
     one Ray instance, each strategy first tuned over its grid (``tuning``) on a short
     budget and then run at its best point; keep going past failures (recorded with
@@ -388,5 +388,5 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
             f"the network model's delays); the comparison runs it at its best point by final held-out loss "
             f"(training loss where a run has no held-out evaluation).")
     _write_matrix(out, [c for c, _ in combos], tunes, chosen, note)
-    html_url, md_url = report_from_urls([out], out, target_loss=target_loss)
+    html_url, md_url = report_from_urls([out], out, target_loss=target_loss, project_on=project_on)
     return [c for c, _ in combos], html_url, md_url

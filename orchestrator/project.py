@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the parser is built on every `polytrain` call: torch is imported only to project
@@ -67,7 +67,7 @@ def curves_from(urls: list[str]) -> dict[str, list[tuple[int, float]]]:
     """Each strategy's measured curve from run folders or comparison folders (its first run's)."""
     from orchestrator.report import expand_urls, load_run
 
-    found, _ = expand_urls(urls)
+    found = [url for url, _, _ in expand_urls(urls).runs]
     curves: dict[str, list[tuple[int, float]]] = {}
     for url in found:
         run = load_run(url)
@@ -270,15 +270,15 @@ def _run_spec(url: str) -> dict:
 
 
 def report_section(runs: list[str], scenario: str | None = None, *, speed: float | None = None,
-                   workers: tuple[int, ...] = (8, 64, 1024)) -> tuple[str, list[tuple[str, str]]]:
+                   workers: tuple[int, ...] = (8, 64, 1024)) -> "Section":
     """The comparison report's projection: its own runs' workload and strategies (with
     their options) projected on ``scenario``/``speed`` (neither: this machine), time to
-    the loss every run reached from their measured curves. Returns (Markdown, [(title,
-    PNG as base64)]). ConfigError for a target that cannot be parsed."""
+    the loss every run reached from their measured curves. ConfigError for a target
+    that cannot be parsed."""
     from orchestrator.config import ConfigError, JobSpec
     from orchestrator.report import expand_urls, load_run
 
-    found, _ = expand_urls(runs)
+    found = [url for url, _, _ in expand_urls(runs).runs]
     specs = [_run_spec(u) for u in found]
     strategies: dict[str, dict] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -298,15 +298,34 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
     target_loss = default_target(curves)
     df = table(rows, curves, target_loss)
     png = plot(sweep(prof, workload, chosen, target), f"{prof.workload} on {target.name} (speed x{target.speed:g})")
-    md = ["## Projection", "", (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile "
-          f"({prof.seconds:.1f} s); time to loss {target_loss:.4f} = the run's steps to it x the predicted step. "
-          "See docs/projection.md for what is modelled."), "",
-          ("| strategy | N | layout | step s | compute s | exposed comm s | bubble s | MB inter | MB/rank state | "
-          "to target s |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
-        md.append(f"| {r.strategy} | {r.workers} | {r.layout} | {r.predicted_step_s:.4f} | {r.predicted_compute_s:.4f} "
-                  f"| {r.predicted_comm_s:.4f} | {r.predicted_bubble_s:.4f} | {r.bytes_inter / 1e6:.2f} | "
-                  f"{r.state_bytes_per_rank / 1e6:.2f} | {ttt} |")
-    md += [""] + [f"- {n}" for n in notes]
-    return "\n".join(md), [(f"Predicted step time against N on {target.name}", base64.b64encode(png).decode())]
+        rows.append([r.strategy, str(r.workers), r.layout, f"{r.predicted_step_s:.4f}", f"{r.predicted_compute_s:.4f}",
+                     f"{r.predicted_comm_s:.4f}", f"{r.predicted_bubble_s:.4f}", f"{r.bytes_inter / 1e6:.2f}",
+                     f"{r.state_bytes_per_rank / 1e6:.2f}", ttt])
+    intro = (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile ({prof.seconds:.1f} s); "
+             f"time to loss {target_loss:.4f} = the run's steps to it x the predicted step. See docs/projection.md "
+             f"for what is modelled.")
+    return Section(intro=intro, header=list(SECTION_HEADER), rows=rows, notes=list(notes),
+                   plots=[(f"Predicted step time against N on {target.name}", base64.b64encode(png).decode())])
+
+
+SECTION_HEADER = ("strategy", "N", "layout", "step s", "compute s", "exposed comm s", "bubble s", "MB inter",
+                  "MB/rank state", "to target s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    """The comparison report's projection: text, one table, notes and the picture."""
+
+    intro: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str]
+    plots: list[tuple[str, str]]  # (title, PNG as base64)
+
+    def markdown(self) -> str:
+        lines = ["## Projection", "", self.intro, "", "| " + " | ".join(self.header) + " |",
+                 "|" + "---|" * len(self.header)] + ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])

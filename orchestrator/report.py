@@ -12,6 +12,7 @@ import html
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import pandas as pd
@@ -65,6 +66,8 @@ class Report:
     target_loss: float | None = None  # None: per scenario, the worst final quality (every run reaches it)
     tuning: list[Tuned] = field(default_factory=list)
     tuning_note: str = ""  # how the grid ran (budget, scenario)
+    projection: Any = None  # orchestrator.project.Section: the runs projected on a target cluster
+    projection_note: str = ""  # why there is none
 
     @property
     def scenarios(self) -> list[str]:
@@ -375,6 +378,10 @@ def render_markdown(report: Report) -> str:
             if f.scenario == sc:
                 lines.append(f"- **{f.label} failed**: {f.error}" + (f" ({f.url})" if f.url else ""))
         lines.append("")
+    if report.projection is not None:
+        lines += [report.projection.markdown(), ""]
+    elif report.projection_note:
+        lines += ["## Projection", "", report.projection_note, ""]
     lines += ["## Runs", ""] + _md_table(RUNS_HEADER, runs_rows(report))
     return "\n".join(lines)
 
@@ -422,6 +429,12 @@ def render_html(report: Report, plots: dict[str, list[tuple[str, str]]]) -> str:
         if section in plots:
             parts.append(f"<h2>{e(section)}</h2>")
             parts += _figures(plots[section])
+    if report.projection is not None:
+        p = report.projection
+        parts += ["<h2>Projection</h2>", f"<p>{_html_text(p.intro)}</p>", _html_table(p.header, p.rows, "projection")]
+        parts += [f"<p>{_html_text(n)}</p>" for n in p.notes] + _figures(p.plots)
+    elif report.projection_note:
+        parts += ["<h2>Projection</h2>", f"<p>{_html_text(report.projection_note)}</p>"]
     parts += ["<h2>Runs</h2>", _html_table(RUNS_HEADER, runs_rows(report), "runs"), "</body></html>"]
     return "\n".join(parts)
 
@@ -447,8 +460,37 @@ def write_report(report: Report, out: str) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
-def report_from_urls(urls: list[str], out: str, *, target_loss: float | None = None) -> tuple[str, str]:
+@dataclass(frozen=True, kw_only=True)
+class ProjectOn:
+    """The cluster a report projects its runs on (``--project-on``, ``--project-speed``)."""
+
+    scenario: str | None = None  # None: the report's first scenario; "none": no projection
+    speed: float | None = None
+    workers: tuple[int, ...] = (8, 64, 1024)
+
+
+def project_runs(report: Report, urls: list[str], on: ProjectOn) -> None:
+    """The report's projection section: its own runs on ``on``'s cluster. A strategy or
+    workload the model cannot project leaves a one-line note, not a failed report."""
+    scenario = on.scenario if on.scenario is not None else (report.scenarios or ["local"])[0]
+    if scenario == "none" or not report.runs:
+        return
+    from orchestrator.project import report_section
+
+    try:
+        report.projection = report_section(urls, None if scenario == "local" and on.speed is None else scenario,
+                                           speed=on.speed, workers=on.workers)
+    except ConfigError:
+        raise
+    except Exception as e:  # a composition the model does not cover: the tables still stand
+        report.projection_note = f"Not projected: {(str(e).splitlines() or [type(e).__name__])[0]}"
+
+
+def report_from_urls(urls: list[str], out: str, *, target_loss: float | None = None,
+                     project_on: ProjectOn | None = None) -> tuple[str, str]:
     """`polytrain report RUN_DIR... --out DIR` (and the report a compare writes)."""
     if not urls:
         raise ConfigError("report: give at least one run folder")
-    return write_report(build_report(expand_urls(urls), target_loss=target_loss), out)
+    report = build_report(expand_urls(urls), target_loss=target_loss)
+    project_runs(report, urls, project_on or ProjectOn())
+    return write_report(report, out)

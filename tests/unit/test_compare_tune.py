@@ -99,7 +99,8 @@ def test_tune_then_compare_each_strategy_at_its_best(no_ray, tmp_path, capsys):
         "workload": "gpt-tiny", "workers": 2, "steps": 8, "repeat": 2,
         "strategies": ["ddp", {"name": "demo", "tune": {"strategy.lr": [3.0, 1.0]}}]}))
     out = tmp_path / "out"
-    rc = main(["compare", "--config", str(cfg), "--tune", "optim.lr=1e-3,3e-3", "--out", str(out), "--quiet"])
+    rc = main(["compare", "--config", str(cfg), "--tune", "optim.lr=1e-3,3e-3", "--out", str(out), "--quiet",
+               "--project-on", "none"])  # a projection profiles for seconds: the e2e test covers it
     assert rc == 0
     tune, matrix = no_ray[:6], no_ray[6:]
     # ddp: 2 points; demo: 2 x 2; interleaved across strategies; a quarter of the steps each
@@ -120,7 +121,7 @@ def test_tune_then_compare_each_strategy_at_its_best(no_ray, tmp_path, capsys):
     assert "ddp [optim.lr=3e-3]" in md and "demo:lr=3.0 [optim.lr=1e-3]" in md
     assert "tuned demo: optim.lr=1e-3,strategy.lr=3.0" in capsys.readouterr().err
     # rendered again from the folder: the same report
-    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "again"), "--project-on", "none"]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == md
 
 

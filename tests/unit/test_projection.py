@@ -150,7 +150,8 @@ def test_report_section_projects_the_reports_own_runs(tmp_path):
     from orchestrator.project import report_section
 
     runs = [_fake_run(tmp_path, "ddp", [3.0, 2.0, 1.5, 1.2]), _fake_run(tmp_path, "fsdp", [3.0, 2.5, 2.0, 1.4])]
-    md, plots = report_section(runs, "internet-1g", workers=(64,))
+    section = report_section(runs, "internet-1g", workers=(64,))
+    md, plots = section.markdown(), section.plots
     assert md.startswith("## Projection") and "internet-1g" in md and "time to loss 1.4000" in md
     lines = [line for line in md.splitlines() if line.startswith(("| ddp |", "| fsdp |"))]
     assert [line.split(" | ")[1] for line in lines] == ["2", "64", "2", "64"]

@@ -17,7 +17,8 @@ from orchestrator.cli import EXIT_INVALID, main
 from orchestrator.compare import matrix_specs, parse_strategies
 from orchestrator.config import ConfigError
 from orchestrator.metrics import EVENT_SCHEMA, TIMELINE_SCHEMA, metrics_table
-from orchestrator.report import Failure, Report, load_run, render_markdown, report_from_urls, write_report
+from orchestrator.report import (Failure, ProjectOn, Report, load_run, render_markdown, report_from_urls,
+                                 write_report)
 
 T0 = 1_700_000_000.0
 
@@ -144,7 +145,7 @@ def test_time_to_target_is_measured_from_the_first_step(storage):
 
 def test_report_cli_from_memory_urls(storage, capsys):
     urls = [fake_run(storage, n, strategy={"name": n}, scenario="local") for n in ("ddp", "fsdp")]
-    assert main(["report", *urls, "--out", f"{storage}/rep"]) == 0
+    assert main(["report", *urls, "--out", f"{storage}/rep", "--project-on", "none"]) == 0
     fs = fsspec.filesystem("memory")
     assert fs.exists(f"{storage}/rep/report.html".removeprefix("memory://"))
     assert "report.md" in capsys.readouterr().out
@@ -353,7 +354,7 @@ def test_tuning_section_shows_every_grid_point_and_the_chosen_one(storage):
 def test_run_folders_of_one_strategy_given_apart_are_its_repeats(storage, tmp_path):
     urls = [fake_run(storage, f"d{i}", strategy={"name": "ddp"}, scenario="local", step_s=s, seed=i)
             for i, s in enumerate((0.1, 0.3))]
-    report_from_urls(urls, f"{storage}/rep")
+    report_from_urls(urls, f"{storage}/rep", project_on=ProjectOn(scenario="none"))
     md = fsspec.open(f"{storage}/rep/report.md", "r").open().read()
     assert "2 repeats per strategy" in md and len(_md_rows(md, "local")) == 1
     assert [ln.split(" | ")[2] for ln in md.split("## Runs")[1].splitlines() if ln.startswith("| ddp")] == ["1", "2"]
