@@ -4,7 +4,7 @@ integer zero point) per block, in a two-phase quantized all-reduce.
 A step's n gradient values (every bucket, in DDP's order) are cut into
 ``world`` chunks of ceil(n / world), and each chunk into blocks of
 ``block_size`` values (default: one block per chunk, i.e. one scale and
-offset per rank's share of the buckets). Then:
+offset per rank's share of the buckets; the strategy's default is 256). Then:
 
 1. reduce-scatter: every rank quantizes each block (its own range, see
    ``quantize``) and sends chunk j to rank j (all-to-all); rank j
@@ -94,8 +94,11 @@ class Int8Compressor(Compressor):
 
 
 class Int8Options(CompressionOptions):
+    # One scale across a rank's whole share (0) rounds most of the small gradients to zero:
+    # held-out loss +2% over ddp after 100 steps on real text, against +0.04% at 256.
     block_size: int = Field(
-        0, ge=0, description="values per scale and zero point; 0: one pair per chunk (1/world of the step's gradients)")
+        256, ge=0, description="values per scale and zero point (8 more bytes each: 3% at 256); 0: one pair per "
+        "chunk (1/world of the step's gradients)")
 
 
 @register_strategy("int8")

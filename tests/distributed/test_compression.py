@@ -44,7 +44,7 @@ LOSSY = [
     {"name": "adaptive", "warmup_steps": 1, "every": 2, "error_budget": 0.5},
     {"name": "topk", "ratio": 0.05},
     {"name": "terngrad"},
-    {"name": "int8", "bucket_mb": 0.1},  # several buckets, exchanged together at the last
+    {"name": "int8", "bucket_mb": 0.1, "block_size": 0},  # several buckets, exchanged together at the last
 ]
 # the papers' optimizer: momentum SGD at the method's own lr (weight decay defaults to the papers' 1e-4)
 SGD = {"name": "int8", "warmup_steps": 5, "optimizer": "sgd", "lr": 0.05}
