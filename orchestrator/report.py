@@ -35,6 +35,22 @@ class Run:
     warmup_steps: int = 0  # the strategy's declared warm-up (metrics.declared_warmup)
     repeat: int = 0  # which pass of a compare --repeat matrix (0-based)
     setting: str = ""  # the --tune grid point it ran at ("" untuned)
+    optimizer: str = ""  # the update rule it ran with, e.g. "adamw lr=0.003" (optimizer_of)
+
+
+def optimizer_of(spec: dict) -> str:
+    """The update rule a run's spec.yaml says it used: a method's own (demo's sign
+    step; a compressor's ``optimizer``/``lr``) over the job's ``optim``."""
+    strategy = spec.get("strategy") or {}
+    strategy = {"name": strategy} if isinstance(strategy, str) else strategy
+    optim = spec.get("optim") or {}
+    lr = strategy.get("lr") or optim.get("lr", 1e-3)
+    if strategy.get("name") == "demo" or strategy.get("outer") == "demo":
+        return f"demo sign step lr={lr:g}"
+    name = strategy.get("optimizer") or optim.get("name", "adamw")
+    if name == "sgd":
+        return f"sgd lr={lr:g} momentum={strategy.get('momentum') or optim.get('momentum', 0.9):g}"
+    return f"{name} lr={lr:g}"
 
 
 @dataclass
@@ -106,7 +122,8 @@ def load_run(url: str, *, repeat: int = 0, setting: str = "") -> Run:
     label = strategy_label(spec["strategy"]) if "strategy" in spec else str(metrics.strategy.iloc[0])
     warmup = declared_warmup(spec["strategy"]) if "strategy" in spec else 0
     return Run(url=folder.url, label=label, scenario=str(metrics.scenario.iloc[0]), metrics=metrics,
-               events=events, timeline=timeline, warmup_steps=warmup, repeat=repeat, setting=setting)
+               events=events, timeline=timeline, warmup_steps=warmup, repeat=repeat, setting=setting,
+               optimizer=optimizer_of(spec) if spec else "")
 
 
 @dataclass
@@ -187,7 +204,8 @@ def run_rows(report: Report, scenario: str) -> pd.DataFrame:
         reached = curve[curve[by] <= target]
         rows.append({
             "strategy": display_label(r), "scenario": r.scenario, "run_id": str(s["run_id"]), "url": r.url,
-            "repeat": r.repeat, "setting": r.setting, "workers": s["workers"], "steps": s["steps"],
+            "repeat": r.repeat, "setting": r.setting, "optimizer": r.optimizer, "workers": s["workers"],
+            "steps": s["steps"],
             "warmup_steps": s["warmup_steps"], "steady_steps": s["steady_steps"],
             "time_to_target_s": float(reached.time_s.iloc[0]) if len(reached) else math.nan,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "step_s": s["median_step_s"],
@@ -213,8 +231,8 @@ def scenario_table(report: Report, scenario: str) -> pd.DataFrame:
         return runs
     rows = []
     for label, g in runs.groupby("strategy", sort=False):
-        row = {"strategy": label, "repeats": len(g)}
-        for key in g.columns.drop(["strategy", "scenario", "run_id", "url", "repeat", "setting"]):
+        row = {"strategy": label, "repeats": len(g), "optimizer": g.optimizer.iloc[0]}
+        for key in g.columns.drop(["strategy", "scenario", "run_id", "url", "repeat", "setting", "optimizer"]):
             row[key] = float(g[key].median(skipna=False))  # a repeat that never reached the target: not reached
         row.update({f"{k}_{end}": float(getattr(g[k], fn)(skipna=False)) for k in SPREAD
                     for end, fn in (("lo", "min"), ("hi", "max"))})
@@ -340,7 +358,7 @@ def tuning_rows(report: Report) -> list[list[str]]:
 
 
 TUNING_HEADER = ["strategy", "setting", "final held-out loss", "final train loss", "run (s)", "result"]
-RUNS_HEADER = ["strategy", "scenario", "repeat", "training (s)", "evaluation (s)", "load median (max)", "run folder"]
+RUNS_HEADER = ["strategy", "scenario", "repeat", "optimizer", "training (s)", "evaluation (s)", "load median (max)", "run folder"]
 
 
 def tuning_cost(report: Report) -> str:
@@ -353,7 +371,8 @@ def runs_rows(report: Report) -> list[list[str]]:
     for sc in report.scenarios:
         df = run_rows(report, sc)
         for _, r in (df.iterrows() if len(df) else []):
-            out.append([r.strategy, sc, str(int(r["repeat"]) + 1), fmt_num(r.train_s, 1), fmt_num(r.eval_s, 1),
+            out.append([r.strategy, sc, str(int(r["repeat"]) + 1), r.optimizer or "-", fmt_num(r.train_s, 1),
+                        fmt_num(r.eval_s, 1),
                         "-" if math.isnan(r.load_avg) else f"{r.load_avg:.2f} ({r.load_avg_max:.2f})", r.url])
     return out
 

@@ -119,6 +119,8 @@ def test_tune_then_compare_each_strategy_at_its_best(no_ray, tmp_path, capsys):
     assert "## Tuning" in md and "Cost: 6 runs" in md and "for 2 of the comparison's 8 steps" in md
     assert md.count("| chosen |") == 2 and "| demo | optim.lr=1e-3,strategy.lr=3.0 | 3.0000 |" in md
     assert "ddp [optim.lr=3e-3]" in md and "demo:lr=3.0 [optim.lr=1e-3]" in md
+    runs = md.split("## Runs")[1]  # each run names the update rule it ran with
+    assert "| adamw lr=0.003 |" in runs and "| demo sign step lr=3 |" in runs
     assert "tuned demo: optim.lr=1e-3,strategy.lr=3.0" in capsys.readouterr().err
     # rendered again from the folder: the same report
     assert main(["report", str(out), "--out", str(tmp_path / "again"), "--project-on", "none"]) == 0
