@@ -217,26 +217,68 @@ class WorkerGroup:
         ]
         where = ray.get([a.where.remote() for a in self.actors])
         t2 = time.perf_counter()
-        # Ranks are bundle order (PACK keeps a node's bundles together); local rank
-        # counts within a node.
+        self.pids = [pid for _, _, pid in where]
+        self.where, self.bundles = where, list(range(self.n))
+        self.contexts = self._contexts()
+        self.phases = {"placement_s": t1 - t0, "actors_s": t2 - t1}
+
+    def _contexts(self) -> list[WorkerContext]:
+        """Every rank's context from where its actor is (``self.where``), with a
+        fresh rendezvous port from rank 0's actor. Ranks are bundle order (PACK keeps
+        a node's bundles together); local rank counts within a node."""
         seen: dict[str, int] = {}
         local_ranks = []
-        for node_id, _, _ in where:
+        for node_id, _, _ in self.where:
             local_ranks.append(seen.get(node_id, 0))
             seen[node_id] = local_ranks[-1] + 1
-        node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in where))}
-        nodes = tuple(node_index[node_id] for node_id, _, _ in where)
-        master_addr = where[0][1]
-        master_port = ray.get(self.actors[0].rendezvous_port.remote())
-        self.pids = [pid for _, _, pid in where]
-        self.contexts = [
-            WorkerContext(
-                rank=r, world=self.n, local_rank=local_ranks[r], node_ip=where[r][1],
-                master_addr=master_addr, master_port=master_port, threads=threads, nodes=nodes,
-            )
-            for r in range(self.n)
-        ]
-        self.phases = {"placement_s": t1 - t0, "actors_s": t2 - t1}
+        node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in self.where))}
+        nodes = tuple(node_index[node_id] for node_id, _, _ in self.where)
+        port = ray.get(self.actors[0].rendezvous_port.remote())
+        threads = max(1, int(self.cpus))
+        return [WorkerContext(rank=r, world=self.n, local_rank=local_ranks[r], node_ip=self.where[r][1],
+                              master_addr=self.where[0][1], master_port=port, threads=threads, nodes=nodes)
+                for r in range(self.n)]
+
+    def heal(self, lost: int, *, shrink: bool) -> list[int]:
+        """Replace rank ``lost`` in place: its actor is killed (it may be hung, not
+        dead) and, unless ``shrink``, a new one takes its rank and bundle; every other
+        actor stays (same process), renumbered down past ``lost`` when shrinking.
+        New contexts with a new rendezvous (a new port: the old group's may linger).
+        Returns the ranks whose actors are new; the caller tells the others
+        (``contexts`` and ``control``) and runs its function on the new ones."""
+        t0 = time.perf_counter()
+        ray.kill(self.actors[lost], no_restart=True)
+        self._polls.pop(lost, None)
+        if shrink:
+            for seq in (self.actors, self.where, self.bundles, self.pids):
+                del seq[lost]
+            self._polls = {(r - (r > lost)): ref for r, ref in self._polls.items()}
+            self.n -= 1
+            new = []
+        else:
+            self.actors[lost] = RankWorker.options(
+                num_cpus=self.cpus, num_gpus=self.gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=self.bundles[lost]),
+            ).remote(max(1, int(self.cpus)), self.env, self.keeper)
+            self.where[lost] = ray.get(self.actors[lost].where.remote())
+            self.pids[lost] = self.where[lost][2]
+            new = [lost]
+        self.contexts = self._contexts()
+        self.phases = {"replace_s": time.perf_counter() - t0}
+        return new
+
+    def reform(self, rank: int, extra: dict) -> None:
+        """Tell a surviving rank its new place: ``{"reform": its context's fields, **extra}``."""
+        c = self.contexts[rank]
+        fields = dict(rank=c.rank, world=c.world, local_rank=c.local_rank, node_ip=c.node_ip,
+                      master_addr=c.master_addr, master_port=c.master_port, nodes=c.nodes)
+        self.actors[rank].control.remote({"reform": fields, **extra})
+
+    def run_on(self, ranks: list[int], fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
+        """``run_async`` on some ranks only (the new actors of a heal)."""
+        fn_ref = ray.put(fn)
+        return [self.actors[r].run.remote(self.contexts[r], fn_ref, *args) for r in ranks]
 
     def run_async(self, fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
         fn_ref = ray.put(fn)

@@ -178,6 +178,23 @@ class RayGroup:
         status.finished = set(self.finished)
         return status
 
+    def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:
+        """Heal in place (``Attempt.heal``): rank ``lost``'s actor is replaced (or
+        dropped, the group shrinking), the survivors, waiting in ``train_worker``
+        with their state, are told their place in the re-formed group, and the new
+        actor runs ``train_worker`` from the start."""
+        shrink = attempt.world < self.wg.n
+        # the lost rank's run is over (its actor is killed); survivors keep theirs, renumbered when shrinking
+        self.pending = {ref: r - (shrink and r > lost) for ref, r in self.pending.items() if r != lost}
+        new = self.wg.heal(lost, shrink=shrink)
+        for r in range(attempt.world):
+            if r not in new:
+                self.wg.reform(r, {"attempt": attempt})
+        refs = self.wg.run_on(new, train_worker, self.spec, self.payload, self.run_url, attempt, self.ckpt_meta)
+        self.pending.update(zip(refs, new))
+        self.finished = set()
+        return dict(self.wg.phases)
+
     def control(self, msg: dict) -> None:
         self.wg.control(msg)
 

@@ -12,10 +12,11 @@ from cluster.faults import FaultInjector, Injection
 from cluster.mesh import nodes_from_per_node
 from cluster.network import Scenario
 from cluster.dist import init_process_group, pick_device
-from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
+from orchestrator.checkpoint import Checkpointer, committed, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
 from orchestrator.errors import SnapshotLost  # also importable from here, its old home
-from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
+from orchestrator.controller import is_echo
+from orchestrator.messages import Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
@@ -107,6 +108,15 @@ class RankTrainer:
         its peers wait for."""
         return {"step": max(self.began, self.step), **self.comm.progress()}  # step: after a restore too
 
+    def roll_back(self) -> None:
+        """After a step failed in a collective: its data and random draws are undone,
+        so the step is redone from the state it began in (its update never ran:
+        ``Strategy.heal``)."""
+        if self.began > self.step:
+            self.loader.load_state_dict(self._undo[0])
+            torch.set_rng_state(self._undo[1])
+            self.began = self.step
+
     def _fired(self, inj, step: int) -> None:
         self.report(Injected(rank=self.rank, step=step, injection=inj))
 
@@ -145,6 +155,7 @@ class RankTrainer:
         self.injector.before_step(step)
         self.report(Begin(rank=self.rank, step=step))  # lets the driver tell a hung rank from its waiting peers
         self.began = step
+        self._undo = (self.loader.state_dict(), torch.get_rng_state())  # what the step changes before its update
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         t_data = time.perf_counter() - t0
@@ -220,13 +231,78 @@ def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]
     return pickle.loads(payload)
 
 
+class _PeerLost(Exception):
+    """A collective of this rank lost a peer while its strategy heals in place:
+    the rank's trainer (rolled back to its last whole step) and RNG state then,
+    for the next attempt in this process."""
+
+    def __init__(self, trainer: RankTrainer, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        trainer.roll_back()
+        self.trainer, self.rng = trainer, torch.get_rng_state()
+
+
 def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Attempt, ckpt_meta: dict) -> dict:
     """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext).
 
     ``attempt`` says where to restore from (a snapshot, or a checkpoint the
     driver has already checked), the batch shares and the faults still to
-    inject; ``ckpt_meta`` describes this job in every checkpoint it writes."""
+    inject; ``ckpt_meta`` describes this job in every checkpoint it writes.
+
+    A rank whose collective loses a peer, under a strategy that heals in place
+    (``Strategy.heal``), does not exit: it reports ``Broken``, waits for the
+    driver's re-form (``WorkerGroup.heal``: its rank, world and rendezvous, and
+    the next attempt) and runs that attempt in this process, with its state."""
     workload, strategy_cls = unpack_job(spec, payload)
+    survivor: _PeerLost | None = None
+    while True:
+        try:
+            return _run_attempt(ctx, spec, workload, strategy_cls, run_url, attempt, ckpt_meta, survivor)
+        except _PeerLost as lost:
+            survivor = lost
+            ctx, attempt = _await_reform(ctx, lost, attempt.number)
+
+
+def _await_reform(ctx, lost: _PeerLost, attempt: int):
+    from dataclasses import replace
+
+    from cluster.dist import destroy_process_group
+
+    destroy_process_group()  # its sockets close: a peer still waiting on this rank fails now, not at its timeout
+    ctx.report(Broken(rank=ctx.rank, step=lost.trainer.step, error=str(lost), attempt=attempt))
+    while True:
+        for msg in ctx.controls():  # others were meant for the attempt that failed
+            if "reform" in msg:
+                return replace(ctx, **msg["reform"]), msg["attempt"]
+        time.sleep(0.01)
+
+
+def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
+    """Collective (``heal = "peer"``): every rank loads the whole state of the
+    survivor furthest on (survivors may be a step apart when one finished the
+    failed step); returns that rank. Survivors pass the state they held, a newcomer None."""
+    import torch.distributed as dist
+
+    steps = [None] * trainer.world
+    dist.all_gather_object(steps, survivor.trainer.step if survivor is not None else -1)
+    src = steps.index(max(steps))
+    box = [None]
+    if trainer.rank == src:
+        t = survivor.trainer
+        box = [{"state": t.strategy.heal_state(), "step": t.step, "cursor": t.loader.state_dict(), "rng": survivor.rng}]
+    dist.broadcast_object_list(box, src=src)
+    got = box[0]
+    trainer.strategy.load_heal_state(got["state"])
+    trainer.step = got["step"]
+    trainer.loader.load_state_dict(got["cursor"])  # one cursor for every rank: each reads its share of it
+    torch.set_rng_state(got["rng"])  # replicas draw alike: the lost rank's RNG state was this too
+    return src
+
+
+def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Strategy], run_url: str,
+                 attempt: Attempt, ckpt_meta: dict, survivor: _PeerLost | None) -> dict:
+    import os
+
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
     # always, even for one worker: ddp, fsdp and zero* need a process group at world size 1 too
@@ -242,7 +318,10 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
                               report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
         ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
         restored = ""
-        if attempt.snapshot:
+        if attempt.heal and strategy_cls.heal == "peer":
+            src = take_from_peer(trainer, survivor)
+            restored = f", took the state of step {trainer.step} from rank {src}"
+        elif attempt.snapshot:
             try:
                 parts = ctx.fetch(attempt.snapshot)
             except Exception as e:  # RayActorError (Keeper lost), ObjectLostError, KeyError (a restarted Keeper)
@@ -253,8 +332,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
             restore(trainer, attempt.resume_url)
             restored = f", restored {attempt.resume_url}"
         t2 = time.perf_counter()
+        if attempt.heal:  # the re-formed group's phases, each rank's own (the pid: a survivor keeps its process)
+            kept = "kept its process" if survivor is not None else "new process"
+            ctx.report(Event(kind="heal:reform", rank=ctx.rank, step=trainer.step, seconds=t1 - t0,
+                             detail=f"pid {os.getpid()} ({kept}): rendezvous of {ctx.world} ranks"))
+            ctx.report(Event(kind="heal:transfer", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
+                             detail=f"pid {os.getpid()}: set-up{restored}"))
         ctx.report(Event(kind="phase:worker_setup", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
-                         detail=f"rendezvous {t1 - t0:.2f}s{restored}"))
+                         detail=f"rendezvous {t1 - t0:.2f}s{restored}; pid {os.getpid()}"))
 
         def committing(step: int, url: str, seconds: float) -> None:
             # The event and every rank's rows up to this step reach storage before the
@@ -266,13 +351,21 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
                                     rank=ctx.rank, world=ctx.world, meta=ckpt_meta,
                                     written=trainer.injector.during_checkpoint, committing=committing)
+        if attempt.heal and trainer.step and checkpointer.due(trainer.step) and \
+                trainer.step not in {s for s, _ in committed(run_url)}:
+            checkpointer.save(trainer)  # the failure cut this step's checkpoint short: the loop saves only after a step
 
         def snapshot(step: int) -> None:
             t = time.perf_counter()
             handle = ctx.stash(snapshot_files(trainer, ckpt_meta))
             ctx.report(SnapshotPart(rank=ctx.rank, step=step, seconds=time.perf_counter() - t, handle=handle))
 
-        trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
+        try:
+            trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
+        except Exception as e:
+            if not (spec.failure.heal and strategy_cls.heal != "restart" and ctx.world > 1 and is_echo(str(e))):
+                raise
+            raise _PeerLost(trainer, e) from None
         return {"rank": ctx.rank, "steps": trainer.step}
     finally:
         # The worker process is killed once the job ends; its process group and the
