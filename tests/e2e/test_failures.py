@@ -49,6 +49,12 @@ def baseline(ray_address, tmp_path_factory):
     return final_params(result.checkpoint)
 
 
+@pytest.fixture(scope="module")
+def fsdp_baseline(ray_address, tmp_path_factory):
+    result = _run(tmp_path_factory.mktemp("clean-fsdp"), "clean-fsdp", ray_address, strategy="fsdp")
+    return final_params(result.checkpoint)
+
+
 @pytest.mark.slow
 def test_kill_and_hang_recover_to_the_uninterrupted_parameters(ray_address, tmp_path, baseline):
     # the full restart, as for strategies that cannot heal in place (healing: the tests below)
@@ -92,7 +98,7 @@ def test_ddp_heals_in_place_keeping_the_survivors_processes(ray_address, tmp_pat
     ev = result.events
     assert list(ev[ev.kind.str.startswith("failure:")].kind) == ["failure:died", "failure:hang"]
     heals = ev[ev.kind == "heal"]
-    assert list(heals.rank) == [1, 0] and (ev.kind == "restart").sum() == 0  # no backoff_s waited either
+    assert list(heals["rank"]) == [1, 0] and (ev.kind == "restart").sum() == 0  # no backoff_s waited either
     assert list(heals.step) == [4, 8]  # the survivors' own state: only the failed step is redone
     first = _pids(ev[ev.detail.str.contains("pid") & (ev.kind == "phase:worker_setup")].iloc[:2], "phase:worker_setup")
     reform = ev[ev.kind == "heal:reform"]
@@ -106,7 +112,7 @@ def test_ddp_heals_in_place_keeping_the_survivors_processes(ray_address, tmp_pat
 
 
 @pytest.mark.slow
-def test_fsdp_heals_in_place_from_the_snapshot(ray_address, tmp_path, baseline):
+def test_fsdp_heals_in_place_from_the_snapshot(ray_address, tmp_path, fsdp_baseline):
     """FSDP's shards of the lost rank are held by no peer: every rank restores the
     in-memory snapshot on the re-formed group, the survivor in its own process."""
     result = _run(tmp_path, "heal-fsdp", ray_address, checkpoint_every=STEPS, strategy="fsdp",
@@ -117,7 +123,7 @@ def test_fsdp_heals_in_place_from_the_snapshot(ray_address, tmp_path, baseline):
     first = _pids(ev[ev.kind == "phase:worker_setup"].iloc[:2], "phase:worker_setup")
     once = _pids(ev[ev.kind == "heal:reform"], "heal:reform")
     assert once[1] == first[1] and once[0] != first[0]
-    _assert_identical(final_params(result.checkpoint), baseline)
+    _assert_identical(final_params(result.checkpoint), fsdp_baseline)
 
 
 @pytest.mark.slow
