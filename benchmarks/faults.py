@@ -101,8 +101,8 @@ def recovery(args, storage: str) -> list[str]:
     kill_at = args.steps // 2 + 2  # two steps after a snapshot/checkpoint boundary
     cases = [("ddp", "kill", True), ("ddp", "kill", False), ("fsdp", "kill", True), ("fsdp", "kill", False),
              ("ddp", "hang", True), ("ddp", "outside", True)]
-    rows = ["| strategy | fault | recovery | gap s | detect s | replace s | re-form s | transfer s | first step s "
-            "| steps redone |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| strategy | fault | recovery | gap s | detect s | replace s | re-form s | transfer s | first step s "
+             "| steps redone |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for strategy, fault, heal in cases:
         run_id = f"{fault}-{strategy}-{'heal' if heal else 'restart'}"
         failure = {"max_failures": 1, "backoff_s": 0.0, "snapshot_every": args.every, "heal": heal,

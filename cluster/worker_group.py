@@ -85,13 +85,16 @@ def start_keeper():
                           max_restarts=-1).remote()
 
 
-@ray.remote(max_concurrency=2)  # one thread runs the job, one answers poll() and control()
-class RankWorker:
-    def __init__(self, threads: int, env: dict[str, str], keeper=None):
+class _Worker:
+    def __init__(self, threads: int, env: dict[str, str], keeper=None, imports: tuple[str, ...] = ()):
         os.environ.update(env)
+        import importlib
+
         import torch
 
         torch.set_num_threads(threads)
+        for module in imports:  # what every rank's function needs, imported while the actor starts
+            importlib.import_module(module)
         self.threads = threads
         self.keeper = keeper
         self._lock = threading.Lock()
@@ -170,6 +173,14 @@ class RankWorker:
                 self._controls.append(msg)
 
 
+# one thread runs the job, one answers poll() and control()
+RankWorker = ray.remote(max_concurrency=2)(type("RankWorker", (_Worker,), {}))
+# A started, idle worker that takes a lost rank's place in a heal without a process
+# start and torch's import while the survivors wait. Its own class name, so it is
+# told apart from the ranks (a test or benchmark killing "a worker" kills a rank).
+SpareWorker = ray.remote(max_concurrency=2)(type("SpareWorker", (_Worker,), {}))
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -181,18 +192,29 @@ class WorkerGroup:
         env: dict[str, str] | None = None,
         placement_timeout_s: float = 60,
         keeper=None,
+        imports: tuple[str, ...] = (),
     ):
         self.n = workers
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.placement, self.env = placement, env or {}
         self.placement_timeout_s = placement_timeout_s
-        self.keeper = keeper
+        self.keeper, self.imports = keeper, imports  # imports: modules each actor imports as it starts
         self.actors: list = []
         self.contexts: list[WorkerContext] = []
         self.pids: list[int] = []
         self._pg = None
         self._polls: dict[int, ray.ObjectRef] = {}  # rank -> its poll() not read yet
         self.phases: dict[str, float] = {}
+        self.spare = None  # a SpareWorker, once prestart_spare() started one
+
+    def prestart_spare(self) -> None:
+        """Start one idle worker for the next heal. It reserves no CPU or GPU
+        (num_cpus=0; with GPUs none is started): once it replaces a rank, the lost
+        rank's bundle stays reserved and empty, so the group never holds more than it
+        was placed with; on a cluster it runs where Ray puts it, not in that bundle."""
+        if self.spare is None and not self.gpus and self.actors:
+            self.spare = SpareWorker.options(num_cpus=0).remote(max(1, int(self.cpus)), self.env, self.keeper,
+                                                                self.imports)
 
     def start(self) -> None:
         t0 = time.perf_counter()
@@ -212,7 +234,7 @@ class WorkerGroup:
                 num_cpus=self.cpus,
                 num_gpus=self.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(threads, self.env, self.keeper)
+            ).remote(threads, self.env, self.keeper, self.imports)
             for i in range(self.n)
         ]
         where = ray.get([a.where.remote() for a in self.actors])
@@ -255,12 +277,14 @@ class WorkerGroup:
             self._polls = {(r - (r > lost)): ref for r, ref in self._polls.items()}
             self.n -= 1
             new = []
+        elif self.spare is not None:
+            self.actors[lost], self.spare = self.spare, None
         else:
             self.actors[lost] = RankWorker.options(
                 num_cpus=self.cpus, num_gpus=self.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=self.bundles[lost]),
-            ).remote(max(1, int(self.cpus)), self.env, self.keeper)
+            ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
             self.where[lost] = ray.get(self.actors[lost].where.remote())
             self.pids[lost] = self.where[lost][2]
             new = [lost]
@@ -271,8 +295,8 @@ class WorkerGroup:
     def reform(self, rank: int, extra: dict) -> None:
         """Tell a surviving rank its new place: ``{"reform": its context's fields, **extra}``."""
         c = self.contexts[rank]
-        fields = dict(rank=c.rank, world=c.world, local_rank=c.local_rank, node_ip=c.node_ip,
-                      master_addr=c.master_addr, master_port=c.master_port, nodes=c.nodes)
+        fields = {"rank": c.rank, "world": c.world, "local_rank": c.local_rank, "node_ip": c.node_ip,
+                  "master_addr": c.master_addr, "master_port": c.master_port, "nodes": c.nodes}
         self.actors[rank].control.remote({"reform": fields, **extra})
 
     def run_on(self, ranks: list[int], fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
@@ -313,9 +337,9 @@ class WorkerGroup:
         ray.kill(self.actors[rank], no_restart=True)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + ([self.spare] if self.spare is not None else []):
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self.spare = [], None
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

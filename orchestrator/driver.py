@@ -143,6 +143,8 @@ class RayGroup:
         self.wg = None
         self.pending: dict = {}
         self.finished: set[int] = set()
+        # a spare worker for heals, when a failure can heal in place
+        self.spares = spec.failure.heal and spec.failure.max_failures > 0 and spec.strategy_cls().heal != "restart"
 
     def start(self, attempt: Attempt) -> None:
         from cluster.worker_group import WorkerGroup
@@ -151,7 +153,7 @@ class RayGroup:
         self.wg = WorkerGroup(
             attempt.world, cpus_per_worker=self.cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
             placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
-            keeper=self.keeper,
+            keeper=self.keeper, imports=("orchestrator.trainer",),  # strategies, workloads: before the job arrives
         )
         self.wg.start()
         self.phases += list(self.wg.phases.items())
@@ -176,6 +178,8 @@ class RayGroup:
                     status.errors[rank] = _failure_message(rank, e)
         status.rows = self.wg.poll()
         status.finished = set(self.finished)
+        if self.spares and self.wg.spare is None and status.rows:  # under way: a start no longer competes
+            self.wg.prestart_spare()
         return status
 
     def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:

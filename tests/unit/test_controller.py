@@ -579,7 +579,7 @@ def _poll_with_deaths(group):
 
 
 def test_a_dead_worker_is_known_when_ray_reports_it_not_after_a_grace(tmp_path):
-    ctl, attempts, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 1, "heal": False})
+    ctl, _, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 1, "heal": False})
     _poll_with_deaths(group)
     states = [ctl.tick() for _ in range(4)]  # start, steps 1 and 2, the death
     assert states == ["running", "running", "running", "restarting"]  # decided on the poll that saw it
@@ -603,7 +603,7 @@ def test_ddp_heals_in_place_without_backoff_and_counts_the_failure(tmp_path):
 
 
 def test_fsdp_heals_in_place_from_the_newest_snapshot(tmp_path):
-    ctl, _, group, log, _ = _healing(tmp_path, _died_at(5), strategy="fsdp", failure={"max_failures": 1})
+    ctl, _, group, _, _ = _healing(tmp_path, _died_at(5), strategy="fsdp", failure={"max_failures": 1})
     _poll_with_deaths(group)
     ctl.run()
     (attempt, _), = group.heals
@@ -611,7 +611,7 @@ def test_fsdp_heals_in_place_from_the_newest_snapshot(tmp_path):
 
 
 def test_a_heal_still_counts_against_max_failures(tmp_path):
-    ctl, _, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 0})
+    ctl, _, group, _, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 0})
     _poll_with_deaths(group)
     with pytest.raises(RunFailed, match="failure.max_failures=0"):
         ctl.run()
