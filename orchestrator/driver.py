@@ -13,7 +13,7 @@ import pandas as pd
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.controller import Controller, ControllerOptions, GroupStatus, RunFailed
-from orchestrator.messages import Attempt
+from orchestrator.messages import Attempt, Row
 from orchestrator.metrics import MetricsLog, read_log
 from orchestrator.trainer import pack_job, train_worker
 from orchestrator.progress import Progress
@@ -178,8 +178,8 @@ class RayGroup:
                     status.errors[rank] = _failure_message(rank, e)
         status.rows = self.wg.poll()
         status.finished = set(self.finished)
-        if self.spares and self.wg.spare is None and status.rows:  # under way: a start no longer competes
-            self.wg.prestart_spare()
+        if self.spares and self.wg.spare is None and any(isinstance(m, Row) for m in status.rows):
+            self.wg.prestart_spare()  # steps are under way: its start no longer competes with the group's
         return status
 
     def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:
