@@ -277,14 +277,15 @@ class WorkerGroup:
             self._polls = {(r - (r > lost)): ref for r, ref in self._polls.items()}
             self.n -= 1
             new = []
-        elif self.spare is not None:
-            self.actors[lost], self.spare = self.spare, None
         else:
-            self.actors[lost] = RankWorker.options(
-                num_cpus=self.cpus, num_gpus=self.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=self.bundles[lost]),
-            ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
+            if self.spare is not None:
+                self.actors[lost], self.spare = self.spare, None
+            else:
+                self.actors[lost] = RankWorker.options(
+                    num_cpus=self.cpus, num_gpus=self.gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self._pg, placement_group_bundle_index=self.bundles[lost]),
+                ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
             self.where[lost] = ray.get(self.actors[lost].where.remote())
             self.pids[lost] = self.where[lost][2]
             new = [lost]
