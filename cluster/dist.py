@@ -43,3 +43,13 @@ def init_process_group(*, rank: int, world: int, init_method: str, device: torch
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort_process_group() -> None:
+    """Leave a process group that lost a peer, so a new one can be formed in this
+    process. Aborted first: that closes its connections even while a module (DDP,
+    a strategy kept alive) still holds the group, so a peer still waiting on this
+    rank fails at once instead of at its timeout; gloo raises on a closed peer."""
+    if dist.is_initialized():
+        dist.group.WORLD.abort()
+        dist.destroy_process_group()

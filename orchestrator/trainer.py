@@ -266,9 +266,9 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
 def _await_reform(ctx, lost: _PeerLost, attempt: int):
     from dataclasses import replace
 
-    from cluster.dist import destroy_process_group
+    from cluster.dist import abort_process_group
 
-    destroy_process_group()  # its sockets close: a peer still waiting on this rank fails now, not at its timeout
+    abort_process_group()  # its connections close: a peer still waiting on this rank fails now, not at its timeout
     ctx.report(Broken(rank=ctx.rank, step=lost.trainer.step, error=str(lost), attempt=attempt))
     while True:
         for msg in ctx.controls():  # others were meant for the attempt that failed
