@@ -51,5 +51,8 @@ def abort_process_group() -> None:
     a strategy kept alive) still holds the group, so a peer still waiting on this
     rank fails at once instead of at its timeout; gloo raises on a closed peer."""
     if dist.is_initialized():
-        dist.group.WORLD.abort()
+        # every group, not only the default one: a strategy's collectives run on its
+        # mesh's groups (new_group), and torch lists them only in its private registry
+        for group in list(dist.distributed_c10d._world.pg_map):
+            group.abort()
         dist.destroy_process_group()
