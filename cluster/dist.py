@@ -45,7 +45,7 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def abort_process_group() -> None:
+def abort_process_group(*, destroy: bool = True) -> None:
     """Leave a process group that lost a peer, so a new one can be formed in this
     process. Aborted first: that closes its connections even while a module (DDP,
     a strategy kept alive) still holds the group, so a peer still waiting on this
@@ -55,4 +55,8 @@ def abort_process_group() -> None:
         # mesh's groups (new_group), and torch lists them only in its private registry
         for group in list(dist.distributed_c10d._world.pg_map):
             group.abort()
-        dist.destroy_process_group()
+        from cluster.comm import fail_pending
+
+        fail_pending("peer lost: the process group was aborted")  # its unfinished calls never complete
+        if destroy:
+            dist.destroy_process_group()

@@ -165,6 +165,11 @@ class _Worker:
         return rows
 
     def control(self, msg: dict) -> None:
+        if "abort" in msg:  # a peer was lost: whatever collective the job's thread waits in fails now
+            from cluster.dist import abort_process_group
+
+            abort_process_group(destroy=False)  # the job's thread leaves the group itself, once out of it
+            return
         with self._lock:
             if "flushed" in msg:  # the answer to a flush mark, not a message for the rank's function
                 self._stored_mark = max(self._stored_mark, msg["flushed"])
@@ -270,6 +275,10 @@ class WorkerGroup:
         (``contexts`` and ``control``) and runs its function on the new ones."""
         t0 = time.perf_counter()
         ray.kill(self.actors[lost], no_restart=True)
+        # a survivor may wait on another survivor, not on the lost rank: every one aborts its
+        # groups, done before any is told to re-form (a threaded actor may reorder calls)
+        ray.wait([a.control.remote({"abort": True}) for r, a in enumerate(self.actors) if r != lost],
+                 num_returns=len(self.actors) - 1, timeout=10)
         self._polls.pop(lost, None)
         if shrink:
             for seq in (self.actors, self.where, self.bundles, self.pids):

@@ -35,7 +35,7 @@ from orchestrator.policies import (
 from orchestrator.progress import Progress
 
 # Messages of errors that are the echo of another rank's death, not a cause.
-_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
+_PEER_FAILURE = ("peer lost", "connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
                  "gloo", "nccl", "timed out", "socket")
 
 
