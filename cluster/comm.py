@@ -14,23 +14,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-# Futures of async calls not finished yet, of every Comm in this process: an aborted
-# group never completes them, and whoever waits on one (DDP's backward) would wait
-# forever; fail_pending fails them instead.
-_PENDING: set[torch.futures.Future] = set()
-
-
-def fail_pending(reason: str) -> None:
-    """Fail every unfinished async call's future with ``reason`` (after the process
-    groups were aborted): a backward waiting on one raises instead of hanging."""
-    for fut in list(_PENDING):
-        _PENDING.discard(fut)
-        if not fut.done():
-            try:
-                fut.set_exception(RuntimeError(reason))
-            except RuntimeError:  # completed meanwhile
-                pass
-
 
 # torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -269,9 +252,7 @@ class Comm:
                 self._hold(done_by)
                 self.add_wait(self._end(link) - start)
         self._last_launch = start
-        fut = work.get_future()
-        _PENDING.add(fut)
-        fut.then(lambda _: (_PENDING.discard(fut), self._end(link, at=done_by)))
+        work.get_future().then(lambda _: self._end(link, at=done_by))
         return _TimedWork(work, self, done_by)
 
     # -- collectives -----------------------------------------------------------------------

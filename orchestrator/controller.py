@@ -35,7 +35,7 @@ from orchestrator.policies import (
 from orchestrator.progress import Progress
 
 # Messages of errors that are the echo of another rank's death, not a cause.
-_PEER_FAILURE = ("peer lost", "connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
+_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
                  "gloo", "nccl", "timed out", "socket")
 
 
@@ -68,6 +68,13 @@ class _Evict:
 
 
 @dataclass(frozen=True)
+class _HealStalled:
+    """A heal in place made no step within ``heal_timeout_s``: every worker restarts."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class _Finished:
     """Every rank's function returned."""
 
@@ -86,6 +93,9 @@ class ControllerOptions:
     # after a rank's error, at most how long to wait for the others' before naming the cause; not
     # waited when it is known: Ray reported a worker dead, or every rank has failed or waits
     grace_s: float = 3.0
+    # a heal in place whose group makes no step in this long falls back to the full restart
+    # (the same failure: not counted again), e.g. a survivor still blocked in a collective
+    heal_timeout_s: float = 30.0
 
 
 def died(msg: str) -> bool:
@@ -186,6 +196,7 @@ class Controller:
         self.attempt = first
         self.newest_checkpoint = options.newest_checkpoint
         self.clock, self.sleep, self.grace_s = options.clock, options.sleep, options.grace_s
+        self.heal_timeout_s = options.heal_timeout_s
         self.first_step_at = options.first_step_at
         self.forget = options.forget
         self.group: Group | None = None  # the running attempt's
@@ -256,12 +267,19 @@ class Controller:
             return "restart"
         return self.spec.strategy_cls().heal
 
-    def _recover(self, outcome: Failure | _Evict) -> None:
+    def _recover(self, outcome: Failure | _Evict | _HealStalled) -> None:
         world = self._world_before = self.attempt.world
         removed, snapshot_lost, heal = None, False, "restart"
         if not isinstance(outcome, Failure) or SnapshotLost.__name__ in outcome.message and self.attempt.snapshot:
             self._stop_group()
-        if isinstance(outcome, _Evict):
+        if isinstance(outcome, _HealStalled):
+            # the failure it healed was counted; its recovery goes on as a restart
+            detected, new_world, backoff = self.clock(), world, 0.0
+            self._healing = None
+            self.log.event("heal_stalled", step=self.completed, seconds=outcome.seconds, detail=(
+                f"no step {outcome.seconds:.1f} s after the heal began (heal_timeout_s={self.heal_timeout_s:g}): "
+                f"every worker restarts"))
+        elif isinstance(outcome, _Evict):
             self.log.event("evict", rank=outcome.rank, step=self.completed, detail=outcome.reason)
             new_world, backoff, removed = world - 1, 0.0, outcome.rank
             self.out.note(f"evicting rank {outcome.rank}: {outcome.reason}")
@@ -310,8 +328,8 @@ class Controller:
             shares = list(even) if len(set(even)) > 1 else None
         source = None if heal == "peer" else self._restore_source()  # peer: the survivors hold the state
         lost_from = self.completed
-        if snapshot_lost and self._recovering is not None:  # the same loss, still being recovered from
-            detected, lost_from = self._recovering[:2]
+        if (snapshot_lost or isinstance(outcome, _HealStalled)) and self._recovering is not None:
+            detected, lost_from = self._recovering[:2]  # the same loss, still being recovered from
         restored = source[0] if source else (self.completed if heal == "peer" else 0)
         self._recovering = (detected, lost_from, restored)
         self.completed = restored
@@ -382,7 +400,7 @@ class Controller:
         self._broken: dict[int, str] = {}  # rank -> why: ranks waiting for a re-form (Broken)
         self._first_error: float | None = None
 
-    def _poll(self) -> Failure | _Evict | _Finished | None:
+    def _poll(self) -> Failure | _Evict | _HealStalled | _Finished | None:
         """Poll the group once and decide; None: the attempt goes on."""
         group, a = self.group, self.attempt
         status = group.poll()
@@ -403,6 +421,8 @@ class Controller:
             return None
         if self._pending_outcome is not None:
             return self._pending_outcome
+        if self._healing is not None and self.clock() - self._healing > self.heal_timeout_s:
+            return _HealStalled(seconds=self.clock() - self._healing)
         if len(status.finished) >= a.world:
             return _Finished()
         deadline = hang_deadline_s(self.spec.failure, list(self._recent),

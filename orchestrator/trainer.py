@@ -1,6 +1,7 @@
 """The per-rank training loop; runs inside a worker (a Ray actor, or a test process)."""
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from typing import Callable
@@ -233,13 +234,18 @@ def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]
 
 class _PeerLost(Exception):
     """A collective of this rank lost a peer while its strategy heals in place:
-    the rank's trainer (rolled back to its last whole step) and RNG state then,
-    for the next attempt in this process."""
+    the state of the rank's trainer, rolled back to its last whole step, for the
+    next attempt in this process (``heal = "peer"``: a copy; the trainer itself is
+    let go, so its process groups close their connections: a peer still waiting
+    on this rank fails now, not at its timeout)."""
 
-    def __init__(self, trainer: RankTrainer, error: BaseException):
+    def __init__(self, trainer: RankTrainer, error: BaseException, peer: bool):
         super().__init__(f"{type(error).__name__}: {error}")
         trainer.roll_back()
-        self.trainer, self.rng = trainer, torch.get_rng_state()
+        self.step = trainer.step
+        self.state = None if not peer else copy.deepcopy({
+            "state": trainer.strategy.heal_state(), "step": trainer.step, "cursor": trainer.loader.state_dict(),
+            "rng": torch.get_rng_state()})
 
 
 def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Attempt, ckpt_meta: dict) -> dict:
@@ -264,12 +270,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
 
 
 def _await_reform(ctx, lost: _PeerLost, attempt: int):
+    import gc
     from dataclasses import replace
 
     from cluster.dist import abort_process_group
 
-    abort_process_group()  # its connections close: a peer still waiting on this rank fails now, not at its timeout
-    ctx.report(Broken(rank=ctx.rank, step=lost.trainer.step, error=str(lost), attempt=attempt))
+    gc.collect()  # the old trainer's modules hold its process groups: gone, they close their connections
+    abort_process_group()
+    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
     while True:
         for msg in ctx.controls():  # others were meant for the attempt that failed
             if "reform" in msg:
@@ -284,12 +292,9 @@ def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
     import torch.distributed as dist
 
     steps = [None] * trainer.world
-    dist.all_gather_object(steps, survivor.trainer.step if survivor is not None else -1)
+    dist.all_gather_object(steps, survivor.step if survivor is not None else -1)
     src = steps.index(max(steps))
-    box = [None]
-    if trainer.rank == src:
-        t = survivor.trainer
-        box = [{"state": t.strategy.heal_state(), "step": t.step, "cursor": t.loader.state_dict(), "rng": survivor.rng}]
+    box = [survivor.state if trainer.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     got = box[0]
     trainer.strategy.load_heal_state(got["state"])
@@ -360,12 +365,18 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
             handle = ctx.stash(snapshot_files(trainer, ckpt_meta))
             ctx.report(SnapshotPart(rank=ctx.rank, step=step, seconds=time.perf_counter() - t, handle=handle))
 
+        lost = None
         try:
             trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
         except Exception as e:
             if not (spec.failure.heal and strategy_cls.heal != "restart" and ctx.world > 1 and is_echo(str(e))):
                 raise
-            raise _PeerLost(trainer, e) from None
+            lost = _PeerLost(trainer, e, peer=strategy_cls.heal == "peer")
+        if lost is not None:  # raised here, not in the handler: the failed step's frames are let go with it
+            progress = {**trainer.progress(), "op": "re-form"}
+            ctx.live(lambda: Live(rank=ctx.rank, progress=progress))
+            trainer = None  # not kept alive (below): its process groups must close
+            raise lost
         return {"rank": ctx.rank, "steps": trainer.step}
     finally:
         # The worker process is killed once the job ends; its process group and the
@@ -373,7 +384,8 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
         # threads while this thread holds the GIL, and a gloo thread may still need
         # the GIL to release a finished collective's Python callback (Comm's
         # accounting, DDP comm hooks): a deadlock we hit in ~1 of 20 jobs.
-        _KEEP_ALIVE.append(trainer)
+        if trainer is not None:
+            _KEEP_ALIVE.append(trainer)
 
 
 _KEEP_ALIVE: list = []

@@ -637,3 +637,18 @@ def test_heal_decisions():
     assert (d.action, d.world) == ("heal", 3) and "without rank 2" in d.reason
     nobody = Failure(kind="error", rank=-1, step=3, message="x")  # no one rank to replace: every worker restarts
     assert FailurePolicy(spec.failure).make_decision(nobody, failures=1, world=4, heal="peer").action == "restart"
+
+
+def test_a_heal_that_makes_no_step_falls_back_to_the_full_restart_without_counting_again(tmp_path):
+    ctl, attempts, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 1})
+    _poll_with_deaths(group)
+    heal = group.heal
+
+    def stuck(attempt, lost):  # a survivor never joins the re-formed group
+        out = heal(attempt, lost)
+        group.hung = True
+        return out
+    group.heal = stuck
+    ctl.run()
+    assert ctl.state == "finished" and len(group.heals) == 1 and len(attempts) == 2  # one heal, then one start
+    assert ctl.failures == 1 and "heal_stalled" in kinds(log) and attempts[1].number == 2 and not attempts[1].heal
