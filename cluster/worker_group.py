@@ -266,40 +266,48 @@ class WorkerGroup:
                               master_addr=self.where[0][1], master_port=port, threads=threads, nodes=nodes)
                 for r in range(self.n)]
 
-    def heal(self, lost: int, *, shrink: bool) -> list[int]:
-        """Replace rank ``lost`` in place: its actor is killed (it may be hung, not
-        dead) and, unless ``shrink``, a new one takes its rank and bundle; every other
-        actor stays (same process), renumbered down past ``lost`` when shrinking.
-        New contexts with a new rendezvous (a new port: the old group's may linger).
-        Returns the ranks whose actors are new; the caller tells the others
-        (``contexts`` and ``control``) and runs its function on the new ones."""
-        t0 = time.perf_counter()
+    def abort(self, lost: int) -> None:
+        """The first half of a heal: rank ``lost``'s actor is killed (it may be hung,
+        not dead) and every other one aborts its process groups, since a survivor may
+        wait on another survivor, not on the lost rank; done before any is told to
+        re-form (a threaded actor may reorder calls)."""
+        self._t_heal = time.perf_counter()
         ray.kill(self.actors[lost], no_restart=True)
-        # a survivor may wait on another survivor, not on the lost rank: every one aborts its
-        # groups, done before any is told to re-form (a threaded actor may reorder calls)
         ray.wait([a.control.remote({"abort": True}) for r, a in enumerate(self.actors) if r != lost],
                  num_returns=len(self.actors) - 1, timeout=10)
-        self._polls.pop(lost, None)
+
+    def heal(self, lost: list[int], *, shrink: bool) -> list[int]:
+        """Replace ranks ``lost`` in place (after ``abort``): a new actor (the spare
+        first) takes each one's rank and bundle, every other actor stays (same
+        process); with ``shrink``, the one lost rank is dropped and the ranks above
+        it move down. New contexts with a new rendezvous (a new port: the old
+        group's may linger). Returns the ranks whose actors are new; the caller tells
+        the others (``reform``) and runs its function on the new ones (``run_on``)."""
+        for r in lost:
+            ray.kill(self.actors[r], no_restart=True)  # again for the first: harmless
+            self._polls.pop(r, None)
         if shrink:
+            (gone,) = lost
             for seq in (self.actors, self.where, self.bundles, self.pids):
-                del seq[lost]
-            self._polls = {(r - (r > lost)): ref for r, ref in self._polls.items()}
+                del seq[gone]
+            self._polls = {(r - (r > gone)): ref for r, ref in self._polls.items()}
             self.n -= 1
             new = []
         else:
-            if self.spare is not None:
-                self.actors[lost], self.spare = self.spare, None
-            else:
-                self.actors[lost] = RankWorker.options(
-                    num_cpus=self.cpus, num_gpus=self.gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self._pg, placement_group_bundle_index=self.bundles[lost]),
-                ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
-            self.where[lost] = ray.get(self.actors[lost].where.remote())
-            self.pids[lost] = self.where[lost][2]
-            new = [lost]
+            for r in lost:
+                if self.spare is not None:
+                    self.actors[r], self.spare = self.spare, None
+                else:
+                    self.actors[r] = RankWorker.options(
+                        num_cpus=self.cpus, num_gpus=self.gpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            self._pg, placement_group_bundle_index=self.bundles[r]),
+                    ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
+            for r, where in zip(lost, ray.get([self.actors[r].where.remote() for r in lost])):
+                self.where[r], self.pids[r] = where, where[2]
+            new = list(lost)
         self.contexts = self._contexts()
-        self.phases = {"replace_s": time.perf_counter() - t0}
+        self.phases = {"replace_s": time.perf_counter() - self._t_heal}
         return new
 
     def reform(self, rank: int, extra: dict) -> None:
