@@ -3,8 +3,9 @@
 (a) recovery from one lost worker: a kill under ddp and fsdp, healed in place
     and with a full restart (failure.heal=false), a hang, and a SIGKILL from
     outside; the gap from the last step row before the failure to the first
-    after it, each healing phase's seconds (detect, replace the actor, re-form
-    the process group, transfer the state, first step) and the steps redone;
+    after it, each healing phase's seconds (detect, the survivors' settle,
+    replace the actor (settle included), re-form the process group, transfer
+    the state, first step) and the steps redone;
 (b) throughput with one worker slowed 3x, with each mitigation, as a fraction
     of a clean run's, and the final loss.
 
@@ -101,8 +102,8 @@ def recovery(args, storage: str) -> list[str]:
     kill_at = args.steps // 2 + 2  # two steps after a snapshot/checkpoint boundary
     cases = [("ddp", "kill", True), ("ddp", "kill", False), ("fsdp", "kill", True), ("fsdp", "kill", False),
              ("ddp", "hang", True), ("ddp", "outside", True)]
-    rows = [("| strategy | fault | recovery | gap s | detect s | replace s | re-form s | transfer s | first step s "
-             "| steps redone |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| strategy | fault | recovery | gap s | detect s | settle s | replace s | re-form s | transfer s "
+             "| first step s | steps redone |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for strategy, fault, heal in cases:
         run_id = f"{fault}-{strategy}-{'heal' if heal else 'restart'}"
         failure = {"max_failures": 1, "backoff_s": 0.0, "snapshot_every": args.every, "heal": heal,
@@ -119,10 +120,10 @@ def recovery(args, storage: str) -> list[str]:
         rec = ev[ev.kind == "recovered"].iloc[0]
         redone = int(rec["detail"].split(";")[1].split()[0])
         if heal:
-            phases = [_phase(ev, k) for k in ("heal:detect", "heal:replace", "heal:reform", "heal:transfer",
-                                              "heal:first_step")]
+            phases = [_phase(ev, k) for k in ("heal:detect", "heal:settle", "heal:replace", "heal:reform",
+                                              "heal:transfer", "heal:first_step")]
         else:
-            phases = [float("nan")] * 5
+            phases = [float("nan")] * 6
         rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | {gap_s(result):.1f} | "
                     + " | ".join(f"{p:.2f}" for p in phases) + f" | {redone} |")
         print(rows[-1], flush=True)
