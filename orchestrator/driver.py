@@ -28,6 +28,7 @@ POLL_S = 0.25
 # (each reports Broken, once out of it and out of its process group) before replacing
 # the ones still in it as well.
 HEAL_SETTLE_S = 5.0
+HEAL_SETTLE_QUIET_S = 1.0  # ... or this long after the last survivor that did
 
 
 @dataclass
@@ -215,11 +216,15 @@ class RayGroup:
         aborted group never ends (seen under DDP with 4 ranks), or ended. What the
         polls read meanwhile is held for the controller's next poll."""
         waiting = set(range(self.wg.n)) - {lost}
-        deadline = time.perf_counter() + HEAL_SETTLE_S
+        start = time.perf_counter()
+        deadline = start + HEAL_SETTLE_S
         while waiting and time.perf_counter() < deadline:
             rows = self.wg.poll(timeout_s=POLL_S)
             self._held += rows
-            waiting -= {m.rank for m in rows if isinstance(m, Broken) and m.attempt == attempt}
+            broke = {m.rank for m in rows if isinstance(m, Broken) and m.attempt == attempt} & waiting
+            if broke:  # the others break within moments of each other: one still silent later is stuck
+                waiting -= broke
+                deadline = min(start + HEAL_SETTLE_S, time.perf_counter() + HEAL_SETTLE_QUIET_S)
             if waiting:
                 time.sleep(0.05)
         return sorted(waiting)
