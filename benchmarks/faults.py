@@ -112,11 +112,16 @@ def recovery(args, storage: str) -> list[str]:
                   "outside": ["slow:rank=0,factor=3"]}[fault]  # outside: slowed so the kill lands mid-run
         killed: list = []
         if fault == "outside":
-            threading.Thread(target=_kill_from_outside, args=(Path(storage) / run_id, kill_at, killed),
+            # rows are stored in batches: the first stored one is the sign, rank 0 slowed 3x leaves time
+            threading.Thread(target=_kill_from_outside, args=(Path(storage) / run_id, 1, killed),
                              daemon=True).start()
         result = run(_spec(args, storage, run_id, strategy=strategy, inject=inject, failure=failure),
                      progress=False)
         ev = result.events
+        if not (ev.kind == "recovered").any():  # the run ended before an outside kill landed
+            rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | no failure (killed: {killed}) |")
+            print(rows[-1], flush=True)
+            continue
         rec = ev[ev.kind == "recovered"].iloc[0]
         redone = int(rec["detail"].split(";")[1].split()[0])
         if heal:
