@@ -1,8 +1,11 @@
 """Failure recovery and straggler mitigation, measured on gpt-tiny with 4 workers.
 
-(a) recovery from a worker killed mid-run: detection (kill -> failure noticed),
-    recovery (failure noticed -> first step completed after the restore) and
-    steps lost, restoring from an in-memory snapshot and from a checkpoint;
+(a) recovery from one lost worker: a kill under ddp and fsdp, healed in place
+    and with a full restart (failure.heal=false), a hang, and a SIGKILL from
+    outside; the gap from the last step row before the failure to the first
+    after it, each healing phase's seconds (detect, the survivors' settle,
+    replace the actor (settle included), re-form the process group, transfer
+    the state, first step) and the steps redone;
 (b) throughput with one worker slowed 3x, with each mitigation, as a fraction
     of a clean run's, and the final loss.
 
@@ -26,8 +29,8 @@ from orchestrator import JobSpec, run  # noqa: E402
 from orchestrator.metrics import final_attempt, samples_mean  # noqa: E402
 
 
-def _spec(args, storage: str, run_id: str, **kw) -> JobSpec:
-    return JobSpec(workload="gpt-tiny", strategy="ddp", workers=args.workers, steps=args.steps, seed=1,
+def _spec(args, storage: str, run_id: str, strategy: str = "ddp", **kw) -> JobSpec:
+    return JobSpec(workload="gpt-tiny", strategy=strategy, workers=args.workers, steps=args.steps, seed=1,
                    storage=storage, run_id=run_id, **kw)
 
 
@@ -48,23 +51,86 @@ def final_loss(result) -> float:
     return statistics.mean(samples_mean(g.loss, g.samples) for _, g in last.groupby("step"))
 
 
+def gap_s(result) -> float:
+    """Seconds from the last step row before the failure (attempt 0) to the first
+    completed step after it (every rank's row of the next attempt's first step):
+    detection, healing or restart, and one step."""
+    df = result.metrics
+    before = df[df.attempt == 0].wall_time.max()
+    after = df[df.attempt == 1]
+    first = after[after.step == after.step.min()]
+    return float(first.wall_time.max() - before)
+
+
+def _phase(ev, kind: str) -> float:
+    """Seconds of a phase, the slowest rank's where every rank reports it; nan if absent."""
+    rows = ev[ev.kind == kind]
+    return float(rows.seconds.max()) if len(rows) else float("nan")
+
+
+def _kill_from_outside(folder: Path, after_step: int, killed: list) -> None:
+    """SIGKILL one RankWorker of this Ray session once rank rows past ``after_step`` are stored."""
+    import os
+    import signal
+    import time
+
+    import pandas as pd
+    from ray._private import state
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        time.sleep(0.2)
+        try:
+            if pd.read_parquet(folder / "metrics.parquet").step.max() < after_step:
+                continue
+        except (OSError, ValueError):
+            continue
+        pids = sorted(a["Pid"] for a in state.actors().values()
+                      if a["ActorClassName"] == "RankWorker" and a["State"] == "ALIVE")
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+
 def recovery(args, storage: str) -> list[str]:
+    """One lost worker of ``--workers``: kill (injected) under ddp and fsdp, healed in
+    place and, for comparison, with a full restart (failure.heal=false); a hang; a
+    SIGKILL from outside. The gap is from the last step row before the failure to
+    the first step row after it."""
+    import threading
+
     kill_at = args.steps // 2 + 2  # two steps after a snapshot/checkpoint boundary
-    rows = ["| restore from | detection s | recovery s | steps redone | interval |", "|---|---|---|---|---|"]
-    for mode in ("snapshot", "checkpoint"):
-        failure = {"max_failures": 1, "backoff_s": 0.0, "snapshot_every": args.every, "snapshots": mode == "snapshot"}
-        spec = _spec(args, storage, f"kill-{mode}", inject=[f"kill:rank=1,step={kill_at}"], failure=failure,
-                     checkpoint_every=args.every if mode == "checkpoint" else 0)
-        result = run(spec, progress=False)
-        ev = result.events.set_index("kind")
-        # the kill fires as step kill_at starts, right after step kill_at - 1 ended (the
-        # killed worker's own report of it usually dies with it)
-        df = result.metrics
-        killed_t = df[(df.step == kill_at - 1) & (df.attempt == 0)].wall_time.max()
-        fail_t = ev.loc["failure:died", "wall_time"]
-        rec = ev.loc["recovered"]
+    cases = [("ddp", "kill", True), ("ddp", "kill", False), ("fsdp", "kill", True), ("fsdp", "kill", False),
+             ("ddp", "hang", True), ("ddp", "outside", True)]
+    rows = [("| strategy | fault | recovery | gap s | detect s | settle s | replace s | re-form s | transfer s "
+             "| first step s | steps redone |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for strategy, fault, heal in cases:
+        run_id = f"{fault}-{strategy}-{'heal' if heal else 'restart'}"
+        failure = {"max_failures": 1, "backoff_s": 0.0, "snapshot_every": args.every, "heal": heal,
+                   "hang_floor_s": 5}
+        inject = {"kill": [f"kill:rank=1,step={kill_at}"], "hang": [f"hang:rank=1,step={kill_at}"],
+                  "outside": ["slow:rank=0,factor=3"]}[fault]  # outside: slowed so the kill lands mid-run
+        killed: list = []
+        if fault == "outside":
+            # rows are stored in batches: the first stored one is the sign, rank 0 slowed 3x leaves time
+            threading.Thread(target=_kill_from_outside, args=(Path(storage) / run_id, 1, killed),
+                             daemon=True).start()
+        result = run(_spec(args, storage, run_id, strategy=strategy, inject=inject, failure=failure),
+                     progress=False)
+        ev = result.events
+        if not (ev.kind == "recovered").any():  # the run ended before an outside kill landed
+            rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | no failure (killed: {killed}) |")
+            print(rows[-1], flush=True)
+            continue
+        rec = ev[ev.kind == "recovered"].iloc[0]
         redone = int(rec["detail"].split(";")[1].split()[0])
-        rows.append(f"| {mode} | {fail_t - killed_t:.1f} | {rec['seconds']:.1f} | {redone} | {args.every} |")
+        if heal:
+            phases = [_phase(ev, k) for k in ("heal:detect", "heal:settle", "heal:replace", "heal:reform",
+                                              "heal:transfer", "heal:first_step")]
+        else:
+            phases = [float("nan")] * 6
+        rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | {gap_s(result):.1f} | "
+                    + " | ".join(f"{p:.2f}" for p in phases) + f" | {redone} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -43,3 +43,17 @@ def init_process_group(*, rank: int, world: int, init_method: str, device: torch
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort_process_group(*, destroy: bool = True) -> None:
+    """Leave a process group that lost a peer, so a new one can be formed in this
+    process. Aborted first: that closes its connections even while a module (DDP,
+    a strategy kept alive) still holds the group, so a peer still waiting on this
+    rank fails at once instead of at its timeout; gloo raises on a closed peer."""
+    if dist.is_initialized():
+        # every group, not only the default one: a strategy's collectives run on its
+        # mesh's groups (new_group), and torch lists them only in its private registry
+        for group in list(dist.distributed_c10d._world.pg_map):
+            group.abort()
+        if destroy:
+            dist.destroy_process_group()

@@ -85,13 +85,16 @@ def start_keeper():
                           max_restarts=-1).remote()
 
 
-@ray.remote(max_concurrency=2)  # one thread runs the job, one answers poll() and control()
-class RankWorker:
-    def __init__(self, threads: int, env: dict[str, str], keeper=None):
+class _Worker:
+    def __init__(self, threads: int, env: dict[str, str], keeper=None, imports: tuple[str, ...] = ()):
         os.environ.update(env)
+        import importlib
+
         import torch
 
         torch.set_num_threads(threads)
+        for module in imports:  # what every rank's function needs, imported while the actor starts
+            importlib.import_module(module)
         self.threads = threads
         self.keeper = keeper
         self._lock = threading.Lock()
@@ -162,12 +165,25 @@ class RankWorker:
         return rows
 
     def control(self, msg: dict) -> None:
+        if "abort" in msg:  # a peer was lost: whatever collective the job's thread waits in fails now
+            from cluster.dist import abort_process_group
+
+            abort_process_group(destroy=False)  # the job's thread leaves the group itself, once out of it
+            return
         with self._lock:
             if "flushed" in msg:  # the answer to a flush mark, not a message for the rank's function
                 self._stored_mark = max(self._stored_mark, msg["flushed"])
                 self._stored.notify_all()
             else:
                 self._controls.append(msg)
+
+
+# one thread runs the job, one answers poll() and control()
+RankWorker = ray.remote(max_concurrency=2)(type("RankWorker", (_Worker,), {}))
+# A started, idle worker that takes a lost rank's place in a heal without a process
+# start and torch's import while the survivors wait. Its own class name, so it is
+# told apart from the ranks (a test or benchmark killing "a worker" kills a rank).
+SpareWorker = ray.remote(max_concurrency=2)(type("SpareWorker", (_Worker,), {}))
 
 
 class WorkerGroup:
@@ -181,18 +197,29 @@ class WorkerGroup:
         env: dict[str, str] | None = None,
         placement_timeout_s: float = 60,
         keeper=None,
+        imports: tuple[str, ...] = (),
     ):
         self.n = workers
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.placement, self.env = placement, env or {}
         self.placement_timeout_s = placement_timeout_s
-        self.keeper = keeper
+        self.keeper, self.imports = keeper, imports  # imports: modules each actor imports as it starts
         self.actors: list = []
         self.contexts: list[WorkerContext] = []
         self.pids: list[int] = []
         self._pg = None
         self._polls: dict[int, ray.ObjectRef] = {}  # rank -> its poll() not read yet
         self.phases: dict[str, float] = {}
+        self.spare = None  # a SpareWorker, once prestart_spare() started one
+
+    def prestart_spare(self) -> None:
+        """Start one idle worker for the next heal. It reserves no CPU or GPU
+        (num_cpus=0; with GPUs none is started): once it replaces a rank, the lost
+        rank's bundle stays reserved and empty, so the group never holds more than it
+        was placed with; on a cluster it runs where Ray puts it, not in that bundle."""
+        if self.spare is None and not self.gpus and self.actors:
+            self.spare = SpareWorker.options(num_cpus=0).remote(max(1, int(self.cpus)), self.env, self.keeper,
+                                                                self.imports)
 
     def start(self) -> None:
         t0 = time.perf_counter()
@@ -212,31 +239,88 @@ class WorkerGroup:
                 num_cpus=self.cpus,
                 num_gpus=self.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(threads, self.env, self.keeper)
+            ).remote(threads, self.env, self.keeper, self.imports)
             for i in range(self.n)
         ]
         where = ray.get([a.where.remote() for a in self.actors])
         t2 = time.perf_counter()
-        # Ranks are bundle order (PACK keeps a node's bundles together); local rank
-        # counts within a node.
+        self.pids = [pid for _, _, pid in where]
+        self.where, self.bundles = where, list(range(self.n))
+        self.contexts = self._contexts()
+        self.phases = {"placement_s": t1 - t0, "actors_s": t2 - t1}
+
+    def _contexts(self) -> list[WorkerContext]:
+        """Every rank's context from where its actor is (``self.where``), with a
+        fresh rendezvous port from rank 0's actor. Ranks are bundle order (PACK keeps
+        a node's bundles together); local rank counts within a node."""
         seen: dict[str, int] = {}
         local_ranks = []
-        for node_id, _, _ in where:
+        for node_id, _, _ in self.where:
             local_ranks.append(seen.get(node_id, 0))
             seen[node_id] = local_ranks[-1] + 1
-        node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in where))}
-        nodes = tuple(node_index[node_id] for node_id, _, _ in where)
-        master_addr = where[0][1]
-        master_port = ray.get(self.actors[0].rendezvous_port.remote())
-        self.pids = [pid for _, _, pid in where]
-        self.contexts = [
-            WorkerContext(
-                rank=r, world=self.n, local_rank=local_ranks[r], node_ip=where[r][1],
-                master_addr=master_addr, master_port=master_port, threads=threads, nodes=nodes,
-            )
-            for r in range(self.n)
-        ]
-        self.phases = {"placement_s": t1 - t0, "actors_s": t2 - t1}
+        node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in self.where))}
+        nodes = tuple(node_index[node_id] for node_id, _, _ in self.where)
+        port = ray.get(self.actors[0].rendezvous_port.remote())
+        threads = max(1, int(self.cpus))
+        return [WorkerContext(rank=r, world=self.n, local_rank=local_ranks[r], node_ip=self.where[r][1],
+                              master_addr=self.where[0][1], master_port=port, threads=threads, nodes=nodes)
+                for r in range(self.n)]
+
+    def abort(self, lost: int) -> None:
+        """The first half of a heal: rank ``lost``'s actor is killed (it may be hung,
+        not dead) and every other one aborts its process groups, since a survivor may
+        wait on another survivor, not on the lost rank; done before any is told to
+        re-form (a threaded actor may reorder calls)."""
+        self._t_heal = time.perf_counter()
+        ray.kill(self.actors[lost], no_restart=True)
+        ray.wait([a.control.remote({"abort": True}) for r, a in enumerate(self.actors) if r != lost],
+                 num_returns=len(self.actors) - 1, timeout=10)
+
+    def heal(self, lost: list[int], *, shrink: bool) -> list[int]:
+        """Replace ranks ``lost`` in place (after ``abort``): a new actor (the spare
+        first) takes each one's rank and bundle, every other actor stays (same
+        process); with ``shrink``, the one lost rank is dropped and the ranks above
+        it move down. New contexts with a new rendezvous (a new port: the old
+        group's may linger). Returns the ranks whose actors are new; the caller tells
+        the others (``reform``) and runs its function on the new ones (``run_on``)."""
+        for r in lost:
+            ray.kill(self.actors[r], no_restart=True)  # again for the first: harmless
+            self._polls.pop(r, None)
+        if shrink:
+            (gone,) = lost
+            for seq in (self.actors, self.where, self.bundles, self.pids):
+                del seq[gone]
+            self._polls = {(r - (r > gone)): ref for r, ref in self._polls.items()}
+            self.n -= 1
+            new = []
+        else:
+            for r in lost:
+                if self.spare is not None:
+                    self.actors[r], self.spare = self.spare, None
+                else:
+                    self.actors[r] = RankWorker.options(
+                        num_cpus=self.cpus, num_gpus=self.gpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            self._pg, placement_group_bundle_index=self.bundles[r]),
+                    ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
+            for r, where in zip(lost, ray.get([self.actors[r].where.remote() for r in lost])):
+                self.where[r], self.pids[r] = where, where[2]
+            new = list(lost)
+        self.contexts = self._contexts()
+        self.phases = {"replace_s": time.perf_counter() - self._t_heal}
+        return new
+
+    def reform(self, rank: int, extra: dict) -> None:
+        """Tell a surviving rank its new place: ``{"reform": its context's fields, **extra}``."""
+        c = self.contexts[rank]
+        fields = {"rank": c.rank, "world": c.world, "local_rank": c.local_rank, "node_ip": c.node_ip,
+                  "master_addr": c.master_addr, "master_port": c.master_port, "nodes": c.nodes}
+        self.actors[rank].control.remote({"reform": fields, **extra})
+
+    def run_on(self, ranks: list[int], fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
+        """``run_async`` on some ranks only (the new actors of a heal)."""
+        fn_ref = ray.put(fn)
+        return [self.actors[r].run.remote(self.contexts[r], fn_ref, *args) for r in ranks]
 
     def run_async(self, fn: Callable[..., Any], *args: Any) -> list[ray.ObjectRef]:
         fn_ref = ray.put(fn)
@@ -271,9 +355,9 @@ class WorkerGroup:
         ray.kill(self.actors[rank], no_restart=True)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + ([self.spare] if self.spare is not None else []):
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self.spare = [], None
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -112,6 +112,8 @@ class FailureSpec(BaseModel):
     backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each restart")
     snapshot_every: int = Field(10, ge=1, description="keep an in-memory snapshot in Ray's object store every N steps")
     snapshots: bool = Field(True, description="in-memory snapshots on (restore from them first, else the newest checkpoint)")
+    heal: bool = Field(True, description="replace only a lost worker, the others keep their process and state "
+                       "(strategies that cannot heal in place restart every worker)")
     elastic: bool = Field(False, description="on failure, continue with the healthy workers instead of replacing the lost one")
     min_workers: int = Field(1, ge=1, description="elastic and straggler evict: never shrink below this many workers")
     hang_factor: float = Field(10.0, gt=1, description="a step is hung after hang_factor x the recent median step time ...")

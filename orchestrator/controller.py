@@ -25,7 +25,9 @@ from typing import Callable, Protocol
 from cluster.faults import Injection
 from orchestrator.config import JobSpec
 from orchestrator.errors import RunFailed, SnapshotLost
-from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Message, Row, SnapshotPart
+from orchestrator.messages import (
+    Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Message, Row, SnapshotPart,
+)
 from orchestrator.metrics import MetricsLog, samples_mean
 from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, initial_shares,
@@ -53,11 +55,23 @@ class Group(Protocol):
 
     def shutdown(self) -> None: ...
 
+    # Optional (a group without it restarts every worker): heal in place for ``attempt``
+    # (``Attempt.heal``): replace rank ``lost``'s worker, or drop it when ``attempt.world``
+    # is smaller; the others keep theirs. Returns the seconds of its phases by name.
+    # def heal(self, attempt: Attempt, lost: int) -> dict[str, float]: ...
+
 
 @dataclass(frozen=True)
 class _Evict:
     rank: int
     reason: str
+
+
+@dataclass(frozen=True)
+class _HealStalled:
+    """A heal in place made no step within ``heal_timeout_s``: every worker restarts."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,17 @@ class ControllerOptions:
     first_step_at: Callable[[int], None] = lambda step: None  # called once, when the first step completes
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    grace_s: float = 3.0  # after a rank's error, how long to wait for the others' before naming the cause
+    # after a rank's error, at most how long to wait for the others' before naming the cause; not
+    # waited when it is known: Ray reported a worker dead, or every rank has failed or waits
+    grace_s: float = 3.0
+    # a heal in place whose group makes no step in this long falls back to the full restart
+    # (the same failure: not counted again), e.g. a survivor still blocked in a collective
+    heal_timeout_s: float = 30.0
+
+
+def died(msg: str) -> bool:
+    """Ray reported this rank's worker process dead (driver._failure_message)."""
+    return "its worker process died" in msg
 
 
 def is_echo(msg: str) -> bool:
@@ -172,6 +196,7 @@ class Controller:
         self.attempt = first
         self.newest_checkpoint = options.newest_checkpoint
         self.clock, self.sleep, self.grace_s = options.clock, options.sleep, options.grace_s
+        self.heal_timeout_s = options.heal_timeout_s
         self.first_step_at = options.first_step_at
         self.forget = options.forget
         self.group: Group | None = None  # the running attempt's
@@ -191,6 +216,7 @@ class Controller:
         self.snapshot: tuple[int, list] | None = None  # (step, per-rank handles) of the newest whole one
         self._partial: dict[tuple[int, int], dict[int, object]] = {}  # (attempt, step) -> rank -> handle
         self._recovering: tuple[float, int, int] | None = None  # (detected at, lost from step, restored step)
+        self._healing: float | None = None  # when the group was told to heal, until its first step
         self._nan_run: tuple[int, int] | None = None  # (first step, rank) of the non-finite steps in a row, if any
 
     # -- the state machine ------------------------------------------------------------------------
@@ -213,11 +239,11 @@ class Controller:
         outcome = self._poll()
         if outcome is None:
             return self.state
-        self._stop_group()
         if isinstance(outcome, _Finished):
+            self._stop_group()
             self.state = "finished"
         else:
-            self._recover(outcome)
+            self._recover(outcome)  # stops the group, unless it heals in place
         return self.state
 
     def _start(self) -> None:
@@ -233,10 +259,27 @@ class Controller:
             group, self.group = self.group, None
             group.shutdown()
 
-    def _recover(self, outcome: Failure | _Evict) -> None:
-        world = self.attempt.world
-        removed, snapshot_lost = None, False
-        if isinstance(outcome, _Evict):
+    def _heal_mode(self, outcome: Failure) -> str:
+        """How this failure can heal in place (``Strategy.heal``), "restart" where it
+        cannot: healing switched off, a group without ``heal``, or a rank other than
+        the lost one whose function ended (it waits for no re-form)."""
+        if not self.spec.failure.heal or not hasattr(self.group, "heal") or set(self._errors) - {outcome.rank}:
+            return "restart"
+        return self.spec.strategy_cls().heal
+
+    def _recover(self, outcome: Failure | _Evict | _HealStalled) -> None:
+        world = self._world_before = self.attempt.world
+        removed, snapshot_lost, heal = None, False, "restart"
+        if not isinstance(outcome, Failure) or SnapshotLost.__name__ in outcome.message and self.attempt.snapshot:
+            self._stop_group()
+        if isinstance(outcome, _HealStalled):
+            # the failure it healed was counted; its recovery goes on as a restart
+            detected, new_world, backoff = self.clock(), world, 0.0
+            self._healing = None
+            self.log.event("heal_stalled", step=self.completed, seconds=outcome.seconds, detail=(
+                f"no step {outcome.seconds:.1f} s after the heal began (heal_timeout_s={self.heal_timeout_s:g}): "
+                f"every worker restarts"))
+        elif isinstance(outcome, _Evict):
             self.log.event("evict", rank=outcome.rank, step=self.completed, detail=outcome.reason)
             new_world, backoff, removed = world - 1, 0.0, outcome.rank
             self.out.note(f"evicting rank {outcome.rank}: {outcome.reason}")
@@ -251,8 +294,17 @@ class Controller:
             self.failures += 1
             detected = self.clock()
             self.log.event(f"failure:{outcome.kind}", rank=outcome.rank, step=outcome.step, detail=outcome.message)
-            decision = self.failure_policy.make_decision(outcome, failures=self.failures, world=world)
+            mode = self._heal_mode(outcome)
+            decision = self.failure_policy.make_decision(outcome, failures=self.failures, world=world, heal=mode)
             self.log.event("decision:" + decision.action, rank=outcome.rank, step=outcome.step, detail=decision.reason)
+            if decision.action == "heal":
+                heal = mode
+            else:
+                self._stop_group()
+                if self.spec.failure.heal and decision.action == "restart" and self.spec.strategy_cls().heal == "restart":
+                    self.log.event("no_heal", rank=outcome.rank, step=outcome.step, detail=(
+                        f"strategy {self.spec.strategy.name!r} cannot heal in place (Strategy.heal='restart'): "
+                        f"every worker restarts"))
             if decision.action == "raise":
                 self.state = "errored"
                 self.out.note(f"failed: {outcome.message} ({decision.reason})")
@@ -274,22 +326,45 @@ class Controller:
             injections = renumber(injections, removed)
             even = initial_shares(self.spec.global_batch, self._replicas(new_world), 1)
             shares = list(even) if len(set(even)) > 1 else None
-        source = self._restore_source()
+        source = None if heal == "peer" else self._restore_source()  # peer: the survivors hold the state
         lost_from = self.completed
-        if snapshot_lost and self._recovering is not None:  # the same loss, still being recovered from
-            detected, lost_from = self._recovering[:2]
-        restored = source[0] if source else 0
+        if (snapshot_lost or isinstance(outcome, _HealStalled)) and self._recovering is not None:
+            detected, lost_from = self._recovering[:2]  # the same loss, still being recovered from
+        restored = source[0] if source else (self.completed if heal == "peer" else 0)
         self._recovering = (detected, lost_from, restored)
         self.completed = restored
         self.attempt = Attempt(number=self.attempt.number + 1, world=new_world, shares=shares, injections=injections,
                                snapshot=source[1] if source and source[2] == "snapshot" else None,
-                               resume_url=source[1] if source and source[2] == "checkpoint" else None)
+                               resume_url=source[1] if source and source[2] == "checkpoint" else None,
+                               heal=heal != "restart")
         where = {None: "the start (no snapshot or checkpoint yet)", "snapshot": f"the in-memory snapshot of step {restored}",
                  "checkpoint": f"checkpoint {source[1] if source else ''}"}[source[2] if source else None]
         if snapshot_lost:
             self.out.note(f"the in-memory snapshot cannot be fetched; falling back to {where}")
+        if heal != "restart":
+            self._heal(outcome, heal, where)
+            return
         self.log.event("restart", step=restored, detail=f"attempt {self.attempt.number}: {new_world} workers from {where}")
         self.out.note(f"restarting: {new_world} workers from {where}")
+
+    def _heal(self, outcome: Failure, mode: str, where: str) -> None:
+        """The group heals in place: the lost rank's worker is replaced (or dropped),
+        the others keep their processes and state, and the same group runs the new attempt."""
+        a = self.attempt
+        source = f"the survivors' state (step >= {self.completed})" if mode == "peer" else where
+        self.log.event("heal:detect", rank=outcome.rank, step=outcome.step, seconds=self._recovering[0] - self._last_progress,
+                       detail="from the last completed step to the decision")
+        self.log.event("heal", rank=outcome.rank, step=self._recovering[2], detail=(
+            f"attempt {a.number}: {a.world} workers, rank {outcome.rank} "
+            f"{'replaced' if a.world == self._world_before else 'dropped'}, the others keep their processes; from {source}"))
+        self.out.note(f"healing in place: rank {outcome.rank} {'replaced' if a.world == self._world_before else 'dropped'}, "
+                      f"{a.world} workers from {source}")
+        phases = self.group.heal(a, outcome.rank)
+        for name, seconds in phases.items():
+            self.log.event(f"heal:{name.removesuffix('_s')}", rank=outcome.rank, step=outcome.step, seconds=seconds)
+        self._healing = self.clock()
+        self._begin_attempt()
+        self.state = "running"
 
     def _rollback_before(self) -> int | None:
         """The first non-finite step while a NaN rollback is pending: restored state must be older."""
@@ -322,9 +397,10 @@ class Controller:
         self._straggle = StragglerState(shares=shares, decided_at=self.completed, ranks_per_replica=a.world // replicas)
         self._last_progress = self.clock()
         self._errors: dict[int, str] = {}
+        self._broken: dict[int, str] = {}  # rank -> why: ranks waiting for a re-form (Broken)
         self._first_error: float | None = None
 
-    def _poll(self) -> Failure | _Evict | _Finished | None:
+    def _poll(self) -> Failure | _Evict | _HealStalled | _Finished | None:
         """Poll the group once and decide; None: the attempt goes on."""
         group, a = self.group, self.attempt
         status = group.poll()
@@ -336,13 +412,17 @@ class Controller:
         self._acknowledge(group)
         self.log.maybe_flush()
         self._errors.update(status.errors)
-        if self._errors:
+        if self._errors or self._broken:
             self._first_error = self._first_error if self._first_error is not None else self.clock()
-            if self.clock() - self._first_error >= self.grace_s or len(self._errors) + len(status.finished) >= a.world:
-                return self._failed(self._errors)
+            known = any(died(m) for m in self._errors.values())  # the others' errors echo a death Ray reported
+            everyone = len(self._errors.keys() | self._broken.keys() | status.finished) >= a.world
+            if known or everyone or self.clock() - self._first_error >= self.grace_s:
+                return self._failed({**self._broken, **self._errors})
             return None
         if self._pending_outcome is not None:
             return self._pending_outcome
+        if self._healing is not None and self.clock() - self._healing > self.heal_timeout_s:
+            return _HealStalled(seconds=self.clock() - self._healing)
         if len(status.finished) >= a.world:
             return _Finished()
         deadline = hang_deadline_s(self.spec.failure, list(self._recent),
@@ -412,6 +492,9 @@ class Controller:
                 self._flush_marks.append(mark)
             case SnapshotPart():
                 self._snapshot_part(msg)
+            case Broken(rank=rank, error=error, attempt=number):  # an echo: it lost a peer, waits for a re-form
+                if number == self.attempt.number:  # else the echo of the loss this group already heals
+                    self._broken[rank] = f"rank {rank} failed: {error}"
             case Injected(rank=rank, step=step, injection=inj):
                 self.fired.add(inj)
                 self.out.note(f"injected {inj} on rank {rank} at step {step}")
@@ -442,6 +525,10 @@ class Controller:
         if not self._first_done:
             self._first_done = True
             self.first_step_at(step)
+        if self._healing is not None:
+            self.log.event("heal:first_step", step=step, seconds=self.clock() - self._healing,
+                           detail="from the re-form instruction to the first step of the healed group")
+            self._healing = None
         if self._recovering is not None:
             detected, lost_from, restored = self._recovering
             self.log.event("recovered", step=step, seconds=self.clock() - detected,

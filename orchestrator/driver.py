@@ -13,7 +13,7 @@ import pandas as pd
 from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
 from orchestrator.controller import Controller, ControllerOptions, GroupStatus, RunFailed
-from orchestrator.messages import Attempt
+from orchestrator.messages import Attempt, Broken, Row
 from orchestrator.metrics import MetricsLog, read_log
 from orchestrator.trainer import pack_job, train_worker
 from orchestrator.progress import Progress
@@ -24,6 +24,11 @@ from orchestrator.storage import RunFolder
 # or fails, so this bounds only progress-line latency; on a small machine every
 # poll takes CPU from the workers.
 POLL_S = 0.25
+# How long a heal waits for the survivors to leave the collective that lost its peer
+# (each reports Broken, once out of it and out of its process group) before replacing
+# the ones still in it as well.
+HEAL_SETTLE_S = 5.0
+HEAL_SETTLE_QUIET_S = 1.0  # ... or this long after the last survivor that did
 
 
 @dataclass
@@ -143,6 +148,9 @@ class RayGroup:
         self.wg = None
         self.pending: dict = {}
         self.finished: set[int] = set()
+        self._held: list = []  # reports read while healing, for the controller's next poll
+        # a spare worker for heals, when a failure can heal in place
+        self.spares = spec.failure.heal and spec.failure.max_failures > 0 and spec.strategy_cls().heal != "restart"
 
     def start(self, attempt: Attempt) -> None:
         from cluster.worker_group import WorkerGroup
@@ -151,7 +159,7 @@ class RayGroup:
         self.wg = WorkerGroup(
             attempt.world, cpus_per_worker=self.cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
             placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
-            keeper=self.keeper,
+            keeper=self.keeper, imports=("orchestrator.trainer",),  # strategies, workloads: before the job arrives
         )
         self.wg.start()
         self.phases += list(self.wg.phases.items())
@@ -174,9 +182,52 @@ class RayGroup:
                     self.finished.add(rank)
                 except Exception as e:  # RayTaskError, RayActorError
                     status.errors[rank] = _failure_message(rank, e)
-        status.rows = self.wg.poll()
+        status.rows, self._held = self._held + self.wg.poll(), []
         status.finished = set(self.finished)
+        if self.spares and self.wg.spare is None and any(isinstance(m, Row) for m in status.rows):
+            self.wg.prestart_spare()  # steps are under way: its start no longer competes with the group's
         return status
+
+    def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:
+        """Heal in place (``Attempt.heal``): rank ``lost``'s actor is replaced (or
+        dropped, the group shrinking), the survivors, waiting in ``train_worker``
+        with their state, are told their place in the re-formed group, and the new
+        actor runs ``train_worker`` from the start. A survivor that has not left its
+        collective (reported ``Broken``) within HEAL_SETTLE_S is replaced too."""
+        shrink = attempt.world < self.wg.n
+        self.wg.abort(lost)
+        t = time.perf_counter()
+        gone = [lost] if shrink else sorted({lost, *self._settle(lost, attempt.number - 1)})
+        settle = time.perf_counter() - t
+        # the lost ranks' runs are over (their actors are killed); survivors keep theirs, renumbered when shrinking
+        self.pending = {ref: r - (shrink and r > lost) for ref, r in self.pending.items() if r not in gone}
+        new = self.wg.heal(gone, shrink=shrink)
+        for r in range(attempt.world):
+            if r not in new:
+                self.wg.reform(r, {"attempt": attempt})
+        refs = self.wg.run_on(new, train_worker, self.spec, self.payload, self.run_url, attempt, self.ckpt_meta)
+        self.pending.update(zip(refs, new))
+        self.finished = set()
+        return {**self.wg.phases, "settle_s": settle}
+
+    def _settle(self, lost: int, attempt: int) -> list[int]:
+        """The survivors that did not report ``Broken`` (for ``attempt``) within
+        HEAL_SETTLE_S of the abort: still blocked in a collective whose work an
+        aborted group never ends (seen under DDP with 4 ranks), or ended. What the
+        polls read meanwhile is held for the controller's next poll."""
+        waiting = set(range(self.wg.n)) - {lost}
+        start = time.perf_counter()
+        deadline = start + HEAL_SETTLE_S
+        while waiting and time.perf_counter() < deadline:
+            rows = self.wg.poll(timeout_s=POLL_S)
+            self._held += rows
+            broke = {m.rank for m in rows if isinstance(m, Broken) and m.attempt == attempt} & waiting
+            if broke:  # the others break within moments of each other: one still silent later is stuck
+                waiting -= broke
+                deadline = min(start + HEAL_SETTLE_S, time.perf_counter() + HEAL_SETTLE_QUIET_S)
+            if waiting:
+                time.sleep(0.05)
+        return sorted(waiting)
 
     def control(self, msg: dict) -> None:
         self.wg.control(msg)

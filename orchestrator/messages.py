@@ -25,6 +25,10 @@ class Attempt:
     snapshot: list | None = None  # ... or the per-rank handles of one in-memory snapshot (preferred)
     shares: list[int] | None = None  # samples per data-parallel replica; None: an even split
     injections: list[Injection] = field(default_factory=list)  # those that have not fired yet
+    # A heal in place: the surviving ranks keep their actors and state and only the lost
+    # ranks' actors are new; under a strategy that heals from a peer, every rank then
+    # takes the state of the survivor furthest on (``resume_url``/``snapshot`` unused).
+    heal: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,4 +120,16 @@ class SnapshotPart:
     handle: Any
 
 
-Message = Begin | Live | Row | Event | Injected | Committing | Flush | SnapshotPart
+@dataclass(frozen=True, kw_only=True)
+class Broken:
+    """A collective of this rank lost a peer: the rank rolled back to its last whole
+    step (``step``), left its process group and waits for the driver's re-form
+    instruction (``WorkerGroup.heal``) instead of exiting, so it keeps its state."""
+
+    rank: int
+    step: int
+    error: str
+    attempt: int  # the attempt it broke in: a report read after the driver moved on is stale
+
+
+Message = Begin | Live | Row | Event | Injected | Committing | Flush | SnapshotPart | Broken

@@ -26,7 +26,7 @@ class Failure:
 
 @dataclass(frozen=True, kw_only=True)
 class FailureDecision:
-    action: Literal["restart", "raise"]
+    action: Literal["restart", "heal", "raise"]  # heal: only the lost rank's worker is new (Attempt.heal)
     world: int  # workers of the next attempt
     backoff_s: float = 0.0
     reason: str = ""
@@ -36,8 +36,10 @@ class FailurePolicy:
     def __init__(self, spec: FailureSpec):
         self.spec = spec
 
-    def make_decision(self, failure: Failure, *, failures: int, world: int) -> FailureDecision:
-        """``failures``: how many have happened in this run, this one included."""
+    def make_decision(self, failure: Failure, *, failures: int, world: int, heal: str = "restart") -> FailureDecision:
+        """``failures``: how many have happened in this run, this one included;
+        ``heal``: how the strategy heals in place (``Strategy.heal``), "restart"
+        where it cannot (or the group cannot, or ``failure.heal`` is off)."""
         s = self.spec
         if failure.kind == "nan" and s.nan == "fail":
             return FailureDecision(action="raise", world=world, reason="failure.nan='fail'")
@@ -49,6 +51,12 @@ class FailurePolicy:
                                    reason=f"{failures} failures, more than failure.max_failures={s.max_failures}")
         backoff = s.backoff_s * 2 ** (failures - 1)
         lost_one = failure.kind in ("died", "error", "hang") and failure.rank >= 0
+        if lost_one and world > 1 and heal != "restart":  # the survivors wait, their state in memory: no backoff
+            shrink = s.elastic and world - 1 >= s.min_workers
+            return FailureDecision(action="heal", world=world - 1 if shrink else world, reason=(
+                f"heal in place ({heal}): " + (f"continue on {world - 1} workers without rank {failure.rank}" if shrink
+                                               else f"replace rank {failure.rank}, the others keep their state")
+                + f" (failure {failures} of {s.max_failures})"))
         if s.elastic and lost_one and world - 1 >= s.min_workers:
             return FailureDecision(action="restart", world=world - 1, backoff_s=backoff,
                                    reason=f"elastic: continue on {world - 1} workers without rank {failure.rank}")

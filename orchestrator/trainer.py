@@ -1,6 +1,7 @@
 """The per-rank training loop; runs inside a worker (a Ray actor, or a test process)."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import resource
@@ -16,10 +17,11 @@ from cluster.faults import FaultInjector, Injection
 from cluster.mesh import nodes_from_per_node
 from cluster.network import Scenario
 from cluster.dist import init_process_group, pick_device
-from orchestrator.checkpoint import Checkpointer, restore, restore_snapshot, snapshot_files
+from orchestrator.checkpoint import Checkpointer, committed, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
 from orchestrator.errors import SnapshotLost  # also importable from here, its old home
-from orchestrator.messages import Attempt, Begin, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
+from orchestrator.controller import is_echo
+from orchestrator.messages import Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
@@ -156,6 +158,15 @@ class RankTrainer:
         its peers wait for."""
         return {"step": max(self.began, self.step), **self.comm.progress()}  # step: after a restore too
 
+    def roll_back(self) -> None:
+        """After a step failed in a collective: its data and random draws are undone,
+        so the step is redone from the state it began in (its update never ran:
+        ``Strategy.heal``)."""
+        if self.began > self.step:
+            self.loader.load_state_dict(self._undo[0])
+            torch.set_rng_state(self._undo[1])
+            self.began = self.step
+
     def _fired(self, inj, step: int) -> None:
         self.report(Injected(rank=self.rank, step=step, injection=inj))
 
@@ -194,6 +205,7 @@ class RankTrainer:
         self.injector.before_step(step)
         self.report(Begin(rank=self.rank, step=step))  # lets the driver tell a hung rank from its waiting peers
         self.began = step
+        self._undo = (self.loader.state_dict(), torch.get_rng_state())  # what the step changes before its update
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         t_data = time.perf_counter() - t0
@@ -246,9 +258,11 @@ class RankTrainer:
             for msg in controls():
                 self.control(msg)
             row = self.train_step()
-            if self.eval_batches is not None:  # after the step's clock: evaluation is not training time
-                row.update(self.evaluate() if self.evaluates(self.step) else {"val_loss": math.nan, "eval_s": 0.0})
-            report(Row.of(row))
+            try:
+                if self.eval_batches is not None:  # after the step's clock: evaluation is not training time
+                    row.update(self.evaluate() if self.evaluates(self.step) else {"val_loss": math.nan, "eval_s": 0.0})
+            finally:  # a peer lost during the evaluation: the step itself is done, its row is kept
+                report(Row.of(row))
             if checkpointer is not None and checkpointer.due(self.step):
                 checkpointer.save(self)
             if snapshot is not None and self.step % self.spec.failure.snapshot_every == 0:
@@ -304,13 +318,82 @@ def unpack_job(spec: JobSpec, payload: bytes) -> tuple[Workload, type[Strategy]]
     return pickle.loads(payload)
 
 
+class _PeerLost(Exception):
+    """A collective of this rank lost a peer while its strategy heals in place:
+    the state of the rank's trainer, rolled back to its last whole step, for the
+    next attempt in this process (``heal = "peer"``: a copy; the trainer itself is
+    let go, so its process groups close their connections: a peer still waiting
+    on this rank fails now, not at its timeout)."""
+
+    def __init__(self, trainer: RankTrainer, error: BaseException, peer: bool):
+        super().__init__(f"{type(error).__name__}: {error}")
+        trainer.roll_back()
+        self.step = trainer.step
+        self.state = None if not peer else copy.deepcopy({
+            "state": trainer.strategy.heal_state(), "step": trainer.step, "cursor": trainer.loader.state_dict(),
+            "rng": torch.get_rng_state()})
+
+
 def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Attempt, ckpt_meta: dict) -> dict:
     """Entry point shipped to every Ray worker (ctx: cluster.WorkerContext).
 
     ``attempt`` says where to restore from (a snapshot, or a checkpoint the
     driver has already checked), the batch shares and the faults still to
-    inject; ``ckpt_meta`` describes this job in every checkpoint it writes."""
+    inject; ``ckpt_meta`` describes this job in every checkpoint it writes.
+
+    A rank whose collective loses a peer, under a strategy that heals in place
+    (``Strategy.heal``), does not exit: it reports ``Broken``, waits for the
+    driver's re-form (``WorkerGroup.heal``: its rank, world and rendezvous, and
+    the next attempt) and runs that attempt in this process, with its state."""
     workload, strategy_cls = unpack_job(spec, payload)
+    survivor: _PeerLost | None = None
+    while True:
+        try:
+            return _run_attempt(ctx, spec, workload, strategy_cls, run_url, attempt, ckpt_meta, survivor)
+        except _PeerLost as lost:
+            survivor = lost
+            ctx, attempt = _await_reform(ctx, lost, attempt.number)
+
+
+def _await_reform(ctx, lost: _PeerLost, attempt: int):
+    import gc
+    from dataclasses import replace
+
+    from cluster.dist import abort_process_group
+
+    gc.collect()  # the old trainer's modules hold its process groups: gone, they close their connections
+    abort_process_group()
+    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
+    while True:
+        for msg in ctx.controls():  # others were meant for the attempt that failed
+            if "reform" in msg:
+                return replace(ctx, **msg["reform"]), msg["attempt"]
+        time.sleep(0.01)
+
+
+def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
+    """Collective (``heal = "peer"``): every rank loads the whole state of the
+    survivor furthest on (survivors may be a step apart when one finished the
+    failed step); returns that rank. Survivors pass the state they held, a newcomer None."""
+    import torch.distributed as dist
+
+    steps = [None] * trainer.world
+    dist.all_gather_object(steps, survivor.step if survivor is not None else -1)
+    src = steps.index(max(steps))
+    box = [survivor.state if trainer.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    got = box[0]
+    trainer.strategy.load_heal_state(got["state"])
+    trainer.step = got["step"]
+    trainer.loader.load_state_dict(got["cursor"])  # one cursor for every rank: each reads its share of it
+    torch.set_rng_state(got["rng"])  # replicas draw alike: the lost rank's RNG state was this too
+    return src
+
+
+def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Strategy], run_url: str,
+                 attempt: Attempt, ckpt_meta: dict, survivor: _PeerLost | None) -> dict:
+    import os
+
     t0 = time.perf_counter()
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")
     # always, even for one worker: ddp, fsdp and zero* need a process group at world size 1 too
@@ -326,7 +409,10 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
                               report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
         ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
         restored = ""
-        if attempt.snapshot:
+        if attempt.heal and strategy_cls.heal == "peer":
+            src = take_from_peer(trainer, survivor)
+            restored = f", took the state of step {trainer.step} from rank {src}"
+        elif attempt.snapshot:
             try:
                 parts = ctx.fetch(attempt.snapshot)
             except Exception as e:  # RayActorError (Keeper lost), ObjectLostError, KeyError (a restarted Keeper)
@@ -337,8 +423,14 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
             restore(trainer, attempt.resume_url)
             restored = f", restored {attempt.resume_url}"
         t2 = time.perf_counter()
+        if attempt.heal:  # the re-formed group's phases, each rank's own (the pid: a survivor keeps its process)
+            kept = "kept its process" if survivor is not None else "new process"
+            ctx.report(Event(kind="heal:reform", rank=ctx.rank, step=trainer.step, seconds=t1 - t0,
+                             detail=f"pid {os.getpid()} ({kept}): rendezvous of {ctx.world} ranks"))
+            ctx.report(Event(kind="heal:transfer", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
+                             detail=f"pid {os.getpid()}: set-up{restored}"))
         ctx.report(Event(kind="phase:worker_setup", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
-                         detail=f"rendezvous {t1 - t0:.2f}s{restored}"))
+                         detail=f"rendezvous {t1 - t0:.2f}s{restored}; pid {os.getpid()}"))
 
         def committing(step: int, url: str, seconds: float) -> None:
             # The event and every rank's rows up to this step reach storage before the
@@ -350,13 +442,27 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         checkpointer = Checkpointer(run_url, every=spec.checkpoint_every, keep=spec.keep_checkpoints,
                                     rank=ctx.rank, world=ctx.world, meta=ckpt_meta,
                                     written=trainer.injector.during_checkpoint, committing=committing)
+        if attempt.heal and trainer.step and checkpointer.due(trainer.step) and \
+                trainer.step not in {s for s, _ in committed(run_url)}:
+            checkpointer.save(trainer)  # the failure cut this step's checkpoint short: the loop saves only after a step
 
         def snapshot(step: int) -> None:
             t = time.perf_counter()
             handle = ctx.stash(snapshot_files(trainer, ckpt_meta))
             ctx.report(SnapshotPart(rank=ctx.rank, step=step, seconds=time.perf_counter() - t, handle=handle))
 
-        trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
+        lost = None
+        try:
+            trainer.run(ctx.report, checkpointer, snapshot if spec.snapshots_needed else None, ctx.controls)
+        except Exception as e:
+            if not (spec.failure.heal and strategy_cls.heal != "restart" and ctx.world > 1 and is_echo(str(e))):
+                raise
+            lost = _PeerLost(trainer, e, peer=strategy_cls.heal == "peer")
+        if lost is not None:  # raised here, not in the handler: the failed step's frames are let go with it
+            progress = {**trainer.progress(), "op": "re-form"}
+            ctx.live(lambda: Live(rank=ctx.rank, progress=progress))
+            trainer = None  # not kept alive (below): its process groups must close
+            raise lost
         return {"rank": ctx.rank, "steps": trainer.step}
     finally:
         # The worker process is killed once the job ends; its process group and the
@@ -364,7 +470,8 @@ def train_worker(ctx, spec: JobSpec, payload: bytes, run_url: str, attempt: Atte
         # threads while this thread holds the GIL, and a gloo thread may still need
         # the GIL to release a finished collective's Python callback (Comm's
         # accounting, DDP comm hooks): a deadlock we hit in ~1 of 20 jobs.
-        _KEEP_ALIVE.append(trainer)
+        if trainer is not None:
+            _KEEP_ALIVE.append(trainer)
 
 
 _KEEP_ALIVE: list = []

@@ -80,6 +80,14 @@ class Strategy(ABC):
     # Whether train_step honours ``grad_weight`` and uneven (or empty) per-rank
     # batches, which straggler rebalancing, backup workers and elastic shrink need.
     uneven_batches: ClassVar[bool] = False
+    # How a lost rank is healed in place, the surviving ranks keeping their processes:
+    # "peer": every rank holds the whole state and every collective of a step comes
+    # before its update, so a survivor's state (``heal_state``) is whole and any rank
+    # takes it from the survivor furthest on (at most the failed step is redone);
+    # "restore": ranks hold different state (shards), so every rank restores the
+    # newest in-memory snapshot or checkpoint on the re-formed group;
+    # "restart": the whole group is restarted (state whose set-up cannot be redone in a process).
+    heal: ClassVar[str] = "restart"
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
@@ -155,6 +163,14 @@ class Strategy(ABC):
     def load_checkpoint(self, url: str) -> None:
         """Collective: restore what ``save_checkpoint`` wrote, possibly from a
         different strategy's or world size's checkpoint where the format allows."""
+
+    def heal_state(self) -> dict:
+        """This rank's whole state (model, optimizer, LR schedule), for ``heal = "peer"``:
+        what a newcomer loads with ``load_heal_state``. Local: no communication."""
+        raise NotImplementedError(f"strategy {self.name!r} does not heal from a peer (heal={self.heal!r})")
+
+    def load_heal_state(self, state: dict) -> None:
+        raise NotImplementedError(f"strategy {self.name!r} does not heal from a peer (heal={self.heal!r})")
 
     @abstractmethod
     def memory_bytes(self) -> dict[str, int]:

@@ -97,6 +97,7 @@ class DDP(Parallel):
 
     Options = DDPOptions
     uneven_batches = True
+    heal = "peer"  # replicas: a survivor holds the whole state, and the update follows every all-reduce
 
     @classmethod
     def plan(cls, options: DDPOptions, workers: int) -> Plan:

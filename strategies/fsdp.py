@@ -93,6 +93,7 @@ class FSDP(Parallel):
 
     Options = FSDPOptions
     uneven_batches = True
+    heal = "restore"  # the lost rank's shards are held by no peer: every rank restores the snapshot
 
     @classmethod
     def plan(cls, options: FSDPOptions, workers: int) -> Plan:

@@ -442,6 +442,17 @@ class Parallel(Strategy):
         # size (or layout) starts it afresh
         return f"w{self.ctx.world}r{self.ctx.rank}"
 
+    def heal_state(self) -> dict:
+        return {"model": self.module.state_dict(), "optim": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "rank": self.rank_state()}
+
+    def load_heal_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        if state["rank"]:
+            self.load_rank_state(state["rank"])
+
     def save_checkpoint(self, url: str) -> None:
         extra: dict[str, Any] = {"sched": self.sched.state_dict()}
         own = {k: v.clone() for k, v in self.rank_state().items()}

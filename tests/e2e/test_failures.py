@@ -20,8 +20,8 @@ W = {"name": "gpt-tiny", "n_layers": 1, "d_model": 32, "seq_len": 32}
 STEPS = 12
 
 
-def _run(tmp_path, run_id: str, ray_address: str, checkpoint_every: int = 4, **kw):
-    spec = JobSpec(workload=W, strategy="ddp", workers=2, steps=STEPS, batch_size=8, seed=7, storage=str(tmp_path),
+def _run(tmp_path, run_id: str, ray_address: str, checkpoint_every: int = 4, strategy: str = "ddp", **kw):
+    spec = JobSpec(workload=W, strategy=strategy, workers=2, steps=STEPS, batch_size=8, seed=7, storage=str(tmp_path),
                    run_id=run_id, checkpoint_every=checkpoint_every, cluster={"address": ray_address}, **kw)
     return run(spec, progress=False)
 
@@ -49,10 +49,17 @@ def baseline(ray_address, tmp_path_factory):
     return final_params(result.checkpoint)
 
 
+@pytest.fixture(scope="module")
+def fsdp_baseline(ray_address, tmp_path_factory):
+    result = _run(tmp_path_factory.mktemp("clean-fsdp"), "clean-fsdp", ray_address, strategy="fsdp")
+    return final_params(result.checkpoint)
+
+
 @pytest.mark.slow
 def test_kill_and_hang_recover_to_the_uninterrupted_parameters(ray_address, tmp_path, baseline):
+    # the full restart, as for strategies that cannot heal in place (healing: the tests below)
     result = _run(tmp_path, "faults", ray_address, checkpoint_every=STEPS,  # only the final one: restore snapshots
-                  inject=["kill:rank=1,step=5", "hang:rank=0,step=9"], failure={"max_failures": 2, "snapshot_every": 3, "hang_floor_s": 10, "backoff_s": 0.1})
+                  inject=["kill:rank=1,step=5", "hang:rank=0,step=9"], failure={"max_failures": 2, "snapshot_every": 3, "hang_floor_s": 10, "backoff_s": 0.1, "heal": False})
     ev = result.events
     assert list(ev[ev.kind.str.startswith("failure:")].kind) == ["failure:died", "failure:hang"]
     restarts = ev[ev.kind == "restart"]
@@ -67,11 +74,56 @@ def test_kill_and_hang_recover_to_the_uninterrupted_parameters(ray_address, tmp_
 @pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_recovers_from_the_previous_checkpoint(ray_address, tmp_path, baseline):
     result = _run(tmp_path, "ckpt", ray_address, inject=["kill:rank=1,step=8,at=checkpoint"],
-                  failure={"max_failures": 1, "snapshots": False, "backoff_s": 0.1})
+                  failure={"max_failures": 1, "snapshots": False, "backoff_s": 0.1, "heal": False})
     ev = result.events
     restart = ev[ev.kind == "restart"].iloc[0]
     assert restart.step == 4 and "checkpoint" in restart.detail
     _assert_identical(final_params(result.checkpoint), baseline)
+
+
+def _pids(ev: pd.DataFrame, kind: str) -> dict[int, int]:
+    """rank -> the pid its events of ``kind`` name (the last of each rank)."""
+    rows = ev[ev.kind == kind]
+    return {int(r.rank): int(r.detail.split("pid ")[1].split()[0].rstrip(":;")) for r in rows.itertuples()}
+
+
+@pytest.mark.slow
+def test_ddp_heals_in_place_keeping_the_survivors_processes(ray_address, tmp_path, baseline):
+    """A kill, then a hang of another rank: each time only the lost rank's worker
+    is new, the survivor keeps its process and gives its state (at most the
+    failed step is redone), and the run ends bit-identical to the clean one."""
+    result = _run(tmp_path, "heal", ray_address, checkpoint_every=STEPS,
+                  inject=["kill:rank=1,step=5", "hang:rank=0,step=9"],
+                  failure={"max_failures": 2, "snapshot_every": 3, "hang_floor_s": 4, "backoff_s": 30})
+    ev = result.events
+    assert list(ev[ev.kind.str.startswith("failure:")].kind) == ["failure:died", "failure:hang"]
+    heals = ev[ev.kind == "heal"]
+    assert list(heals["rank"]) == [1, 0] and (ev.kind == "restart").sum() == 0  # no backoff_s waited either
+    assert list(heals.step) == [4, 8]  # the survivors' own state: only the failed step is redone
+    first = _pids(ev[ev.detail.str.contains("pid") & (ev.kind == "phase:worker_setup")].iloc[:2], "phase:worker_setup")
+    reform = ev[ev.kind == "heal:reform"]
+    once = _pids(reform.iloc[:2], "heal:reform")
+    assert once[0] == first[0] and once[1] != first[1]  # rank 0 kept its process, rank 1's is new
+    twice = _pids(reform.iloc[2:], "heal:reform")
+    assert twice[1] == once[1] and twice[0] != once[0]
+    assert {"heal:detect", "heal:reform", "heal:transfer", "heal:first_step", "recovered"} <= set(ev.kind)
+    _assert_identical(final_params(result.checkpoint), baseline)
+    assert set(result.metrics.attempt) == {0.0, 1.0, 2.0}
+
+
+@pytest.mark.slow
+def test_fsdp_heals_in_place_from_the_snapshot(ray_address, tmp_path, fsdp_baseline):
+    """FSDP's shards of the lost rank are held by no peer: every rank restores the
+    in-memory snapshot on the re-formed group, the survivor in its own process."""
+    result = _run(tmp_path, "heal-fsdp", ray_address, checkpoint_every=STEPS, strategy="fsdp",
+                  inject=["kill:rank=0,step=6"], failure={"max_failures": 1, "snapshot_every": 4, "backoff_s": 30})
+    ev = result.events
+    heal = ev[ev.kind == "heal"]
+    assert len(heal) == 1 and heal.step.iloc[0] == 4 and "in-memory snapshot" in heal.detail.iloc[0]
+    first = _pids(ev[ev.kind == "phase:worker_setup"].iloc[:2], "phase:worker_setup")
+    once = _pids(ev[ev.kind == "heal:reform"], "heal:reform")
+    assert once[1] == first[1] and once[0] != first[0]
+    _assert_identical(final_params(result.checkpoint), fsdp_baseline)
 
 
 @pytest.mark.slow

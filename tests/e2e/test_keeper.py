@@ -59,7 +59,7 @@ def test_a_lost_snapshot_falls_back_to_the_newest_checkpoint(ray_address, tmp_pa
 
     threading.Thread(target=kill_the_keeper_once_a_rank_dies, daemon=True).start()
     result = _run(tmp_path, "lost", ray_address, checkpoint_every=5, inject=["kill:rank=1,step=8"],
-                  failure={"max_failures": 1, "snapshot_every": 2, "backoff_s": 3})
+                  failure={"max_failures": 1, "snapshot_every": 2, "backoff_s": 3, "heal": False})  # restores the snapshot
     ev = result.events
     assert killed
     lost = ev[ev.kind == "snapshot_lost"]

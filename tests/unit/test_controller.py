@@ -8,7 +8,7 @@ from orchestrator.config import JobSpec
 from orchestrator.controller import (
     Controller, ControllerOptions, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
 )
-from orchestrator.messages import Attempt, Begin, Live, Row, SnapshotPart
+from orchestrator.messages import Attempt, Begin, Broken, Live, Row, SnapshotPart
 from orchestrator.metrics import MetricsLog
 from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, per_replica,
@@ -519,3 +519,136 @@ def test_bad_failure_and_straggler_input_is_one_line():
         JobSpec(workload=W, strategy="ddp", workers=2, inject=["explode:rank=1"])
     with pytest.raises(ConfigError, match=r"'slow:rank=1,factor=x': factor='x' is not a number"):
         JobSpec(workload=W, strategy="ddp", workers=2, inject=["slow:rank=1,factor=x"])
+
+
+# -- healing in place -----------------------------------------------------------------------------
+
+
+class HealingGroup(FakeGroup):
+    """A FakeGroup that heals in place: the same group goes on with the next attempt
+    from the step it is at (the survivors' state), as a heal from a peer does; after
+    the heal, its first poll still carries the survivor's echo of the loss it heals."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.heals: list[tuple[Attempt, int]] = []
+        self.stale: list = []
+
+    def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:
+        self.heals.append((attempt, lost))
+        self.a = attempt
+        self.stale = [Broken(rank=1 - lost, step=self.step, error="RuntimeError: Connection closed by peer",
+                             attempt=attempt.number - 1)]
+        return {"replace_s": 0.5}
+
+    def poll(self) -> GroupStatus:
+        status = super().poll()
+        status.rows, self.stale = self.stale + status.rows, []
+        return status
+
+
+def _healing(tmp_path, script, grace_s=1000.0, strategy="ddp", **spec_kw):
+    spec = JobSpec(workload=W, strategy=strategy, workers=2, steps=8, batch_size=8, storage=str(tmp_path), run_id="r",
+                   **spec_kw)
+    attempts: list[Attempt] = []
+    group = HealingGroup(attempts, 8, script)
+    log = MetricsLog(RunFolder(spec.storage, spec.run_id), run_id="r", workload="w", strategy=strategy, scenario="local")
+    log.folder.create(spec.to_yaml())
+    slept: list[float] = []
+    ctl = Controller(spec, lambda: group, log, Progress(8, enabled=False, stream=io.StringIO()),
+                     first=Attempt(world=2), options=ControllerOptions(clock=Clock(), sleep=slept.append, grace_s=grace_s))
+    return ctl, attempts, group, log, slept
+
+
+def _died_at(step: int, rank: int = 1):
+    # Ray reported rank's worker dead; its peer has not reported anything yet
+    return lambda a, s: ("died", rank) if a.number == 0 and s == step else None
+
+
+def _poll_with_deaths(group):
+    """Script word ('died', rank): only that rank's death, as Ray reports it."""
+    base = group.poll
+
+    def poll():
+        nxt = group.step + 1
+        what = group.script(group.a, nxt)
+        if what and what[0] == "died":
+            return GroupStatus(errors={what[1]: f"rank {what[1]} failed: its worker process died (ActorDiedError)"})
+        return base()
+    group.poll = poll
+
+
+def test_a_dead_worker_is_known_when_ray_reports_it_not_after_a_grace(tmp_path):
+    ctl, _, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 1, "heal": False})
+    _poll_with_deaths(group)
+    states = [ctl.tick() for _ in range(4)]  # start, steps 1 and 2, the death
+    assert states == ["running", "running", "running", "restarting"]  # decided on the poll that saw it
+    assert "failure:died" in kinds(log)
+
+
+def test_ddp_heals_in_place_without_backoff_and_counts_the_failure(tmp_path):
+    ctl, attempts, group, log, slept = _healing(tmp_path, _died_at(3), failure={"max_failures": 1, "backoff_s": 5})
+    _poll_with_deaths(group)
+    ctl.run()
+    assert ctl.state == "finished" and len(attempts) == 1  # one group start: the heal is in place
+    (attempt, lost), = group.heals
+    assert lost == 1 and attempt.number == 1 and attempt.heal and attempt.world == 2 and attempt.snapshot is None
+    assert slept == [] and ctl.failures == 1  # no backoff_s, but a failure counted against max_failures
+    k = kinds(log)
+    assert k.index("decision:heal") < k.index("heal") < k.index("heal:first_step")
+    assert {"heal:detect", "heal:replace", "recovered"} <= set(k) and "restart" not in k
+    heal = next(e for e in log.events if e["kind"] == "heal")
+    assert heal["step"] == 2 and "rank 1 replaced" in heal["detail"]  # from the survivors' state: step 2
+    assert {r["attempt"] for r in log.rows if r["step"] > 3} == {1.0}  # the stale echo did not fail attempt 1
+
+
+def test_fsdp_heals_in_place_from_the_newest_snapshot(tmp_path):
+    ctl, _, group, _, _ = _healing(tmp_path, _died_at(5), strategy="fsdp", failure={"max_failures": 1})
+    _poll_with_deaths(group)
+    ctl.run()
+    (attempt, _), = group.heals
+    assert attempt.heal and attempt.snapshot == ["a0-s4-r0", "a0-s4-r1"]
+
+
+def test_a_heal_still_counts_against_max_failures(tmp_path):
+    ctl, _, group, _, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 0})
+    _poll_with_deaths(group)
+    with pytest.raises(RunFailed, match="failure.max_failures=0"):
+        ctl.run()
+    assert group.heals == []
+
+
+def test_a_strategy_that_cannot_heal_restarts_and_says_so(tmp_path):
+    ctl, attempts, group, log, _ = _healing(tmp_path, _died_at(3), strategy="zero2", failure={"max_failures": 1})
+    _poll_with_deaths(group)
+    ctl.run()
+    assert group.heals == [] and len(attempts) == 2 and "restart" in kinds(log)
+    no = next(e for e in log.events if e["kind"] == "no_heal")
+    assert no["detail"] == "strategy 'zero2' cannot heal in place (Strategy.heal='restart'): every worker restarts"
+
+
+def test_heal_decisions():
+    spec = JobSpec(workload=W, strategy="ddp", workers=4, steps=5, failure={"max_failures": 2, "backoff_s": 1})
+    died = Failure(kind="died", rank=2, step=3, message="x")
+    d = FailurePolicy(spec.failure).make_decision(died, failures=1, world=4, heal="peer")
+    assert (d.action, d.world, d.backoff_s) == ("heal", 4, 0.0) and "replace rank 2" in d.reason
+    elastic = JobSpec(workload=W, strategy="ddp", workers=4, failure={"max_failures": 2, "elastic": True}).failure
+    d = FailurePolicy(elastic).make_decision(died, failures=1, world=4, heal="restore")
+    assert (d.action, d.world) == ("heal", 3) and "without rank 2" in d.reason
+    nobody = Failure(kind="error", rank=-1, step=3, message="x")  # no one rank to replace: every worker restarts
+    assert FailurePolicy(spec.failure).make_decision(nobody, failures=1, world=4, heal="peer").action == "restart"
+
+
+def test_a_heal_that_makes_no_step_falls_back_to_the_full_restart_without_counting_again(tmp_path):
+    ctl, attempts, group, log, _ = _healing(tmp_path, _died_at(3), failure={"max_failures": 1})
+    _poll_with_deaths(group)
+    heal = group.heal
+
+    def stuck(attempt, lost):  # a survivor never joins the re-formed group
+        out = heal(attempt, lost)
+        group.hung = True
+        return out
+    group.heal = stuck
+    ctl.run()
+    assert ctl.state == "finished" and len(group.heals) == 1 and len(attempts) == 2  # one heal, then one start
+    assert ctl.failures == 1 and "heal_stalled" in kinds(log) and attempts[1].number == 2 and not attempts[1].heal
