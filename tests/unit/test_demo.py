@@ -320,7 +320,7 @@ def _demo_reference_step(p: torch.Tensor, m: torch.Tensor, g: torch.Tensor, *, l
 
 def test_demo_on_one_rank_is_a_plain_single_process_demo(small_gpt):
     """The strategy (one rank, default options) against ``_demo_reference_step``: same
-    model, batches and LR schedule. Tolerance: the reference is float64, the strategy
+    model, batches, gradient clipping and LR schedule. Tolerance: the reference is float64, the strategy
     float32, so a sign may differ where an element of the decoded update is within
     rounding of 0, or a block's k-th and (k+1)-th coefficients swap places; at most
     0.1% of elements may differ, each by at most 2 lr per step."""
@@ -338,6 +338,7 @@ def test_demo_on_one_rank_is_a_plain_single_process_demo(small_gpt):
         x, y = t.loader.next_batch()
         ref.zero_grad()
         t.workload.loss(ref(x), (x, y)).backward()
+        torch.nn.utils.clip_grad_norm_(params, spec.optim.grad_clip)  # as DeMo's paper, before the step
         lr = spec.optim.lr * lr_factor(s, spec.optim, steps)
         for p, m in zip(params, momenta):
             _demo_reference_step(p.data, m, p.grad, lr=lr, wd=wd, decay=o.decay, topk=o.topk, chunk=o.chunk)
