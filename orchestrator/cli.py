@@ -112,9 +112,9 @@ def _project_on(args: argparse.Namespace, base: dict | None = None):
     from orchestrator.report import ProjectOn
 
     base = base if base is not None else {}
-    scenario = args.project_on if args.project_on is not None else base.pop("project_on", None)
-    speed = args.project_speed if args.project_speed is not None else base.pop("project_speed", None)
-    base.pop("project_on", None), base.pop("project_speed", None)
+    scenario, speed = base.pop("project_on", None), base.pop("project_speed", None)  # the flags win
+    scenario = args.project_on if args.project_on is not None else scenario
+    speed = args.project_speed if args.project_speed is not None else speed
     if speed is not None and not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0):
         raise ConfigError(f"--project-speed {speed!r}: must be a number > 0 (a worker's speed relative to one core "
                           f"here)")

@@ -110,7 +110,7 @@ class RankTrainer:
 
     def _eval_batches(self, workload: Workload, replica: int, replicas: int) -> tuple[list, list] | None:
         """The held-out samples every evaluation scores, the same ones each time:
-        (this replica's slice, all of them), each as micro-batches. None: no
+        (this replica's slice, all of them where replicas differ, else None), each as micro-batches. None: no
         evaluation (the workload holds nothing out, or the strategy cannot evaluate)."""
         heldout = workload.heldout_source()
         if heldout is None or type(self.strategy).evaluate is Strategy.evaluate:
@@ -120,8 +120,10 @@ class RankTrainer:
         if not n:
             return None
         idx = np.arange(n)
-        mine, whole = heldout.gather(idx[replica::replicas]), heldout.gather(idx)
-        return split_max(mine, self.micro_batch), split_max(whole, self.micro_batch)
+        mine = split_max(heldout.gather(idx[replica::replicas]), self.micro_batch)
+        # replicas that differ each score every sample (their spread); the others share them out
+        whole = split_max(heldout.gather(idx), self.micro_batch) if self.strategy.replicas_differ() else None
+        return mine, whole
 
     def evaluates(self, step: int) -> bool:
         every = self.spec.eval_every
