@@ -43,6 +43,7 @@ EXCLUDES = [
     ".git", "**/__pycache__", ".pytest_cache", "*.egg-info", "build",
 ]
 CONNECT_TIMEOUT_S = 10.0
+AGENT_WAIT_S = 90.0  # a head just started: its job agent registers with the dashboard some seconds later
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -144,12 +145,35 @@ def submit(spec: JobSpec, *, address: str | None, excludes: list[str] = ()) -> S
     check_storage(spec)
     c = client(address)
     run_url = f"{spec.storage.rstrip('/')}/{spec.run_id}"
-    try:
-        job_id = c.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env(spec, excludes),
-                              metadata={"polytrain_run": run_url, "polytrain_run_id": spec.run_id})
-    except Exception as e:
-        raise ClusterError(f"submit: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    job_id = submit_when_ready(lambda: c.submit_job(
+        entrypoint=entrypoint(spec), runtime_env=runtime_env(spec, excludes),
+        metadata={"polytrain_run": run_url, "polytrain_run_id": spec.run_id}))
     return Submitted(job_id=job_id, run_url=run_url, dashboard=dashboard_url(address))
+
+
+def _agent_not_ready(e: Exception) -> bool:
+    """Ray's answer while the head's job agent has not registered yet (HTTP 500/503 "No available agent")."""
+    return "no available agent" in str(e).lower()
+
+
+def submit_when_ready(submit_job, *, wait_s: float = AGENT_WAIT_S, sleep=time.sleep, clock=time.monotonic) -> str:
+    """``submit_job()``, retried while the head's job agent is still starting
+    (``ray start`` returns before it registers), up to ``wait_s``; any other
+    error, or the agent still missing after that, is one ClusterError line."""
+    deadline, told = clock() + wait_s, False
+    while True:
+        try:
+            return submit_job()
+        except Exception as e:
+            if _agent_not_ready(e) and clock() < deadline:
+                if not told:
+                    print(f"polytrain: the cluster's job agent is not ready yet; retrying for up to {wait_s:.0f} s",
+                          file=sys.stderr, flush=True)
+                    told = True
+                sleep(2.0)
+                continue
+            waited = f" (after waiting {wait_s:.0f} s for the job agent)" if _agent_not_ready(e) else ""
+            raise ClusterError(f"submit: {type(e).__name__}: {str(e).splitlines()[0]}{waited}") from None
 
 
 def _call(fn, job_id: str, address: str | None):

@@ -106,3 +106,40 @@ def test_the_dashboard_given_twice_is_one_line(capsys):
     assert main(["status", "j", "--dashboard", "http://a:8265", "--address", "http://b:8265"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--address 'http://b:8265': give the dashboard once, as --dashboard" in err
+
+
+def test_submit_waits_for_a_starting_job_agent_and_no_longer(capsys):
+    """`ray start` returns before the head's job agent registers: submit retries
+    Ray's "No available agent" for a bounded time; other errors fail at once."""
+    now = [0.0]
+    calls = []
+
+    def flaky():
+        calls.append(now[0])
+        if len(calls) < 3:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                               "please try again later..")
+        return "raysubmit_1"
+
+    def sleep(s):
+        now[0] += s
+
+    assert sub.submit_when_ready(flaky, wait_s=30, sleep=sleep, clock=lambda: now[0]) == "raysubmit_1"
+    assert len(calls) == 3 and "not ready yet" in capsys.readouterr().err
+
+    def never():
+        raise RuntimeError("Request failed with status code 500: No available agent to submit job")
+
+    now[0] = 0.0
+    with pytest.raises(sub.ClusterError, match=r"No available agent.*after waiting 10 s"):
+        sub.submit_when_ready(never, wait_s=10, sleep=sleep, clock=lambda: now[0])
+    assert now[0] >= 10
+
+    def refused():
+        calls.append("x")
+        raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    calls.clear()
+    with pytest.raises(sub.ClusterError, match="bad runtime_env"):
+        sub.submit_when_ready(refused, wait_s=10, sleep=sleep, clock=lambda: now[0])
+    assert calls == ["x"]
