@@ -28,6 +28,7 @@ family) are named plans; ``mesh`` lets a user spell any plan.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -384,7 +385,9 @@ class Parallel(Strategy):
             self.end.held = {**held_bytes(self.module, self.opt), "optim_bytes": self.outer.optim_bytes()}
         norm, finite = clip(self.module, self.optim, norm_comm=self.end.norm_comm)
         out = self.outer.optimizer_step(step, finite=finite)
-        self.sched.step()  # the LR schedule and the step count, as the optimizer's
+        with warnings.catch_warnings():  # the outer method steps in place of the optimizer, so torch's
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.sched.step()  # "scheduler before optimizer" check does not apply: the schedule and step count
         return {**out, "grad_norm": norm}
 
     def _pipeline_step(self, micro_batches: list[Batch], scale: float) -> tuple[float, dict, list]:
