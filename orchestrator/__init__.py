@@ -11,7 +11,7 @@ __all__ = ["CompareResult", "ConfigError", "JobSpec", "RunFailed", "RunResult", 
 # Loaded on first use (PEP 562), so that `polytrain` answers bad input without importing Ray or torch.
 _LAZY = {"JobSpec": "orchestrator.config", "load_spec": "orchestrator.config", "RunResult": "orchestrator.driver",
          "run": "orchestrator.driver", "CompareResult": "orchestrator.compare", "compare": "orchestrator.compare",
-         "summarize": "orchestrator.compare"}
+         "summarize": "orchestrator.metrics"}
 
 
 def __getattr__(name: str):

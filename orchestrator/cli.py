@@ -108,8 +108,7 @@ def _project_on(args: argparse.Namespace, base: dict | None = None):
     """--project-on/--project-speed (over a compare file's project_on:, project_speed:)."""
     import math
 
-    from orchestrator.config import ConfigError
-    from orchestrator.report import ProjectOn
+    from orchestrator.config import ConfigError, ProjectOn
 
     base = base if base is not None else {}
     scenario, speed = base.pop("project_on", None), base.pop("project_speed", None)  # the flags win

@@ -14,12 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
-
 from orchestrator.config import JobSpec
-from orchestrator.metrics import WARMUP_STEPS, declared_warmup, summarize  # noqa: F401  (summarize: this module's API)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas (via metrics) is imported where a table is made: bad input answers without it
+    import pandas as pd
+
     from orchestrator.driver import RunResult
 
 
@@ -38,6 +37,10 @@ class CompareResult:
 
     @property
     def summary(self) -> pd.DataFrame:
+        import pandas as pd
+
+        from orchestrator.metrics import declared_warmup, summarize
+
         warmups = [declared_warmup(s.strategy.model_dump()) for s in self.specs] or [0] * len(self.runs)
         return pd.DataFrame([summarize(r.metrics, warmup_steps=w) for r, w in zip(self.runs, warmups)])
 
@@ -58,6 +61,14 @@ def compare(specs: Iterable[JobSpec], *, progress: bool = True, stream=None) -> 
 
 
 # -- a matrix of strategies x scenarios, with a report ------------------------
+
+def strategy_label(strategy) -> str:
+    """``{name: powersgd, rank: 4}`` -> ``powersgd:rank=4`` (the --strategies syntax)."""
+    if isinstance(strategy, str):
+        return strategy
+    opts = {k: v for k, v in strategy.items() if k != "name"}
+    return strategy["name"] + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+
 
 def parse_strategies(text: str) -> list[dict]:
     """``ddp,pipeline:schedule=zb-h1,powersgd:rank=4,min_compress=1`` -> strategy components.
@@ -188,7 +199,6 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     times round-robin (a, b, c, a, b, c: drifting load touches every run alike); same seed
     and data for all; strategy i at its grid point ``settings[i]``."""
     from orchestrator.config import ConfigError
-    from orchestrator.report import strategy_label
 
     if not strategies:
         raise ConfigError("strategies: empty list (give at least one, e.g. ddp,fsdp)")
@@ -235,7 +245,6 @@ class Tuning:
 def tuning_specs(base: dict, strategies: list[dict], tuning: Tuning, scenario: str, storage: str, steps: int):
     """One (Combination, fields, point) per grid point of every strategy that has a grid, on the
     short budget under ``scenario``; points interleaved across strategies (drifting load)."""
-    from orchestrator.report import strategy_label
 
     points = [grid_points(g) if g else [] for g in tuning.grids]
     out = []
@@ -349,7 +358,6 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     import sys
 
     from orchestrator.config import ConfigError
-    from orchestrator.report import report_from_urls, strategy_label
 
     if repeat < 1:
         raise ConfigError(f"--repeat {repeat}: must be >= 1 (passes of the whole matrix)")
@@ -367,8 +375,9 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
                               f"tuning runs a short budget)")
         tunes = tuning_specs(base, strategies, tuning, scenarios[0], f"{root}/tune", budget)
         tune_specs = [matrix_job(c, f, address) for c, f, _ in tunes]
-    from cluster import runtime as ray_runtime  # Ray and torch: only once the matrix is valid
+    from cluster import runtime as ray_runtime  # Ray, torch, pandas: only once the matrix is valid
     from orchestrator.driver import check_before_ray
+    from orchestrator.report import report_from_urls
 
     for spec in specs + tune_specs:
         check_before_ray(spec)

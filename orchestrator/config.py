@@ -12,6 +12,7 @@ import math
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
@@ -449,3 +450,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path!r}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectOn:
+    """The cluster a report projects its runs on (``--project-on``, ``--project-speed``); here,
+    not in the report, so that the command line checks it without importing pandas."""
+
+    scenario: str | None = None  # None: the report's first scenario; "none": no projection
+    speed: float | None = None
+    workers: tuple[int, ...] = (8, 64, 1024)

@@ -18,7 +18,8 @@ import fsspec
 import pandas as pd
 import yaml
 
-from orchestrator.config import ConfigError
+from orchestrator.compare import strategy_label
+from orchestrator.config import ConfigError, ProjectOn
 from orchestrator.metrics import (DEFINITIONS, declared_warmup, final_attempt, quality, quality_curve, read_log,
                                   summarize)
 from orchestrator.storage import RunFolder
@@ -89,14 +90,6 @@ class Report:
     def scenarios(self) -> list[str]:
         seen = [r.scenario for r in self.runs] + [f.scenario for f in self.failures]
         return list(dict.fromkeys(seen))
-
-
-def strategy_label(strategy) -> str:
-    """``{name: powersgd, rank: 4}`` -> ``powersgd:rank=4`` (the --strategies syntax)."""
-    if isinstance(strategy, str):
-        return strategy
-    opts = {k: v for k, v in strategy.items() if k != "name"}
-    return strategy["name"] + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
 
 
 def load_run(url: str, *, repeat: int = 0, setting: str = "") -> Run:
@@ -477,15 +470,6 @@ def write_report(report: Report, out: str) -> tuple[str, str]:
         fs.pipe_file(f"{path}/{name}", text.encode())
         urls.append(f"{out.rstrip('/')}/{name}")
     return urls[0], urls[1]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProjectOn:
-    """The cluster a report projects its runs on (``--project-on``, ``--project-speed``)."""
-
-    scenario: str | None = None  # None: the report's first scenario; "none": no projection
-    speed: float | None = None
-    workers: tuple[int, ...] = (8, 64, 1024)
 
 
 def project_runs(report: Report, urls: list[str], on: ProjectOn) -> None:

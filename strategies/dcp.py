@@ -10,12 +10,18 @@ import re
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from cluster import nbytes
 from workloads import Workload
+
+
+def _dcp():
+    """torch's DCP, imported on first use: it pulls in DTensor (about 1 s of import
+    in every worker process), which a run that never checkpoints does not need."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
 
 
 def is_local(url: str) -> bool:
@@ -24,7 +30,7 @@ def is_local(url: str) -> bool:
 
 def _writer(url: str):
     if is_local(url):
-        return dcp.FileSystemWriter(url.removeprefix("file://"))
+        return _dcp().FileSystemWriter(url.removeprefix("file://"))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     return FsspecWriter(url)
@@ -32,7 +38,7 @@ def _writer(url: str):
 
 def _reader(url: str):
     if is_local(url):
-        return dcp.FileSystemReader(url.removeprefix("file://"))
+        return _dcp().FileSystemReader(url.removeprefix("file://"))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     return FsspecReader(url)
@@ -69,10 +75,12 @@ def save_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: 
     single, ddp, fsdp) can load the checkpoint. A rank holding part of the model
     passes ``groups`` (``full_param_groups``): every rank then writes the whole
     model's optimizer groups (identical everywhere), as one process would."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optim)
     if groups is not None:
         optim_sd = {"state": optim_sd["state"], "param_groups": _named(optim_sd["param_groups"], groups)}
-    dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra}, storage_writer=_writer(url))
+    _dcp().save({"model": model_sd, "optim": optim_sd, "extra": extra}, storage_writer=_writer(url))
 
 
 def load_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any], *,
@@ -81,12 +89,14 @@ def load_state(url: str, model: nn.Module, optim: torch.optim.Optimizer, extra: 
     ``extra`` gives the keys and types to read; returns the values read. With
     ``groups``, the groups' hyperparameters are read and this rank's own
     parameter lists kept."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optim)
     mine = optim_sd["param_groups"]
     if groups is not None:
         optim_sd = {"state": optim_sd["state"], "param_groups": _named(mine, groups)}
     state = {"model": model_sd, "optim": optim_sd, "extra": extra}
-    dcp.load(state, storage_reader=_reader(url))
+    _dcp().load(state, storage_reader=_reader(url))
     loaded = state["optim"]
     if groups is not None:
         loaded = {"state": loaded["state"], "param_groups": [
@@ -123,7 +133,7 @@ _RANK_KEY = re.compile(r"^rank(\d+)\.")
 
 def save_per_rank(url: str, *, rank: int, shared: dict[str, Any], own: dict[str, Any]) -> None:
     """Collective: ``shared`` (identical on every rank) once, ``own`` for this rank."""
-    dcp.save({"shared": shared, f"rank{rank}": own}, storage_writer=_writer(url))
+    _dcp().save({"shared": shared, f"rank{rank}": own}, storage_writer=_writer(url))
 
 
 def saved_world(url: str) -> int:
@@ -140,5 +150,5 @@ def load_per_rank(url: str, *, rank: int, shared: dict[str, Any], own: dict[str,
     returned) from the checkpoint. Returns (shared, own, the saved rank read)."""
     src = rank % saved_world(url)
     state = {"shared": shared, f"rank{src}": own}
-    dcp.load(state, storage_reader=_reader(url))
+    _dcp().load(state, storage_reader=_reader(url))
     return state["shared"], state[f"rank{src}"], src

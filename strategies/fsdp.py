@@ -11,19 +11,20 @@ every other strategy's.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+import functools
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from cluster import Comm
 from strategies.parallel import Parallel, Plan
 from strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 class FSDPOptions(BaseModel):
@@ -37,26 +38,34 @@ class FSDPOptions(BaseModel):
     cpu_offload: bool = Field(False, description="keep sharded parameters and optimizer state in CPU memory")
 
 
-class _AccountedAllGather(AllGather):
-    def __init__(self, comm: Comm):
-        self.comm = comm
+@functools.cache
+def _accounted_collectives() -> tuple[type, type]:
+    """FSDP2's all-gather and reduce-scatter, through ``Comm`` (so they are accounted).
+    Defined on first use: torch's FSDP2 imports DTensor, about 1 s in every worker
+    process, which a run without FSDP does not need."""
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
+    class AccountedAllGather(AllGather):
+        def __init__(self, comm: Comm):
+            self.comm = comm
 
-    def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        return self.comm.all_gather_single(output_tensor, input_tensor, async_op=async_op)
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
 
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            return self.comm.all_gather_single(output_tensor, input_tensor, async_op=async_op)
 
-class _AccountedReduceScatter(ReduceScatter):
-    def __init__(self, comm: Comm):
-        self.comm = comm
+    class AccountedReduceScatter(ReduceScatter):
+        def __init__(self, comm: Comm):
+            self.comm = comm
 
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
 
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        return self.comm.reduce_scatter_single(output_tensor, input_tensor, op=op, async_op=async_op)
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            return self.comm.reduce_scatter_single(output_tensor, input_tensor, op=op, async_op=async_op)
+
+    return AccountedAllGather, AccountedReduceScatter
 
 
 def apply_fsdp(units: list[nn.Module], roots: list[nn.Module], comm: Comm, options: FSDPOptions, *,
@@ -65,6 +74,10 @@ def apply_fsdp(units: list[nn.Module], roots: list[nn.Module], comm: Comm, optio
     """``fully_shard`` every unit (a block with parameters), then every root (a
     model, or a pipeline stage, over those units) on ``comm``'s ranks. ``all_reduce``
     gets each reduce-scattered gradient shard (HSDP: average it over the replicas)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    gather, scatter = _accounted_collectives()
     group = comm.group if comm.group is not None else dist.group.WORLD
     mesh = DeviceMesh.from_group(group, device.type)
     kw = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward
@@ -75,8 +88,8 @@ def apply_fsdp(units: list[nn.Module], roots: list[nn.Module], comm: Comm, optio
     sharded = [fully_shard(u, **kw) for u in units] + [fully_shard(r, **kw) for r in roots]
     for unit in sharded:
         if unit._get_fsdp_state()._fsdp_param_groups:  # a root may own no parameters
-            unit.set_custom_all_gather(_AccountedAllGather(comm))
-            unit.set_custom_reduce_scatter(_AccountedReduceScatter(comm))
+            unit.set_custom_all_gather(gather(comm))
+            unit.set_custom_reduce_scatter(scatter(comm))
             if all_reduce is not None:
                 unit.set_all_reduce_hook(all_reduce)
     return sharded

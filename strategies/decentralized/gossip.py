@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from strategies.decentralized.mixing import consensus
 from strategies.dcp import load_per_rank, save_per_rank
@@ -73,6 +72,8 @@ class Gossip(Parallel):
 
     # -- checkpoints: every rank's own replica -----------------------------------------------
     def save_checkpoint(self, url: str) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict  # DCP: imported on first use
+
         model_sd, optim_sd = get_state_dict(self.module, self.opt)
         save_per_rank(url, rank=self.ctx.rank, shared={"sched": self.sched.state_dict(),
                                                        "steps_done": self.sched.last_epoch},
@@ -81,6 +82,8 @@ class Gossip(Parallel):
     def load_checkpoint(self, url: str) -> None:
         """Rank r gets saved rank ``r % saved_world``'s parameters and optimizer state
         (the same rank when the world size is unchanged)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
         model_sd, optim_sd = get_state_dict(self.module, self.opt)
         shared, own, _ = load_per_rank(url, rank=self.ctx.rank, shared={"sched": self.sched.state_dict(),
                                                                        "steps_done": 0},

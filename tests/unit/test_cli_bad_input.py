@@ -176,25 +176,25 @@ FAST = [
     ("compare-set-an-option-of-a-number", [*CMP, "--strategies", "ddp", "--set", "workers.x=1", "--out", "c"],
      "workers={'x': 1}"),
 ]
-_PROBE = """import json, sys
+# what a flag or schema error must not wait for (torch alone is 1.5-3.5 s of import on 2 cores)
+HEAVY = ("torch", "ray", "strategies", "workloads", "pandas", "pyarrow", "numpy")
+_PROBE = f"HEAVY = {HEAVY!r}\n" + """import json, sys
 from orchestrator.cli import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as e:
     rc = e.code
-print(json.dumps({"rc": rc, "imported": sorted(m for m in ("torch", "ray", "strategies", "workloads") if m in sys.modules)}))
+print(json.dumps({"rc": rc, "imported": sorted(m for m in HEAVY if m in sys.modules)}))
 """
 
 
 @pytest.mark.parametrize("name, argv, expected", FAST, ids=[c[0] for c in FAST])
 def test_flag_and_schema_errors_answer_before_torch_is_imported(tmp_path, name, argv, expected):
-    """CPU seconds of the whole interpreter, imports included (on this machine: 0.2 s; with torch: 3.5 s)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Nothing heavy is imported: the answer comes in the interpreter's start-up time (0.2 CPU s
+    on this machine; with torch 3.5 s). What it costs is measured by the modules, not by a clock,
+    which a loaded machine would bend."""
     p = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=tmp_path, env={**_env(), "RAY_TMPDIR": str(tmp_path)},
                        capture_output=True, text=True, timeout=60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert json.loads(p.stdout) == {"rc": 2, "imported": []}, p.stdout + p.stderr[-2000:]
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("polytrain: error: ") and expected in p.stderr, p.stderr
-    assert cpu < 1.0, f"{cpu:.2f} CPU s"
     assert list(tmp_path.iterdir()) == []
