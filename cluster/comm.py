@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from cluster.dist import abortable
+
 
 # torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -277,7 +279,7 @@ class Comm:
                 self._hold(work._done_by)
             return tensor
 
-        return work.get_future().then(done)
+        return abortable(work.get_future().then(done))  # an aborted group fails it: DDP's backward waits on it
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""

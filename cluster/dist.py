@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -45,15 +46,55 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+# Futures of collectives in flight that something waits on in C++ (DDP's reducer at
+# the end of backward): an aborted gloo group drops its queued work without ever
+# completing their futures, so abort_process_group fails them itself.
+_in_flight: set[torch.futures.Future] = set()
+_in_flight_lock = threading.Lock()
+
+
+def abortable(fut: torch.futures.Future) -> torch.futures.Future:
+    """A future that completes as ``fut`` does, or fails when this process's groups
+    are aborted first (``abort_process_group``), so whatever waits on it raises."""
+    out = torch.futures.Future()
+    with _in_flight_lock:
+        _in_flight.add(out)
+
+    def settle(done: torch.futures.Future) -> None:
+        with _in_flight_lock:
+            if out not in _in_flight:
+                return  # failed by an abort already
+            _in_flight.discard(out)
+        try:
+            out.set_result(done.value())
+        except Exception as e:  # the collective failed: so does its waiter
+            out.set_exception(e)
+
+    fut.add_done_callback(settle)
+    return out
+
+
+def _fail_in_flight() -> None:
+    with _in_flight_lock:
+        pending = list(_in_flight)
+        _in_flight.clear()
+    for fut in pending:
+        fut.set_exception(RuntimeError("gloo: the process group was aborted while this collective was in flight "
+                                       "(a peer was lost)"))
+
+
 def abort_process_group(*, destroy: bool = True) -> None:
     """Leave a process group that lost a peer, so a new one can be formed in this
     process. Aborted first: that closes its connections even while a module (DDP,
     a strategy kept alive) still holds the group, so a peer still waiting on this
-    rank fails at once instead of at its timeout; gloo raises on a closed peer."""
+    rank fails at once instead of at its timeout; gloo raises on a closed peer.
+    Collectives in flight (``abortable``) fail too: a thread waiting on one (DDP's
+    backward) leaves it now, not at the collective timeout."""
     if dist.is_initialized():
         # every group, not only the default one: a strategy's collectives run on its
         # mesh's groups (new_group), and torch lists them only in its private registry
         for group in list(dist.distributed_c10d._world.pg_map):
             group.abort()
+        _fail_in_flight()
         if destroy:
             dist.destroy_process_group()
