@@ -98,3 +98,36 @@ def abort_process_group(*, destroy: bool = True) -> None:
         _fail_in_flight()
         if destroy:
             dist.destroy_process_group()
+
+
+def broadcast_tree(tree, *, src: int, device: torch.device):
+    """Collective: rank ``src``'s ``tree`` (nested dicts, lists and tuples of tensors and
+    small values: a state dict) on every rank (others pass None). The structure and
+    small values go by object; the tensors as one flat buffer per dtype, sent as
+    bytes: no pickling of tensor data, which costs more than the transfer itself.
+    Received tensors are views of those buffers, on ``device``."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    here = dist.get_rank() == src
+    box = [None]
+    if here:
+        leaves, spec = tree_flatten(tree)
+        box = [(spec, [(x.dtype, x.shape) if isinstance(x, torch.Tensor) else None for x in leaves],
+                [None if isinstance(x, torch.Tensor) else x for x in leaves])]
+    dist.broadcast_object_list(box, src=src)
+    spec, shapes, values = box[0]
+    out = list(values)
+    for dtype in dict.fromkeys(s[0] for s in shapes if s is not None):
+        idx = [i for i, s in enumerate(shapes) if s is not None and s[0] == dtype]
+        if here:
+            flat = torch.cat([leaves[i].detach().reshape(-1).to(device) for i in idx])
+        else:
+            flat = torch.empty(sum(shapes[i][1].numel() for i in idx), dtype=dtype, device=device)
+        dist.broadcast(flat.view(torch.uint8), src=src)  # bytes: every dtype, bool included, on every backend
+        offset = 0
+        for i in idx:
+            n = shapes[i][1].numel()
+            out[i] = flat[offset: offset + n].view(shapes[i][1])
+            offset += n
+    return tree_unflatten(out, spec)
+

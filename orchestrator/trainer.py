@@ -98,21 +98,22 @@ class RankTrainer:
             StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim, total_steps=spec.steps),
         )
         replica, replicas = self.strategy.data_shard()
+        source = workload.source()  # read once: the held-out split below is of the same samples
         self.loader = ShardedLoader(
-            workload.train_source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
+            workload.train_source(source), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
             shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
-        self.eval_batches = self._eval_batches(workload, replica, replicas)
+        self.eval_batches = self._eval_batches(workload, replica, replicas, source)
 
-    def _eval_batches(self, workload: Workload, replica: int, replicas: int) -> tuple[list, list] | None:
+    def _eval_batches(self, workload: Workload, replica: int, replicas: int, source=None) -> tuple[list, list] | None:
         """The held-out samples every evaluation scores, the same ones each time:
         (this replica's slice, all of them where replicas differ, else None), each as micro-batches. None: no
         evaluation (the workload holds nothing out, or the strategy cannot evaluate)."""
-        heldout = workload.heldout_source()
+        heldout = workload.heldout_source(source)
         if heldout is None or type(self.strategy).evaluate is Strategy.evaluate:
             return None
         n = min(self.spec.eval_samples, len(heldout))
@@ -379,12 +380,12 @@ def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
     failed step); returns that rank. Survivors pass the state they held, a newcomer None."""
     import torch.distributed as dist
 
+    from cluster.dist import broadcast_tree
+
     steps = [None] * trainer.world
     dist.all_gather_object(steps, survivor.step if survivor is not None else -1)
     src = steps.index(max(steps))
-    box = [survivor.state if trainer.rank == src else None]
-    dist.broadcast_object_list(box, src=src)
-    got = box[0]
+    got = broadcast_tree(survivor.state if trainer.rank == src else None, src=src, device=trainer.device)
     trainer.strategy.load_heal_state(got["state"])
     trainer.step = got["step"]
     trainer.loader.load_state_dict(got["cursor"])  # one cursor for every rank: each reads its share of it
