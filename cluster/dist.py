@@ -33,12 +33,14 @@ def pick_device(local_rank: int) -> torch.device:
 
 def init_process_group(*, rank: int, world: int, init_method: str, device: torch.device, timeout_s: float) -> None:
     """gloo on CPU, NCCL on CUDA; ``init_method`` is ``tcp://host:port`` or ``file://path``."""
+    global _aborted
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+    _aborted = False
 
 
 def destroy_process_group() -> None:
@@ -51,6 +53,7 @@ def destroy_process_group() -> None:
 # completing their futures, so abort_process_group fails them itself.
 _in_flight: set[torch.futures.Future] = set()
 _in_flight_lock = threading.Lock()
+_aborted = False  # since the last init_process_group: work launched now is dropped as well
 
 
 def abortable(fut: torch.futures.Future) -> torch.futures.Future:
@@ -58,6 +61,9 @@ def abortable(fut: torch.futures.Future) -> torch.futures.Future:
     are aborted first (``abort_process_group``), so whatever waits on it raises."""
     out = torch.futures.Future()
     with _in_flight_lock:
+        if _aborted:  # launched after the abort (a rank that was behind): it would wait forever
+            out.set_exception(_aborted_error())
+            return out
         _in_flight.add(out)
 
     def settle(done: torch.futures.Future) -> None:
@@ -74,13 +80,18 @@ def abortable(fut: torch.futures.Future) -> torch.futures.Future:
     return out
 
 
+def _aborted_error() -> RuntimeError:
+    return RuntimeError("gloo: the process group was aborted, a peer was lost (collective in flight or launched after)")
+
+
 def _fail_in_flight() -> None:
+    global _aborted
     with _in_flight_lock:
+        _aborted = True
         pending = list(_in_flight)
         _in_flight.clear()
     for fut in pending:
-        fut.set_exception(RuntimeError("gloo: the process group was aborted while this collective was in flight "
-                                       "(a peer was lost)"))
+        fut.set_exception(_aborted_error())
 
 
 def abort_process_group(*, destroy: bool = True) -> None:

@@ -3,13 +3,14 @@ releases a rank waiting in a collective, and the state goes to every rank as ten
 import threading
 import time
 
+import pytest
 import torch
 from torch import nn
 
 from tests.ranks import run_ranks
 
 
-def stuck_backward(rank: int, world: int) -> dict:
+def stuck_backward(rank: int, world: int, abort_first: bool) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from cluster import Comm
@@ -34,21 +35,27 @@ def stuck_backward(rank: int, world: int) -> dict:
             out["error"] = str(e)
 
     job = threading.Thread(target=backward, daemon=True)
-    job.start()
-    time.sleep(1.0)  # the all-reduces are launched and wait on rank 1
     t = time.perf_counter()
-    abort_process_group(destroy=False)
+    if abort_first:  # the abort came while this rank was still behind, before its backward
+        abort_process_group(destroy=False)
+        job.start()
+    else:
+        job.start()
+        time.sleep(1.0)  # the all-reduces are launched and wait on rank 1
+        t = time.perf_counter()
+        abort_process_group(destroy=False)
     job.join(timeout=5)
     out["left_s"] = time.perf_counter() - t if not job.is_alive() else None
     out["echo"] = out.get("error") is not None and is_echo(out["error"])
     return out
 
 
-def test_abort_releases_a_backward_waiting_on_a_lost_peer(tmp_path):
+@pytest.mark.parametrize("abort_first", [False, True])
+def test_abort_releases_a_backward_waiting_on_a_lost_peer(tmp_path, abort_first):
     """A rank whose DDP backward waits on a peer that never answers leaves it when its
     groups are aborted, at once, not at the collective timeout: an aborted gloo group
-    drops queued work without completing the futures DDP waits on."""
-    got = run_ranks(stuck_backward, 2, tmp_path, timeout_s=60)[0]
+    drops queued work (and work launched after it) without completing the futures DDP waits on."""
+    got = run_ranks(stuck_backward, 2, tmp_path, abort_first, timeout_s=60)[0]
     assert got["left_s"] is not None and got["left_s"] < 5, got
     assert got["error"] and got["echo"], got  # read as the echo of a lost peer: the rank waits for a re-form
 
