@@ -159,7 +159,7 @@ class RayGroup:
         self.wg = WorkerGroup(
             attempt.world, cpus_per_worker=self.cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
             placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
-            keeper=self.keeper, imports=("orchestrator.trainer",),  # strategies, workloads: before the job arrives
+            keeper=self.keeper, imports=("orchestrator.trainer:warm_up",),  # strategies, workloads: before the job
         )
         self.wg.start()
         self.phases += list(self.wg.phases.items())

@@ -303,6 +303,19 @@ def _merge(item) -> tuple[float, int, dict[str, float]]:
             {k: sum(p[2].get(k, 0.0) for p in parts) for k in names})
 
 
+def warm_up() -> None:
+    """What a rank's first set-up would import lazily, done while its actor starts (a
+    spare's too, so a heal's newcomer does not pay it while the survivors wait): the
+    optimizer's constructor imports torch._dynamo (~1 s of CPU), the mesh the outer
+    syncs, fsspec its chained file systems."""
+    import fsspec.implementations.chained  # noqa: F401
+    import strategies.outer  # noqa: F401
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    torch.optim.AdamW([param]).step()
+
+
 def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:
     """The driver's resolved workload and strategy, as bytes. Classes from a
     script or notebook travel by value; classes from files or modules by
@@ -411,6 +424,7 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
                               report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
         ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
+        t_built = time.perf_counter()
         restored = ""
         if attempt.heal and strategy_cls.heal == "peer":
             src = take_from_peer(trainer, survivor)
@@ -431,7 +445,7 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
             ctx.report(Event(kind="heal:reform", rank=ctx.rank, step=trainer.step, seconds=t1 - t0,
                              detail=f"pid {os.getpid()} ({kept}): rendezvous of {ctx.world} ranks"))
             ctx.report(Event(kind="heal:transfer", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
-                             detail=f"pid {os.getpid()}: set-up{restored}"))
+                             detail=f"pid {os.getpid()}: set-up {t_built - t1:.2f}s, state {t2 - t_built:.2f}s{restored}"))
         ctx.report(Event(kind="phase:worker_setup", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
                          detail=f"rendezvous {t1 - t0:.2f}s{restored}; pid {os.getpid()}"))
 
