@@ -127,6 +127,9 @@ def recovery(args, storage: str) -> list[str]:
         if args.events:
             cols = ["kind", "rank", "step", "seconds", "detail"]
             print(ev[ev.kind.str.startswith(("heal", "phase", "failure", "recovered"))][cols].to_string(), flush=True)
+            steps = result.metrics.groupby(["attempt", "step"]).step_time_s.max()
+            print(f"median step s (attempt 0): {steps.loc[0.0].median():.2f}; first step after: "
+                  f"{steps.loc[1.0].iloc[0]:.2f}", flush=True)
         rec = ev[ev.kind == "recovered"].iloc[0]
         redone = int(rec["detail"].split(";")[1].split()[0])
         if heal:

@@ -377,9 +377,10 @@ def _await_reform(ctx, lost: _PeerLost, attempt: int):
 
     from cluster.dist import abort_process_group
 
+    # out of the collective now: said first, so the driver's settle does not wait on the clean-up below
+    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
     gc.collect()  # the old trainer's modules hold its process groups: gone, they close their connections
     abort_process_group()
-    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
     while True:
         for msg in ctx.controls():  # others were meant for the attempt that failed
             if "reform" in msg:
