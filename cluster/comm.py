@@ -394,7 +394,11 @@ class _TimedWork(dist.Work):
 
     def wait(self, timeout=None) -> bool:
         t0 = time.perf_counter()
-        done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        if timeout is None:  # through an abortable future: an aborted group fails it (FSDP's waits), not hangs
+            abortable(self._work.get_future()).wait()
+            done = True
+        else:
+            done = self._work.wait(timeout)
         self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
         return done

@@ -84,3 +84,32 @@ def test_broadcast_tree_gives_every_rank_the_source_state(tmp_path):
                      (got["optim"]["state"][0]["step"], want["optim"]["state"][0]["step"]),
                      (got["optim"]["state"][0]["mask"], want["optim"]["state"][0]["mask"]), (got["rng"], want["rng"])]:
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def stuck_wait(rank: int, world: int) -> dict:
+    from cluster import Comm
+    from cluster.dist import abort_process_group
+
+    comm = Comm()
+    if rank == 1:  # never joins: rank 0's all-gather waits
+        time.sleep(6)
+        return {}
+    abort_process_group(destroy=False)  # the abort came while this rank was behind, before its call
+    out: dict = {}
+
+    def wait() -> None:
+        try:  # FSDP's kind of call: launched async, waited on
+            comm.all_gather_single(torch.empty(8), torch.ones(4), async_op=True).wait()
+            out["error"] = None
+        except RuntimeError as e:
+            out["error"] = str(e)
+
+    job = threading.Thread(target=wait, daemon=True)
+    job.start()
+    job.join(timeout=5)
+    return {"left": not job.is_alive(), "error": out.get("error")}
+
+
+def test_an_async_collective_launched_after_the_abort_fails_at_once(tmp_path):
+    got = run_ranks(stuck_wait, 2, tmp_path, timeout_s=60)[0]
+    assert got["left"] and got["error"], got
