@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cluster.dist import abortable
+from cluster.dist import abortable, raise_if_aborted
 
 
 # torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
@@ -234,6 +234,7 @@ class Comm:
         a simulated network the call lasts at least the modelled time. Strategies that
         call a library's own collectives (DeepSpeed) charge them through this, naming the
         call's global ``ranks`` where its group is not this Comm's."""
+        raise_if_aborted()  # a heal's abort came first: this call would never run
         ranks = self._ranks(peers, ranks)
         link = self._link(ranks)
         start = self._begin(sent, received, link, op)

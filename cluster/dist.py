@@ -84,6 +84,14 @@ def _aborted_error() -> RuntimeError:
     return RuntimeError("gloo: the process group was aborted, a peer was lost (collective in flight or launched after)")
 
 
+def raise_if_aborted() -> None:
+    """Before a collective is launched: after an abort, gloo would queue it and never
+    run it, so a rank that was behind (still stepping when the abort came) would
+    wait until the collective timeout; it fails now instead."""
+    if _aborted:
+        raise _aborted_error()
+
+
 def _fail_in_flight() -> None:
     global _aborted
     with _in_flight_lock:

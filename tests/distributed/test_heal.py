@@ -86,7 +86,7 @@ def test_broadcast_tree_gives_every_rank_the_source_state(tmp_path):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def stuck_wait(rank: int, world: int) -> dict:
+def stuck_wait(rank: int, world: int, blocking: bool) -> dict:
     from cluster import Comm
     from cluster.dist import abort_process_group
 
@@ -98,8 +98,10 @@ def stuck_wait(rank: int, world: int) -> dict:
     out: dict = {}
 
     def wait() -> None:
-        try:  # FSDP's kind of call: launched async, waited on
-            comm.all_gather_single(torch.empty(8), torch.ones(4), async_op=True).wait()
+        try:  # FSDP's kind of call: launched async and waited on, or blocking
+            work = comm.all_gather_single(torch.empty(8), torch.ones(4), async_op=not blocking)
+            if not blocking:
+                work.wait()
             out["error"] = None
         except RuntimeError as e:
             out["error"] = str(e)
@@ -110,6 +112,7 @@ def stuck_wait(rank: int, world: int) -> dict:
     return {"left": not job.is_alive(), "error": out.get("error")}
 
 
-def test_an_async_collective_launched_after_the_abort_fails_at_once(tmp_path):
-    got = run_ranks(stuck_wait, 2, tmp_path, timeout_s=60)[0]
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_collective_launched_after_the_abort_fails_at_once(tmp_path, blocking):
+    got = run_ranks(stuck_wait, 2, tmp_path, blocking, timeout_s=60)[0]
     assert got["left"] and got["error"], got
