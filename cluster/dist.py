@@ -73,7 +73,7 @@ def abortable(fut: torch.futures.Future) -> torch.futures.Future:
             _in_flight.discard(out)
         try:
             out.set_result(done.value())
-        except Exception as e:  # the collective failed: so does its waiter
+        except Exception as e:  # noqa: BLE001 (whatever failed the collective fails its waiter)
             out.set_exception(e)
 
     fut.add_done_callback(settle)

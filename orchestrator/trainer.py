@@ -309,6 +309,7 @@ def warm_up() -> None:
     optimizer's constructor imports torch._dynamo (~1 s of CPU), the mesh the outer
     syncs, fsspec its chained file systems."""
     import fsspec.implementations.chained  # noqa: F401
+
     import strategies.outer  # noqa: F401
 
     param = torch.nn.Parameter(torch.zeros(1))
