@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, help="runs per launcher; figures are medians over runs")
+    p.add_argument("--no-workloads", action="store_true", help="skip the per-workload table")
     a = p.parse_args()
     results: dict[str, list[dict]] = {}
     for _ in range(a.repeat):
@@ -113,7 +114,11 @@ def main() -> None:
               f"(target <= 0.4)")
     if "ray-train" not in med:
         print("ray-train: skipped (pip install 'ray[train]')")
-    per_workload(a.steps, a.workers)
+    for name, rs in results.items():  # the spread behind each median
+        print(f"{name:<10} runs: step s " + ", ".join(f"{r['median_step_s']:.4f}" for r in rs)
+              + "; first step s " + ", ".join(f"{r['first_step_s']:.2f}" for r in rs))
+    if not a.no_workloads:
+        per_workload(a.steps, a.workers)
 
 
 if __name__ == "__main__":

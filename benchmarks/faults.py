@@ -102,6 +102,8 @@ def recovery(args, storage: str) -> list[str]:
     kill_at = args.steps // 2 + 2  # two steps after a snapshot/checkpoint boundary
     cases = [("ddp", "kill", True), ("ddp", "kill", False), ("fsdp", "kill", True), ("fsdp", "kill", False),
              ("ddp", "hang", True), ("ddp", "outside", True)]
+    if args.cases:  # e.g. "ddp-kill-heal,fsdp-kill-restart"
+        cases = [c for c in cases if f"{c[0]}-{c[1]}-{'heal' if c[2] else 'restart'}" in args.cases.split(",")]
     rows = [("| strategy | fault | recovery | gap s | detect s | settle s | replace s | re-form s | transfer s "
              "| first step s | steps redone |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for strategy, fault, heal in cases:
@@ -122,6 +124,12 @@ def recovery(args, storage: str) -> list[str]:
             rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | no failure (killed: {killed}) |")
             print(rows[-1], flush=True)
             continue
+        if args.events:
+            cols = ["kind", "rank", "step", "seconds", "detail"]
+            print(ev[ev.kind.str.startswith(("heal", "phase", "failure", "recovered"))][cols].to_string(), flush=True)
+            steps = result.metrics.groupby(["attempt", "step"]).step_time_s.max()
+            print(f"median step s (attempt 0): {steps.loc[0.0].median():.2f}; first step after: "
+                  f"{steps.loc[1.0].iloc[0]:.2f}", flush=True)
         rec = ev[ev.kind == "recovered"].iloc[0]
         redone = int(rec["detail"].split(";")[1].split()[0])
         if heal:
@@ -159,6 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--every", type=int, default=5, help="snapshot / checkpoint interval")
     p.add_argument("--only", choices=["recovery", "stragglers"])
+    p.add_argument("--cases", default="", help="recovery cases to run, e.g. ddp-kill-heal,ddp-kill-restart (default: all)")
+    p.add_argument("--events", action="store_true", help="print each recovery run's heal and phase events")
     p.add_argument("--mitigations", default="none,rebalance,backup,evict", help="straggler runs (besides the clean one)")
     args = p.parse_args(argv)
     runtime = ray_runtime.start(address=None)  # every run below joins it

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from cluster.dist import abortable, raise_if_aborted
+
 
 # torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -232,6 +234,7 @@ class Comm:
         a simulated network the call lasts at least the modelled time. Strategies that
         call a library's own collectives (DeepSpeed) charge them through this, naming the
         call's global ``ranks`` where its group is not this Comm's."""
+        raise_if_aborted()  # a heal's abort came first: this call would never run
         ranks = self._ranks(peers, ranks)
         link = self._link(ranks)
         start = self._begin(sent, received, link, op)
@@ -277,7 +280,7 @@ class Comm:
                 self._hold(work._done_by)
             return tensor
 
-        return work.get_future().then(done)
+        return abortable(work.get_future().then(done))  # an aborted group fails it: DDP's backward waits on it
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Every rank's ``input`` concatenated into ``output`` (FSDP's parameter all-gather)."""
@@ -392,7 +395,11 @@ class _TimedWork(dist.Work):
 
     def wait(self, timeout=None) -> bool:
         t0 = time.perf_counter()
-        done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        if timeout is None:  # through an abortable future: an aborted group fails it (FSDP's waits), not hangs
+            abortable(self._work.get_future()).wait()
+            done = True
+        else:
+            done = self._work.wait(timeout)
         self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
         return done

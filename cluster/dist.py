@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -32,12 +33,14 @@ def pick_device(local_rank: int) -> torch.device:
 
 def init_process_group(*, rank: int, world: int, init_method: str, device: torch.device, timeout_s: float) -> None:
     """gloo on CPU, NCCL on CUDA; ``init_method`` is ``tcp://host:port`` or ``file://path``."""
+    global _aborted
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+    _aborted = False
 
 
 def destroy_process_group() -> None:
@@ -45,15 +48,105 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+# Futures of collectives in flight that something waits on in C++ (DDP's reducer at
+# the end of backward): an aborted gloo group drops its queued work without ever
+# completing their futures, so abort_process_group fails them itself.
+_in_flight: set[torch.futures.Future] = set()
+_in_flight_lock = threading.Lock()
+_aborted = False  # since the last init_process_group: work launched now is dropped as well
+
+
+def abortable(fut: torch.futures.Future) -> torch.futures.Future:
+    """A future that completes as ``fut`` does, or fails when this process's groups
+    are aborted first (``abort_process_group``), so whatever waits on it raises."""
+    out = torch.futures.Future()
+    with _in_flight_lock:
+        if _aborted:  # launched after the abort (a rank that was behind): it would wait forever
+            out.set_exception(_aborted_error())
+            return out
+        _in_flight.add(out)
+
+    def settle(done: torch.futures.Future) -> None:
+        with _in_flight_lock:
+            if out not in _in_flight:
+                return  # failed by an abort already
+            _in_flight.discard(out)
+        try:
+            out.set_result(done.value())
+        except Exception as e:  # noqa: BLE001 (whatever failed the collective fails its waiter)
+            out.set_exception(e)
+
+    fut.add_done_callback(settle)
+    return out
+
+
+def _aborted_error() -> RuntimeError:
+    return RuntimeError("gloo: the process group was aborted, a peer was lost (collective in flight or launched after)")
+
+
+def raise_if_aborted() -> None:
+    """Before a collective is launched: after an abort, gloo would queue it and never
+    run it, so a rank that was behind (still stepping when the abort came) would
+    wait until the collective timeout; it fails now instead."""
+    if _aborted:
+        raise _aborted_error()
+
+
+def _fail_in_flight() -> None:
+    global _aborted
+    with _in_flight_lock:
+        _aborted = True
+        pending = list(_in_flight)
+        _in_flight.clear()
+    for fut in pending:
+        fut.set_exception(_aborted_error())
+
+
 def abort_process_group(*, destroy: bool = True) -> None:
     """Leave a process group that lost a peer, so a new one can be formed in this
     process. Aborted first: that closes its connections even while a module (DDP,
     a strategy kept alive) still holds the group, so a peer still waiting on this
-    rank fails at once instead of at its timeout; gloo raises on a closed peer."""
+    rank fails at once instead of at its timeout; gloo raises on a closed peer.
+    Collectives in flight (``abortable``) fail too: a thread waiting on one (DDP's
+    backward) leaves it now, not at the collective timeout."""
     if dist.is_initialized():
         # every group, not only the default one: a strategy's collectives run on its
         # mesh's groups (new_group), and torch lists them only in its private registry
         for group in list(dist.distributed_c10d._world.pg_map):
             group.abort()
+        _fail_in_flight()
         if destroy:
             dist.destroy_process_group()
+
+
+def broadcast_tree(tree, *, src: int, device: torch.device):
+    """Collective: rank ``src``'s ``tree`` (nested dicts, lists and tuples of tensors and
+    small values: a state dict) on every rank (others pass None). The structure and
+    small values go by object; the tensors as one flat buffer per dtype, sent as
+    bytes: no pickling of tensor data, which costs more than the transfer itself.
+    Received tensors are views of those buffers, on ``device``."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    here = dist.get_rank() == src
+    box = [None]
+    if here:
+        leaves, spec = tree_flatten(tree)
+        box = [(spec, [(x.dtype, x.shape) if isinstance(x, torch.Tensor) else None for x in leaves],
+                [None if isinstance(x, torch.Tensor) else x for x in leaves])]
+    dist.broadcast_object_list(box, src=src)
+    spec, shapes, values = box[0]
+    out = list(values)
+    for dtype in dict.fromkeys(s[0] for s in shapes if s is not None):
+        idx = [i for i, s in enumerate(shapes) if s is not None and s[0] == dtype]
+        if here:
+            flat = torch.cat([leaves[i].detach().reshape(-1).to(device) for i in idx])
+        else:
+            flat = torch.empty(sum(shapes[i][1].numel() for i in idx), dtype=dtype, device=device)
+        dist.broadcast(flat.view(torch.uint8), src=src)  # bytes: every dtype, bool included, on every backend
+        offset = 0
+        for i in idx:
+            n = shapes[i][1].numel()
+            out[i] = flat[offset: offset + n].view(shapes[i][1])
+            offset += n
+    return tree_unflatten(out, spec)
+

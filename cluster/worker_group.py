@@ -85,16 +85,25 @@ def start_keeper():
                           max_restarts=-1).remote()
 
 
+def prepare(imports: tuple[str, ...]) -> None:
+    """Import each module of ``imports``; for an entry "pkg.mod:fn", call fn() too (a
+    warm-up of what the module's users would otherwise do lazily, on their clock)."""
+    import importlib
+
+    for entry in imports:
+        module, _, fn = entry.partition(":")
+        loaded = importlib.import_module(module)
+        if fn:
+            getattr(loaded, fn)()
+
+
 class _Worker:
     def __init__(self, threads: int, env: dict[str, str], keeper=None, imports: tuple[str, ...] = ()):
         os.environ.update(env)
-        import importlib
-
         import torch
 
         torch.set_num_threads(threads)
-        for module in imports:  # what every rank's function needs, imported while the actor starts
-            importlib.import_module(module)
+        prepare(imports)  # what every rank's function needs, imported while the actor starts
         self.threads = threads
         self.keeper = keeper
         self._lock = threading.Lock()
@@ -203,7 +212,8 @@ class WorkerGroup:
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.placement, self.env = placement, env or {}
         self.placement_timeout_s = placement_timeout_s
-        self.keeper, self.imports = keeper, imports  # imports: modules each actor imports as it starts
+        # imports: modules each actor imports as it starts; "pkg.mod:fn" also calls fn()
+        self.keeper, self.imports = keeper, imports
         self.actors: list = []
         self.contexts: list[WorkerContext] = []
         self.pids: list[int] = []

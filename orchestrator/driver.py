@@ -149,6 +149,7 @@ class RayGroup:
         self.pending: dict = {}
         self.finished: set[int] = set()
         self._held: list = []  # reports read while healing, for the controller's next poll
+        self._broke: set[tuple[int, int]] = set()  # (attempt, rank) of every Broken read: out of its collective
         # a spare worker for heals, when a failure can heal in place
         self.spares = spec.failure.heal and spec.failure.max_failures > 0 and spec.strategy_cls().heal != "restart"
 
@@ -159,7 +160,7 @@ class RayGroup:
         self.wg = WorkerGroup(
             attempt.world, cpus_per_worker=self.cpus, gpus_per_worker=spec.cluster.gpus_per_worker,
             placement=spec.cluster.placement, placement_timeout_s=spec.cluster.placement_timeout_s,
-            keeper=self.keeper, imports=("orchestrator.trainer",),  # strategies, workloads: before the job arrives
+            keeper=self.keeper, imports=("orchestrator.trainer:warm_up",),  # strategies, workloads: before the job
         )
         self.wg.start()
         self.phases += list(self.wg.phases.items())
@@ -183,6 +184,7 @@ class RayGroup:
                 except Exception as e:  # RayTaskError, RayActorError
                     status.errors[rank] = _failure_message(rank, e)
         status.rows, self._held = self._held + self.wg.poll(), []
+        self._broke |= {(m.attempt, m.rank) for m in status.rows if isinstance(m, Broken)}  # may precede the heal
         status.finished = set(self.finished)
         if self.spares and self.wg.spare is None and any(isinstance(m, Row) for m in status.rows):
             self.wg.prestart_spare()  # steps are under way: its start no longer competes with the group's
@@ -213,9 +215,11 @@ class RayGroup:
     def _settle(self, lost: int, attempt: int) -> list[int]:
         """The survivors that did not report ``Broken`` (for ``attempt``) within
         HEAL_SETTLE_S of the abort: still blocked in a collective whose work an
-        aborted group never ends (seen under DDP with 4 ranks), or ended. What the
-        polls read meanwhile is held for the controller's next poll."""
-        waiting = set(range(self.wg.n)) - {lost}
+        aborted group never ends (seen under DDP with 4 ranks), or ended. A survivor
+        next to the lost rank breaks before the loss is even known: its Broken, read by
+        an earlier poll, counts. What the polls read meanwhile is held for the
+        controller's next poll."""
+        waiting = set(range(self.wg.n)) - {lost} - {r for a, r in self._broke if a == attempt}
         start = time.perf_counter()
         deadline = start + HEAL_SETTLE_S
         while waiting and time.perf_counter() < deadline:

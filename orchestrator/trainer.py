@@ -98,21 +98,22 @@ class RankTrainer:
             StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim, total_steps=spec.steps),
         )
         replica, replicas = self.strategy.data_shard()
+        source = workload.source()  # read once: the held-out split below is of the same samples
         self.loader = ShardedLoader(
-            workload.train_source(), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
+            workload.train_source(source), rank=replica, world=replicas, global_batch=spec.global_batch, seed=spec.seed,
             shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
         self._pending: list[dict] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
-        self.eval_batches = self._eval_batches(workload, replica, replicas)
+        self.eval_batches = self._eval_batches(workload, replica, replicas, source)
 
-    def _eval_batches(self, workload: Workload, replica: int, replicas: int) -> tuple[list, list] | None:
+    def _eval_batches(self, workload: Workload, replica: int, replicas: int, source=None) -> tuple[list, list] | None:
         """The held-out samples every evaluation scores, the same ones each time:
         (this replica's slice, all of them where replicas differ, else None), each as micro-batches. None: no
         evaluation (the workload holds nothing out, or the strategy cannot evaluate)."""
-        heldout = workload.heldout_source()
+        heldout = workload.heldout_source(source)
         if heldout is None or type(self.strategy).evaluate is Strategy.evaluate:
             return None
         n = min(self.spec.eval_samples, len(heldout))
@@ -302,6 +303,20 @@ def _merge(item) -> tuple[float, int, dict[str, float]]:
             {k: sum(p[2].get(k, 0.0) for p in parts) for k in names})
 
 
+def warm_up() -> None:
+    """What a rank's first set-up would import lazily, done while its actor starts (a
+    spare's too, so a heal's newcomer does not pay it while the survivors wait): the
+    optimizer's constructor imports torch._dynamo (~1 s of CPU), the mesh the outer
+    syncs, fsspec its chained file systems."""
+    import fsspec.implementations.chained  # noqa: F401
+
+    import strategies.outer  # noqa: F401
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    torch.optim.AdamW([param]).step()
+
+
 def pack_job(workload: Workload, strategy_cls: type[Strategy]) -> bytes:
     """The driver's resolved workload and strategy, as bytes. Classes from a
     script or notebook travel by value; classes from files or modules by
@@ -363,9 +378,10 @@ def _await_reform(ctx, lost: _PeerLost, attempt: int):
 
     from cluster.dist import abort_process_group
 
+    # out of the collective now: said first, so the driver's settle does not wait on the clean-up below
+    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
     gc.collect()  # the old trainer's modules hold its process groups: gone, they close their connections
     abort_process_group()
-    ctx.report(Broken(rank=ctx.rank, step=lost.step, error=str(lost), attempt=attempt))
     while True:
         for msg in ctx.controls():  # others were meant for the attempt that failed
             if "reform" in msg:
@@ -379,12 +395,12 @@ def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
     failed step); returns that rank. Survivors pass the state they held, a newcomer None."""
     import torch.distributed as dist
 
+    from cluster.dist import broadcast_tree
+
     steps = [None] * trainer.world
     dist.all_gather_object(steps, survivor.step if survivor is not None else -1)
     src = steps.index(max(steps))
-    box = [survivor.state if trainer.rank == src else None]
-    dist.broadcast_object_list(box, src=src)
-    got = box[0]
+    got = broadcast_tree(survivor.state if trainer.rank == src else None, src=src, device=trainer.device)
     trainer.strategy.load_heal_state(got["state"])
     trainer.step = got["step"]
     trainer.loader.load_state_dict(got["cursor"])  # one cursor for every rank: each reads its share of it
@@ -410,6 +426,7 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
                               report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
         ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
+        t_built = time.perf_counter()
         restored = ""
         if attempt.heal and strategy_cls.heal == "peer":
             src = take_from_peer(trainer, survivor)
@@ -430,7 +447,7 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
             ctx.report(Event(kind="heal:reform", rank=ctx.rank, step=trainer.step, seconds=t1 - t0,
                              detail=f"pid {os.getpid()} ({kept}): rendezvous of {ctx.world} ranks"))
             ctx.report(Event(kind="heal:transfer", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
-                             detail=f"pid {os.getpid()}: set-up{restored}"))
+                             detail=f"pid {os.getpid()}: set-up {t_built - t1:.2f}s, state {t2 - t_built:.2f}s{restored}"))
         ctx.report(Event(kind="phase:worker_setup", rank=ctx.rank, step=trainer.step, seconds=t2 - t1,
                          detail=f"rendezvous {t1 - t0:.2f}s{restored}; pid {os.getpid()}"))
 

@@ -652,3 +652,30 @@ def test_a_heal_that_makes_no_step_falls_back_to_the_full_restart_without_counti
     ctl.run()
     assert ctl.state == "finished" and len(group.heals) == 1 and len(attempts) == 2  # one heal, then one start
     assert ctl.failures == 1 and "heal_stalled" in kinds(log) and attempts[1].number == 2 and not attempts[1].heal
+
+
+def test_the_settle_counts_survivors_that_broke_before_the_heal_began():
+    """A survivor next to the lost rank reports Broken before Ray reports the death:
+    the controller's poll reads it first, and the heal's settle must not then wait
+    HEAL_SETTLE_S for it (nor replace it as stuck)."""
+    import time
+
+    from orchestrator import driver
+
+    class Polled:  # the WorkerGroup's poll: what the ranks reported since the last one
+        n = 4
+
+        def __init__(self, batches):
+            self.batches = batches
+
+        def poll(self, timeout_s: float = 10):
+            return self.batches.pop(0) if self.batches else []
+
+    group = object.__new__(driver.RayGroup)
+    group.pending, group.finished, group.spares, group._held, group._broke = {}, set(), False, [], set()
+    group.wg = Polled([[Broken(rank=r, step=3, error="gloo", attempt=0) for r in (0, 2)],  # the controller's poll
+                       [Broken(rank=3, step=3, error="gloo", attempt=0)]])  # during the settle
+    assert {m.rank for m in group.poll().rows} == {0, 2}
+    t = time.perf_counter()
+    assert group._settle(lost=1, attempt=0) == []
+    assert time.perf_counter() - t < driver.HEAL_SETTLE_S / 2
