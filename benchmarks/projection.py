@@ -2,14 +2,31 @@
 
 For each method, N and scenario, ``polytrain project``'s model predicts the step
 of N workers sharing this machine's cores under the scenario (``Target(cores=C)``),
-from one one-rank profile of the workload; then the same jobs run (interleaved
+from a one-rank profile of the workload; then the same jobs run (interleaved
 repeats: the machine's load drifts) and the measured step time is the one
 definition the comparison uses (``summarize``: the median over steady steps of
 the slowest rank's ``step_time_s``), the median over repeats. Target: |error|
 within 15 % for every row.
 
     python benchmarks/projection.py [--methods ddp fsdp ...] [--workers 2 4]
-        [--scenarios local internet-1g] [--repeats 3] [--steps 10]
+        [--scenarios local internet-1g] [--repeats 3] [--steps 10] [--record FILE]
+    python benchmarks/projection.py --table FILE
+    python benchmarks/projection.py --at-scale
+
+``--at-scale`` projects gpt-tiny widened to 1 B parameters on 64 workers
+(8 nodes x 8, 400 Gbit/s in a node, 25 Gbit/s between) and on 2 islands x 32
+over 1 Gbit/s, every strategy with a model. A 1 B model's profile does not fit
+this machine's memory, so the profile is taken at the target width with 2 of
+its 20 blocks and the middle block repeated (``deepen``: blocks of one shape
+cost the same; the optimizer's and the methods' own step scale with the
+parameters).
+
+Every repeat profiles afresh before its runs, so a prediction and the run it
+describes see the machine's load of the same minutes; a row's predicted figure is
+the median of its repeats' predictions. ``--record`` appends each repeat's rows
+(and ``uptime``) to a JSON-lines file, so the validation can be split into short
+invocations (a scenario or a repeat at a time) whose rows ``--table`` then
+gathers into one table.
 
 Each replica's batch is the workload's micro-batch x ``--microbatches`` (the
 pipeline's micro-batches, else gradient accumulation), as the projection
@@ -19,8 +36,10 @@ that its steady steps are the compressed ones the model describes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import tempfile
 
 from orchestrator import JobSpec, compare
@@ -48,6 +67,127 @@ def spec_of(job, *, steps: int, scenario: str, storage: str, micro_batch: int) -
                    batch_size=micro_batch * m * replicas, grad_accum=accum, scenario=scenario)
 
 
+def plan(workload, prof, methods, workers, scenarios, microbatches: int) -> list:
+    """(method, N, scenario, prediction, job) of every row the layout rules make."""
+    from cluster.network import parse_scenario
+
+    rows, cores = [], os.cpu_count() or 1
+    for sc in scenarios:
+        target = Target(scenario=parse_scenario(sc), cores=cores)
+        for name in methods:
+            for n in workers:
+                try:
+                    job = job_for(name, OPTIONS.get(name, {}), n, workload, microbatches=microbatches,
+                                  n_blocks=len(prof.blocks))
+                except Skip as e:
+                    print(f"skip: {e}")
+                    continue
+                rows.append((name, n, sc, predict(prof, job, target), job))
+    return rows
+
+
+def repeat(workload, a) -> list[dict]:
+    """One repeat: a fresh profile, its predictions, every row run once."""
+    prof = profile(workload)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {os.cpu_count()} cores shared by the N workers; {load}")
+    rows = plan(workload, prof, a.methods, a.workers, a.scenarios, a.microbatches)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
+                 for _, _, sc, _, job in rows]
+        runs = compare(specs, progress=False).runs
+    return [dict(method=name, workers=n, scenario=sc, layout=pred.layout, predicted=pred.step_s,
+                 compute=pred.compute_s, comm=pred.comm_s, bubble=pred.bubble_s,
+                 measured=summarize(run.metrics)["median_step_s"], profile_s=prof.seconds, uptime=load)
+            for (name, n, sc, pred, _), run in zip(rows, runs)]
+
+
+def table(records: list[dict]) -> str:
+    """Predicted (median of the repeats' predictions) against measured (median of the
+    repeats' runs) per row, |error|, and the verdict against 15 %."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["scenario"], r["method"], r["workers"]), []).append(r)
+    lines = [f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
+             f"{'bubble)':>7} {'measured':>9} {'repeats':>7} {'|error|':>8}"]
+    errors = []
+    for (sc, name, n), rs in rows.items():
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        got, pred = med("measured"), med("predicted")
+        err = abs(pred - got) / got
+        errors.append(err)
+        lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med('compute'):>7.3f} "
+                     f"{med('comm'):>7.3f} {med('bubble'):>7.3f} {got:>9.3f} {len(rs):>7} {err:>7.1%}"
+                     f"{'' if err <= 0.15 else '  miss'}")
+    lines.append(f"median |error| {statistics.median(errors):.1%}; within 15 %: "
+                 f"{sum(e <= 0.15 for e in errors)}/{len(errors)}")
+    return "\n".join(lines)
+
+
+SCALE = {"name": "gpt-tiny", "d_model": 2048, "n_heads": 16, "n_layers": 2, "seq_len": 128, "micro_batch": 1}
+LAYERS = 20  # blocks of width 2048 (12 d^2 parameters each): 1.0 B parameters
+CLUSTERS = ("nodes=8,per_node=8,intra=400gbit,inter=25gbit,latency=10us",
+            "nodes=2,per_node=32,intra=400gbit,inter=1gbit,latency=10ms")
+AT_SCALE = "ddp,fsdp,zero1,zero2,zero3,pipeline,pipeline:schedule=zb-h1,sequence,powersgd,demo,gossip"
+MICROBATCHES = 8  # per replica per step (a pipeline's m: 8 stages at most on 64 workers)
+GPU_FLOPS = 150e12  # an accelerator's sustained rate the projection assumes (H100-class bf16 at ~40 % of peak)
+
+
+def deepen(prof, layers: int):
+    """``prof`` (embedding, 2 transformer blocks, head) with its transformer block repeated
+    to ``layers``; the optimizer's and the methods' own per-step time scaled with the parameters."""
+    from dataclasses import replace
+
+    first, last = prof.blocks[:1], prof.blocks[-1:]
+    pick = lambda t: (t[0], *[t[1]] * layers, t[-1])  # noqa: E731
+    scale = (sum(pick(prof.param_bytes))) / sum(prof.param_bytes)
+    return replace(prof, blocks=(*first, *[prof.blocks[1]] * layers, *last), shapes=pick(prof.shapes),
+                   param_bytes=pick(prof.param_bytes), act_bytes=pick(prof.act_bytes),
+                   attention=tuple(range(1, layers + 1)), optim_s=prof.optim_s * scale,
+                   outer_s={k: v * scale for k, v in prof.outer_s.items()})
+
+
+def core_flops() -> float:
+    """One core's fp32 matmul rate here (what --speed is relative to)."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(1024, 1024)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.set_num_threads(before)
+    return 10 * 2 * 1024**3 / (time.perf_counter() - t)
+
+
+def at_scale() -> None:
+    """gpt-tiny at 1 B parameters on 8 nodes x 8 and on 2 islands x 32: every strategy's
+    predicted step (``polytrain project``'s model, the table it prints) and who wins."""
+    from cluster.network import parse_scenario
+    from orchestrator.project import parse_strategies, project, render
+    from orchestrator.project import table as frame
+
+    workload = JobSpec(workload=SCALE, strategy="single", workers=1, steps=1).build_workload()
+    prof = deepen(profile(workload), LAYERS)
+    flops = core_flops()
+    speed = GPU_FLOPS / flops
+    print(f"{sum(prof.param_bytes) / 4e9:.2f} B parameters; one core here {flops / 1e9:.1f} GFLOP/s fp32: "
+          f"--speed {speed:.0f} for {GPU_FLOPS / 1e12:g} TFLOP/s a worker")
+    strategies = parse_strategies(AT_SCALE)
+    for sc in CLUSTERS:
+        target = Target(scenario=parse_scenario(sc), speed=speed)
+        rows, notes = project(prof, workload, strategies, [64], target, microbatches=MICROBATCHES)
+        df = frame(rows).sort_values("predicted_step_s")
+        print(render(df, notes, prof, target, None, microbatches=MICROBATCHES))
+        best, second = df.iloc[0], df.iloc[1]
+        print(f"wins: {best.strategy} ({best.layout}) {best.predicted_step_s:.3f} s, "
+              f"{second.predicted_step_s / best.predicted_step_s:.2f}x ahead of {second.strategy}\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -56,44 +196,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--record", default=None, help="append each repeat's rows to this JSON-lines file")
+    p.add_argument("--table", default=None, help="print the table of the rows recorded in this file, run nothing")
+    p.add_argument("--at-scale", action="store_true", help="project gpt-tiny at 1 B parameters on 64 workers")
     a = p.parse_args()
-    from cluster.network import parse_scenario
-
-    base = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1)
-    workload = base.build_workload()
-    prof = profile(workload)
-    n_blocks = len(prof.blocks)
-    cores = os.cpu_count() or 1
-    print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {cores} cores shared by the N workers")
-    rows = []  # (method, N, scenario, prediction, job)
-    for sc in a.scenarios:
-        target = Target(scenario=parse_scenario(sc), cores=cores)
-        for name in a.methods:
-            for n in a.workers:
-                try:
-                    job = job_for(name, OPTIONS.get(name, {}), n, workload, microbatches=a.microbatches,
-                                  n_blocks=n_blocks)
-                except Skip as e:
-                    print(f"skip: {e}")
-                    continue
-                rows.append((name, n, sc, predict(prof, job, target), job))
-    measured: dict[int, list[float]] = {i: [] for i in range(len(rows))}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(a.repeats):  # interleaved: every row once per repeat
-            specs = [spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
-                     for _, _, sc, _, job in rows]
-            for i, run in enumerate(compare(specs, progress=False).runs):
-                measured[i].append(summarize(run.metrics)["median_step_s"])
-    print(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<10} {'predicted':>9} {'(comp':>7} {'comm':>7} "
-          f"{'bubble)':>7} {'measured':>9} {'|error|':>8}")
-    errors = []
-    for i, (name, n, sc, pred, job) in enumerate(rows):
-        got = statistics.median(measured[i])
-        err = abs(pred.step_s - got) / got
-        errors.append(err)
-        print(f"{name:<9} {n:>2} {sc:<12} {pred.layout:<10} {pred.step_s:>9.3f} {pred.compute_s:>7.3f} "
-              f"{pred.comm_s:>7.3f} {pred.bubble_s:>7.3f} {got:>9.3f} {err:>7.1%}{'' if err <= 0.15 else '  miss'}")
-    print(f"median |error| {statistics.median(errors):.1%}; within 15 %: {sum(e <= 0.15 for e in errors)}/{len(errors)}")
+    if a.at_scale:
+        return at_scale()
+    if a.table:
+        with open(a.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
+    workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
+    records = []
+    for _ in range(a.repeats):  # interleaved: every row once per repeat
+        got = repeat(workload, a)
+        records += got
+        if a.record:
+            with open(a.record, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in got)
+    print(table(records))
 
 
 if __name__ == "__main__":

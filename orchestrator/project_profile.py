@@ -52,6 +52,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
         one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
+        gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
     return Profile(
         workload=workload.name, micro_batch=k, blocks=calibrated,
@@ -60,7 +61,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed,
+        fixed_s=fixed, gloo=gloo,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
 
 
@@ -130,3 +131,84 @@ def _outer_seconds(model, seed: int) -> dict[str, float]:
     for p in params:
         p.grad = None
     return out
+
+
+GLOO_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send")  # what the model charges
+GLOO_BYTES = (64 * 2**10, 4 * 2**20)  # sent per rank: the small call fixes alpha, the large one beta
+
+
+def _gloo_call(pg, op: str, nbytes: int, rank: int):
+    """One call of ``op`` in which a rank sends ``nbytes`` at 2 ranks (cluster.comm's
+    formulas), through the process-group method its Comm call reaches."""
+    import torch
+
+    a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 2)  # fp32: one rank's share, both ranks'
+    if op == "all_reduce":
+        return lambda: pg.allreduce([a])
+    if op == "all_gather":
+        return lambda: pg._allgather_base(b, a)
+    if op == "reduce_scatter":
+        return lambda: pg._reduce_scatter_base(a, b)
+    if op == "all_to_all":
+        out = torch.empty_like(b)
+        return lambda: pg.alltoall_base(out, b, [], [])
+    return lambda: pg.send([a], 1, 0) if rank == 0 else pg.recv([a], 0, 0)
+
+
+def gloo_links(repeats: int = 5) -> dict:
+    """gloo's own time for each collective kind on this machine, two ranks (threads of
+    this process over loopback, the library calls a run makes), fitted as alpha per
+    round + beta per byte sent: ``{op: Link}``. On cores the workers share it is CPU
+    time the call takes from compute (see ``strategies.projection.model.Net``)."""
+    import datetime
+    import statistics
+
+    import torch.distributed as dist
+
+    from cluster.network import rounds
+
+    store = dist.HashStore()
+    pgs: list = [None, None]
+
+    def connect(r: int) -> None:
+        pgs[r] = dist.ProcessGroupGloo(dist.PrefixStore("projection", store), r, 2, datetime.timedelta(seconds=60))
+
+    _on_both(connect)
+    links = {}
+    for op in GLOO_OPS:
+        medians = []
+        for n in GLOO_BYTES:
+            took: list[list[float]] = [[], []]
+
+            def timed(r: int) -> None:
+                call = _gloo_call(pgs[r], op, n, r)
+                call().wait()  # warm-up: connections, buffers
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    call().wait()
+                    took[r].append(time.perf_counter() - t)
+
+            _on_both(timed)
+            medians.append(statistics.median(max(a, b) for a, b in zip(*took)))
+        links[op] = _fit(medians, rounds(op, 2))
+    return links
+
+
+def _fit(seconds: list[float], n_rounds: int):
+    """Link(alpha, beta) through the small and the large call's times (beta > 0)."""
+    from cluster.network import Link
+
+    (s1, s2), (t1, t2) = GLOO_BYTES, seconds
+    per_byte = (t2 - t1) / (s2 - s1) if t2 > t1 else t2 / s2
+    return Link(gbit_s=8 / (per_byte * 1e9), latency_s=max(0.0, t1 - s1 * per_byte) / n_rounds)
+
+
+def _on_both(fn) -> None:
+    """``fn(0)`` and ``fn(1)`` at once: the two ranks of a call."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

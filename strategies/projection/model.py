@@ -27,10 +27,14 @@ would be floored at) and each strategy's own structure:
   gossip: one exchange of the parameters with each neighbour (hidden under
   the next step's compute with ``overlap``).
 
+On this machine's shared cores every call also costs gloo's measured time for
+its kind and bytes (``Profile.gloo``), CPU that nothing hides: it is compute,
+and only the network's time beyond it may overlap (``Net``).
+
 Not modelled: contention between ranks on a link, bucket re-ordering and
 DDP's small first bucket, the memory of activations, the warm-up steps of
-PowerSGD (uncompressed), gossip's consensus measurement, the CPU cost of
-communication on the computing cores.
+PowerSGD (uncompressed), gossip's consensus measurement, the CPU of the copies
+around a call beyond gloo's own time.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from cluster.comm import (
     ring_allreduce_bytes,
 )
 from cluster.mesh import Layout, nodes_from_per_node
-from cluster.network import Link, Scenario
+from cluster.network import Link, Scenario, rounds
 from strategies.pipeline.stages import BlockProfile
 
 # gloo over loopback on the development machine (2 ranks, 1 KiB and 16 MiB all-reduces:
@@ -68,6 +72,7 @@ class Profile:
     optim_s: float = 0.0  # one AdamW step over the whole model
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
+    gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
 
@@ -133,12 +138,21 @@ class Job:
 
 
 class Net:
-    """Call times and per-link byte tallies for one rank of a layout."""
+    """Call times and per-link byte tallies for one rank of a layout.
 
-    def __init__(self, target: Target, layout: Layout):
+    On this machine's shared cores (``Target.cores``) a call also costs gloo's own
+    CPU time (``Profile.gloo``, slowed like compute by the sharing): with every core
+    busy computing, nothing hides it, so it is tallied in ``cpu_s`` (the caller adds it
+    to compute) and only the network time beyond it (the scenario's floor while the
+    rank sleeps) is waiting the strategy's structure may overlap."""
+
+    def __init__(self, target: Target, layout: Layout, gloo: dict[str, Link] | None = None):
         self.scenario, self.layout = target.network(layout.world), layout
         self.nodes = nodes_from_per_node(layout.world, self.scenario.per_node)
         self.bytes = {"intra": 0, "inter": 0}
+        self.gloo = (gloo or {}) if target.cores else {}
+        self.share = target.slowdown(layout.world)
+        self.cpu_s = 0.0
 
     def group(self, *axes: str) -> tuple[int, ...]:
         """Rank 0's group over ``axes`` (the groups of an axis are alike under node-major placement)."""
@@ -152,9 +166,24 @@ class Net:
         """Seconds of ``times`` calls of ``op`` sending ``sent`` bytes each; their bytes tallied."""
         if len(ranks) <= 1 or times == 0:
             return 0.0
+        self.tally(sent, ranks, times)
+        cpu = self.cpu(op, sent, ranks)
+        self.cpu_s += times * cpu
+        return times * max(0.0, self.scenario.seconds(op, sent, sent, ranks) - cpu)
+
+    def tally(self, sent: int, ranks: tuple[int, ...], times: int = 1) -> None:
+        """Bytes of ``times`` calls sending ``sent`` each, on the link class ``ranks`` span."""
         link = "inter" if len({self.nodes[r] for r in ranks}) > 1 else "intra"
         self.bytes[link] += sent * times
-        return times * self.scenario.seconds(op, sent, sent, ranks)
+
+    def cpu(self, op: str, sent: int, ranks: tuple[int, ...]) -> float:
+        """gloo's own time for one call here (0 for a target that is not this machine)."""
+        link = self.gloo.get("send" if op == "exchange" else op)
+        return 0.0 if link is None or len(ranks) <= 1 else link.seconds(sent, rounds(op, len(ranks))) * self.share
+
+    def wall(self, op: str, sent: int, ranks: tuple[int, ...]) -> float:
+        """One call's duration: the network's time, and at least gloo's own."""
+        return max(self.scenario.seconds(op, sent, sent, ranks), self.cpu(op, sent, ranks))
 
 
 def overlap(ready: list[float], durations: list[float], start: float = 0.0) -> float:
@@ -193,7 +222,7 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
-    net = Net(target, job.layout)
+    net = Net(target, job.layout, profile.gloo)
     if job.layout.pp > 1:
         from strategies.projection.pipeline import pipeline_step
 
@@ -202,6 +231,7 @@ def predict(profile: Profile, job: Job, target: Target) -> Prediction:
         compute, comm, held = _flat(profile, job, target, net)
         bubble = 0.0
     comm += _scalars(job, net)
+    compute += net.cpu_s  # the calls' own CPU time on shared cores (see Net)
     return Prediction(strategy=job.strategy, workers=job.layout.world, scenario=target.name, layout=str(job.layout),
                       compute_s=compute, comm_s=comm, bubble_s=bubble, bytes_intra=net.bytes["intra"],
                       bytes_inter=net.bytes["inter"], **_memory(job, held))
