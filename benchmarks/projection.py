@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import tempfile
 
-from orchestrator import JobSpec, compare
+from orchestrator import JobSpec
 from orchestrator.metrics import summarize
 from orchestrator.project import profile
 from strategies.projection import Skip, Target, job_for, predict
@@ -86,20 +86,30 @@ def plan(workload, prof, methods, workers, scenarios, microbatches: int) -> list
     return rows
 
 
-def repeat(workload, a) -> list[dict]:
-    """One repeat: a fresh profile, its predictions, every row run once."""
+def repeat(workload, a, record=lambda r: None) -> list[dict]:
+    """One repeat: a fresh profile, its predictions, every row run once (each handed
+    to ``record`` as it ends: an invocation cut short keeps its finished rows)."""
+    from cluster import runtime as ray_runtime
+    from orchestrator import run
+
     prof = profile(workload)
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {os.cpu_count()} cores shared by the N workers; {load}")
-    rows = plan(workload, prof, a.methods, a.workers, a.scenarios, a.microbatches)
-    with tempfile.TemporaryDirectory() as tmp:
-        specs = [spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
-                 for _, _, sc, _, job in rows]
-        runs = compare(specs, progress=False).runs
-    return [dict(method=name, workers=n, scenario=sc, layout=pred.layout, predicted=pred.step_s,
-                 compute=pred.compute_s, comm=pred.comm_s, bubble=pred.bubble_s,
-                 measured=summarize(run.metrics)["median_step_s"], profile_s=prof.seconds, uptime=load)
-            for (name, n, sc, pred, _), run in zip(rows, runs)]
+    out = []
+    runtime = ray_runtime.start(address=None)  # one Ray instance for the repeat, as compare() does
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, n, sc, pred, job in plan(workload, prof, a.methods, a.workers, a.scenarios, a.microbatches):
+                result = run(spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch),
+                             progress=False)
+                out.append({"method": name, "workers": n, "scenario": sc, "layout": pred.layout,
+                            "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s,
+                            "bubble": pred.bubble_s, "measured": summarize(result.metrics)["median_step_s"],
+                            "profile_s": prof.seconds, "uptime": load})
+                record(out[-1])
+    finally:
+        runtime.shutdown()
+    return out
 
 
 def table(records: list[dict]) -> str:
@@ -108,16 +118,17 @@ def table(records: list[dict]) -> str:
     rows: dict[tuple, list[dict]] = {}
     for r in records:
         rows.setdefault((r["scenario"], r["method"], r["workers"]), []).append(r)
-    lines = [f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
-             f"{'bubble)':>7} {'measured':>9} {'repeats':>7} {'|error|':>8}"]
+    lines = [(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
+              f"{'bubble)':>7} {'measured':>9} {'repeats':>7} {'|error|':>8}")]
     errors = []
     for (sc, name, n), rs in rows.items():
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
-        got, pred = med("measured"), med("predicted")
+        med = {key: statistics.median(r[key] for r in rs) for key in ("measured", "predicted", "compute", "comm",
+                                                                          "bubble")}
+        got, pred = med["measured"], med["predicted"]
         err = abs(pred - got) / got
         errors.append(err)
-        lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med('compute'):>7.3f} "
-                     f"{med('comm'):>7.3f} {med('bubble'):>7.3f} {got:>9.3f} {len(rs):>7} {err:>7.1%}"
+        lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med['compute']:>7.3f} "
+                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {got:>9.3f} {len(rs):>7} {err:>7.1%}"
                      f"{'' if err <= 0.15 else '  miss'}")
     lines.append(f"median |error| {statistics.median(errors):.1%}; within 15 %: "
                  f"{sum(e <= 0.15 for e in errors)}/{len(errors)}")
@@ -139,7 +150,7 @@ def deepen(prof, layers: int):
     from dataclasses import replace
 
     first, last = prof.blocks[:1], prof.blocks[-1:]
-    pick = lambda t: (t[0], *[t[1]] * layers, t[-1])  # noqa: E731
+    pick = lambda t: (t[0], *[t[1]] * layers, t[-1])
     scale = (sum(pick(prof.param_bytes))) / sum(prof.param_bytes)
     return replace(prof, blocks=(*first, *[prof.blocks[1]] * layers, *last), shapes=pick(prof.shapes),
                    param_bytes=pick(prof.param_bytes), act_bytes=pick(prof.act_bytes),
@@ -208,12 +219,13 @@ def main() -> None:
         return
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
     records = []
-    for _ in range(a.repeats):  # interleaved: every row once per repeat
-        got = repeat(workload, a)
-        records += got
+    def record(row: dict) -> None:
         if a.record:
             with open(a.record, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in got)
+                f.write(json.dumps(row) + "\n")
+
+    for _ in range(a.repeats):  # interleaved: every row once per repeat
+        records += repeat(workload, a, record)
     print(table(records))
 
 

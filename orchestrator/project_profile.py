@@ -179,19 +179,20 @@ def gloo_links(repeats: int = 5) -> dict:
         medians = []
         for n in GLOO_BYTES:
             took: list[list[float]] = [[], []]
-
-            def timed(r: int) -> None:
-                call = _gloo_call(pgs[r], op, n, r)
-                call().wait()  # warm-up: connections, buffers
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    call().wait()
-                    took[r].append(time.perf_counter() - t)
-
-            _on_both(timed)
+            _on_both(_time_call, pgs, op, n, repeats, took)
             medians.append(statistics.median(max(a, b) for a, b in zip(*took)))
         links[op] = _fit(medians, rounds(op, 2))
     return links
+
+
+def _time_call(r: int, pgs: list, op: str, nbytes: int, repeats: int, took: list[list[float]]) -> None:
+    """Rank ``r``'s side of ``repeats`` calls (after a warm-up: connections, buffers), times in ``took[r]``."""
+    call = _gloo_call(pgs[r], op, nbytes, r)
+    call().wait()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call().wait()
+        took[r].append(time.perf_counter() - t)
 
 
 def _fit(seconds: list[float], n_rounds: int):
@@ -203,11 +204,11 @@ def _fit(seconds: list[float], n_rounds: int):
     return Link(gbit_s=8 / (per_byte * 1e9), latency_s=max(0.0, t1 - s1 * per_byte) / n_rounds)
 
 
-def _on_both(fn) -> None:
-    """``fn(0)`` and ``fn(1)`` at once: the two ranks of a call."""
+def _on_both(fn, *args) -> None:
+    """``fn(0, *args)`` and ``fn(1, *args)`` at once: the two ranks of a call."""
     import threading
 
-    threads = [threading.Thread(target=fn, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=fn, args=(r, *args)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
