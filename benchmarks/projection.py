@@ -36,8 +36,10 @@ that its steady steps are the compressed ones the model describes.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import tempfile
@@ -95,6 +97,7 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
     prof = profile(workload)
     load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {os.cpu_count()} cores shared by the N workers; {load}")
+    stored = base64.b64encode(pickle.dumps(prof)).decode()  # the rows' measured input: --table --repredict
     out = []
     runtime = ray_runtime.start(address=None)  # one Ray instance for the repeat, as compare() does
     try:
@@ -105,11 +108,23 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
                 out.append({"method": name, "workers": n, "scenario": sc, "layout": pred.layout,
                             "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s,
                             "bubble": pred.bubble_s, "measured": summarize(result.metrics)["median_step_s"],
-                            "profile_s": prof.seconds, "uptime": load})
+                            "profile_s": prof.seconds, "uptime": load, "profile": stored})
                 record(out[-1])
     finally:
         runtime.shutdown()
     return out
+
+
+def repredict(r: dict, microbatches: int) -> dict:
+    """Row ``r`` predicted again from its repeat's recorded profile."""
+    from cluster.network import parse_scenario
+
+    prof = pickle.loads(base64.b64decode(r["profile"]))  # this benchmark's own file
+    workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
+    job = job_for(r["method"], OPTIONS.get(r["method"], {}), r["workers"], workload, microbatches=microbatches,
+                  n_blocks=len(prof.blocks))
+    pred = predict(prof, job, Target(scenario=parse_scenario(r["scenario"]), cores=os.cpu_count() or 1))
+    return {**r, "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s, "bubble": pred.bubble_s}
 
 
 def table(records: list[dict]) -> str:
@@ -139,7 +154,7 @@ SCALE = {"name": "gpt-tiny", "d_model": 2048, "n_heads": 16, "n_layers": 2, "seq
 LAYERS = 20  # blocks of width 2048 (12 d^2 parameters each): 1.0 B parameters
 CLUSTERS = ("nodes=8,per_node=8,intra=400gbit,inter=25gbit,latency=10us",
             "nodes=2,per_node=32,intra=400gbit,inter=1gbit,latency=10ms")
-AT_SCALE = "ddp,fsdp,zero1,zero2,zero3,pipeline,pipeline:schedule=zb-h1,sequence,powersgd,demo,gossip"
+AT_SCALE = "ddp;fsdp;zero1;zero2;zero3;pipeline;pipeline:schedule=zb-h1;sequence;powersgd;demo;gossip"
 MICROBATCHES = 8  # per replica per step (a pipeline's m: 8 stages at most on 64 workers)
 GPU_FLOPS = 150e12  # an accelerator's sustained rate the projection assumes (H100-class bf16 at ~40 % of peak)
 
@@ -188,11 +203,16 @@ def at_scale() -> None:
     speed = GPU_FLOPS / flops
     print(f"{sum(prof.param_bytes) / 4e9:.2f} B parameters; one core here {flops / 1e9:.1f} GFLOP/s fp32: "
           f"--speed {speed:.0f} for {GPU_FLOPS / 1e12:g} TFLOP/s a worker")
-    strategies = parse_strategies(AT_SCALE)
+    import pandas as pd
+
     for sc in CLUSTERS:
         target = Target(scenario=parse_scenario(sc), speed=speed)
-        rows, notes = project(prof, workload, strategies, [64], target, microbatches=MICROBATCHES)
-        df = frame(rows).sort_values("predicted_step_s")
+        frames, notes = [], []
+        for spelled in AT_SCALE.split(";"):  # one at a time: a pipeline row is named by its schedule
+            rows, skipped = project(prof, workload, parse_strategies(spelled), [64], target, microbatches=MICROBATCHES)
+            frames.append(frame(rows).assign(strategy=spelled.replace("pipeline:schedule=", "")))
+            notes += skipped
+        df = pd.concat(frames, ignore_index=True).sort_values("predicted_step_s")
         print(render(df, notes, prof, target, None, microbatches=MICROBATCHES))
         best, second = df.iloc[0], df.iloc[1]
         print(f"wins: {best.strategy} ({best.layout}) {best.predicted_step_s:.3f} s, "
@@ -209,13 +229,16 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--record", default=None, help="append each repeat's rows to this JSON-lines file")
     p.add_argument("--table", default=None, help="print the table of the rows recorded in this file, run nothing")
+    p.add_argument("--repredict", action="store_true", help="with --table: predict every row again from the "
+                   "profile its repeat recorded (the model as it is now; the measurements stay)")
     p.add_argument("--at-scale", action="store_true", help="project gpt-tiny at 1 B parameters on 64 workers")
     a = p.parse_args()
     if a.at_scale:
         return at_scale()
     if a.table:
         with open(a.table) as f:
-            print(table([json.loads(line) for line in f if line.strip()]))
+            records = [json.loads(line) for line in f if line.strip()]
+        print(table([repredict(r, a.microbatches) for r in records] if a.repredict else records))
         return
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
     records = []

@@ -344,15 +344,19 @@ def _powersgd(profile: Profile, job: Job, net: Net, blocks: list[int], group: tu
 
 
 def _gossip(profile: Profile, job: Job, net: Net, compute: float) -> float:
-    """Parameters exchanged with the topology's neighbours after the step; with
-    ``overlap`` sent at the start of the next step, under its compute."""
+    """Parameters exchanged with rank 0's neighbours in the topology (its first round's
+    for one-peer-exp) after the step; with ``overlap`` sent at the start of the next
+    step, under its compute. Rank 0's ring and torus neighbours include the last
+    node's ranks: the exchange crosses nodes wherever the topology does."""
+    from strategies.decentralized.topology import mixing_matrix, rank_round
+
     n, total = job.layout.dp, sum(profile.param_bytes)
     topology = job.options.get("topology", "ring")
     if topology == "complete":
         t = net.call("all_reduce", ring_allreduce_bytes(total, n), net.group("dp"))
     else:
-        peers = {"ring": min(2, n - 1), "torus": min(4, n - 1), "one-peer-exp": 1}[topology]
-        t = net.call("exchange", peers * total, (0, *range(1, peers + 1)))
+        peers = rank_round(mixing_matrix(topology, n), 0).send_to
+        t = net.call("exchange", len(peers) * total, (0, *peers))
     return max(0.0, t - compute) if job.options.get("overlap") else t
 
 

@@ -272,3 +272,11 @@ def test_gloo_links_fit_alpha_and_beta_of_every_call_kind():
     links = gloo_links(repeats=1)
     assert set(links) == set(GLOO_OPS) and rounds("all_gather", 2) == 1
     assert all(v.gbit_s > 0 and v.latency_s >= 0 for v in links.values())
+
+
+def test_gossip_exchanges_with_the_topologys_neighbours_across_nodes():
+    """A ring over 2 nodes of 4: rank 0's neighbours are 1 and 7, so its exchange crosses nodes."""
+    size = 2**20
+    job = Job(strategy="gossip", layout=Layout(dp=8), microbatches=1, outer="gossip", options={"topology": "ring"})
+    p = predict(_profile(1, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
+    assert (p.bytes_intra, p.bytes_inter) == (0, 2 * size)
