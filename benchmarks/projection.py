@@ -21,9 +21,9 @@ its 20 blocks and the middle block repeated (``deepen``: blocks of one shape
 cost the same; the optimizer's and the methods' own step scale with the
 parameters).
 
-Every repeat profiles afresh before its runs, so a prediction and the run it
-describes see the machine's load of the same minutes; a row's predicted figure is
-the median of its repeats' predictions. ``--record`` appends each repeat's rows
+Every row is predicted from a profile taken just before its run, so a prediction
+and the run it describes see the machine's load of the same minute (other jobs
+share it); a row's predicted figure is the median of its repeats' predictions. ``--record`` appends each repeat's rows
 (and ``uptime``) to a JSON-lines file, so the validation can be split into short
 invocations (a scenario or a repeat at a time) whose rows ``--table`` then
 gathers into one table.
@@ -69,46 +69,55 @@ def spec_of(job, *, steps: int, scenario: str, storage: str, micro_batch: int) -
                    batch_size=micro_batch * m * replicas, grad_accum=accum, scenario=scenario)
 
 
-def plan(workload, prof, methods, workers, scenarios, microbatches: int) -> list:
-    """(method, N, scenario, prediction, job) of every row the layout rules make."""
-    from cluster.network import parse_scenario
+def plan(workload, methods, workers, scenarios, microbatches: int) -> list:
+    """(method, N, scenario, job) of every row the layout rules make."""
+    from strategies.pipeline.part import count_blocks
 
-    rows, cores = [], os.cpu_count() or 1
+    rows = []
     for sc in scenarios:
-        target = Target(scenario=parse_scenario(sc), cores=cores)
         for name in methods:
             for n in workers:
                 try:
                     job = job_for(name, OPTIONS.get(name, {}), n, workload, microbatches=microbatches,
-                                  n_blocks=len(prof.blocks))
+                                  n_blocks=count_blocks(workload))
                 except Skip as e:
                     print(f"skip: {e}")
                     continue
-                rows.append((name, n, sc, predict(prof, job, target), job))
+                rows.append((name, n, sc, job))
     return rows
 
 
+def here(scenario: str) -> Target:
+    """This machine under ``scenario``: its cores shared by the workers."""
+    from cluster.network import parse_scenario
+
+    return Target(scenario=parse_scenario(scenario), cores=os.cpu_count() or 1)
+
+
 def repeat(workload, a, record=lambda r: None) -> list[dict]:
-    """One repeat: a fresh profile, its predictions, every row run once (each handed
-    to ``record`` as it ends: an invocation cut short keeps its finished rows)."""
+    """One repeat: every row run once, each predicted from a profile taken just before
+    its run (the machine's load drifts by the minute), each handed to ``record`` as it
+    ends (an invocation cut short keeps its finished rows)."""
     from cluster import runtime as ray_runtime
     from orchestrator import run
 
-    prof = profile(workload)
-    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {os.cpu_count()} cores shared by the N workers; {load}")
-    stored = base64.b64encode(pickle.dumps(prof)).decode()  # the rows' measured input: --table --repredict
     out = []
     runtime = ray_runtime.start(address=None)  # one Ray instance for the repeat, as compare() does
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, n, sc, pred, job in plan(workload, prof, a.methods, a.workers, a.scenarios, a.microbatches):
+            for name, n, sc, job in plan(workload, a.methods, a.workers, a.scenarios, a.microbatches):
+                prof = profile(workload)
+                load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+                pred = predict(prof, job, here(sc))
                 result = run(spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch),
                              progress=False)
                 out.append({"method": name, "workers": n, "scenario": sc, "layout": pred.layout,
                             "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s,
                             "bubble": pred.bubble_s, "measured": summarize(result.metrics)["median_step_s"],
-                            "profile_s": prof.seconds, "uptime": load, "profile": stored})
+                            "profile_s": prof.seconds, "uptime": load,
+                            "profile": base64.b64encode(pickle.dumps(prof)).decode()})  # --repredict's input
+                print(f"{name} {n} {sc}: predicted {pred.step_s:.3f} measured {out[-1]['measured']:.3f} "
+                      f"(profile {prof.seconds:.1f} s; {load})", flush=True)
                 record(out[-1])
     finally:
         runtime.shutdown()
@@ -117,13 +126,11 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
 
 def repredict(r: dict, microbatches: int) -> dict:
     """Row ``r`` predicted again from its repeat's recorded profile."""
-    from cluster.network import parse_scenario
-
     prof = pickle.loads(base64.b64decode(r["profile"]))  # this benchmark's own file
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
     job = job_for(r["method"], OPTIONS.get(r["method"], {}), r["workers"], workload, microbatches=microbatches,
                   n_blocks=len(prof.blocks))
-    pred = predict(prof, job, Target(scenario=parse_scenario(r["scenario"]), cores=os.cpu_count() or 1))
+    pred = predict(prof, job, here(r["scenario"]))
     return {**r, "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s, "bubble": pred.bubble_s}
 
 
@@ -238,7 +245,9 @@ def main() -> None:
     if a.table:
         with open(a.table) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        print(table([repredict(r, a.microbatches) for r in records] if a.repredict else records))
+        if a.repredict:  # rows recorded without their profile cannot be predicted again: left out
+            records = [repredict(r, a.microbatches) for r in records if "profile" in r]
+        print(table(records))
         return
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
     records = []
