@@ -155,11 +155,13 @@ def _gloo_call(pg, op: str, nbytes: int, rank: int):
     return lambda: pg.send([a], 1, 0) if rank == 0 else pg.recv([a], 0, 0)
 
 
-def gloo_links(repeats: int = 5) -> dict:
+def gloo_links(repeats: int = 8) -> dict:
     """gloo's own time for each collective kind on this machine, two ranks (threads of
     this process over loopback, the library calls a run makes), fitted as alpha per
     round + beta per byte sent: ``{op: Link}``. On cores the workers share it is CPU
-    time the call takes from compute (see ``strategies.projection.model.Net``)."""
+    time the call takes from compute (see ``strategies.projection.model.Net``). The
+    mean of the calls, not the median: a step pays every call it makes, the ones
+    where a rank was descheduled on a loaded machine included."""
     import datetime
     import statistics
 
@@ -176,12 +178,12 @@ def gloo_links(repeats: int = 5) -> dict:
     _on_both(connect)
     links = {}
     for op in GLOO_OPS:
-        medians = []
+        means = []
         for n in GLOO_BYTES:
             took: list[list[float]] = [[], []]
             _on_both(_time_call, pgs, op, n, repeats, took)
-            medians.append(statistics.median(max(a, b) for a, b in zip(*took)))
-        links[op] = _fit(medians, rounds(op, 2))
+            means.append(statistics.fmean(max(a, b) for a, b in zip(*took)))  # a call ends for both ranks
+        links[op] = _fit(means, rounds(op, 2))
     return links
 
 
