@@ -117,7 +117,7 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
                             "profile_s": prof.seconds, "uptime": load,
                             "profile": base64.b64encode(pickle.dumps(prof)).decode()})  # --repredict's input
                 print(f"{name} {n} {sc}: predicted {pred.step_s:.3f} measured {out[-1]['measured']:.3f} "
-                      f"(profile {prof.seconds:.1f} s; {load})", flush=True)
+                      f"(profile {prof.seconds:.1f} s, sharing {prof.sharing}; {load})", flush=True)
                 record(out[-1])
     finally:
         runtime.shutdown()
@@ -141,7 +141,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         rows.setdefault((r["scenario"], r["method"], r["workers"]), []).append(r)
     lines = [(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
-              f"{'bubble)':>7} {'measured':>9} {'repeats':>7} {'|error|':>8}")]
+              f"{'bubble)':>7} {'measured':>9} {'(min':>6} {'max)':>6} {'repeats':>7} {'|error|':>8}")]
     errors = []
     for (sc, name, n), rs in rows.items():
         med = {key: statistics.median(r[key] for r in rs) for key in ("measured", "predicted", "compute", "comm",
@@ -150,7 +150,8 @@ def table(records: list[dict]) -> str:
         err = abs(pred - got) / got
         errors.append(err)
         lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med['compute']:>7.3f} "
-                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {got:>9.3f} {len(rs):>7} {err:>7.1%}"
+                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {got:>9.3f} {min(r['measured'] for r in rs):>6.3f} "
+                     f"{max(r['measured'] for r in rs):>6.3f} {len(rs):>7} {err:>7.1%}"
                      f"{'' if err <= 0.15 else '  miss'}")
     lines.append(f"median |error| {statistics.median(errors):.1%}; within 15 %: "
                  f"{sum(e <= 0.15 for e in errors)}/{len(errors)}")
