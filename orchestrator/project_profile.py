@@ -53,7 +53,6 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         outer = _outer_seconds(model, seed)
         one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
         gloo = gloo_links()
-        shared = sharing()
     calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
     return Profile(
         workload=workload.name, micro_batch=k, blocks=calibrated,
@@ -62,7 +61,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, gloo=gloo, sharing=shared,
+        fixed_s=fixed, gloo=gloo,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
 
 
@@ -176,13 +175,13 @@ def gloo_links(repeats: int = 8) -> dict:
     def connect(r: int) -> None:
         pgs[r] = dist.ProcessGroupGloo(dist.PrefixStore("projection", store), r, 2, datetime.timedelta(seconds=60))
 
-    _at_once(2, connect)
+    _on_both(connect)
     links = {}
     for op in GLOO_OPS:
         means = []
         for n in GLOO_BYTES:
             took: list[list[float]] = [[], []]
-            _at_once(2, _time_call, pgs, op, n, repeats, took)
+            _on_both(_time_call, pgs, op, n, repeats, took)
             means.append(statistics.fmean(max(a, b) for a, b in zip(*took)))  # a call ends for both ranks
         links[op] = _fit(means, rounds(op, 2))
     return links
@@ -207,45 +206,12 @@ def _fit(seconds: list[float], n_rounds: int):
     return Link(gbit_s=8 / (per_byte * 1e9), latency_s=max(0.0, t1 - s1 * per_byte) / n_rounds)
 
 
-def _at_once(k: int, fn, *args) -> None:
-    """``fn(r, *args)`` for r = 0 .. k-1 on k threads at once (the ranks of a call, workers sharing cores)."""
+def _on_both(fn, *args) -> None:
+    """``fn(0, *args)`` and ``fn(1, *args)`` at once: the two ranks of a call."""
     import threading
 
-    threads = [threading.Thread(target=fn, args=(r, *args)) for r in range(k)]
+    threads = [threading.Thread(target=fn, args=(r, *args)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-
-
-SHARING = (2, 4)  # workers computing at once whose slowdown the profile measures
-
-
-def sharing(ks: tuple[int, ...] = SHARING, seconds: float = 0.2) -> dict[int, float]:
-    """How much slower each of k threads computes when k compute at once than one alone,
-    here and now (one intra-op thread each: a worker's; other jobs' load included):
-    ``{k: mean time at k / time alone}`` of the same matrix products."""
-    import statistics
-
-    import torch
-
-    a = torch.randn(256, 256)
-    t = time.perf_counter()
-    for _ in range(8):
-        a @ a
-    n = max(8, round(8 * seconds / (time.perf_counter() - t)))
-
-    def work(r: int, took: list[float]) -> None:
-        t = time.perf_counter()
-        for _ in range(n):
-            a @ a
-        took[r] = time.perf_counter() - t
-
-    alone = [0.0]
-    _at_once(1, work, alone)
-    out = {}
-    for k in ks:
-        took = [0.0] * k
-        _at_once(k, work, took)
-        out[k] = max(1.0, statistics.fmean(took) / alone[0])
-    return out

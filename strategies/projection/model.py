@@ -39,7 +39,7 @@ around a call beyond gloo's own time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cluster.comm import (
     all_gather_bytes,
@@ -73,7 +73,6 @@ class Profile:
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
-    sharing: dict[int, float] = field(default_factory=dict)  # k computing at once here: each one's slowdown
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
 
@@ -83,13 +82,11 @@ class Target:
     """Where the projection runs: a scenario (None: this machine's loopback), a
     compute speed factor against one worker alone on one core here, and
     ``cores`` when the workers share this machine's cores (a worker then
-    computes max(1, N / cores) times slower, or as ``sharing`` measured N at
-    once: other jobs on the machine take cores too)."""
+    computes max(1, N / cores) times slower)."""
 
     scenario: Scenario | None = None
     speed: float = 1.0
     cores: int | None = None
-    sharing: dict[int, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -101,7 +98,7 @@ class Target:
         return Scenario(name="local", description="loopback", per_node=max(1, workers), intra=LOOPBACK, inter=LOOPBACK)
 
     def slowdown(self, workers: int) -> float:
-        share = self.sharing.get(workers, max(1.0, workers / self.cores)) if self.cores else 1.0
+        share = max(1.0, workers / self.cores) if self.cores else 1.0
         return share / self.speed
 
 
@@ -144,8 +141,7 @@ class Net:
     """Call times and per-link byte tallies for one rank of a layout.
 
     On this machine's shared cores (``Target.cores``) a call also costs gloo's own
-    CPU time (``Profile.gloo``, timed on 2 ranks, slowed like compute by sharing
-    among more): with every core
+    CPU time (``Profile.gloo``, slowed like compute by the sharing): with every core
     busy computing, nothing hides it, so it is tallied in ``cpu_s`` (the caller adds it
     to compute) and only the network time beyond it (the scenario's floor while the
     rank sleeps) is waiting the strategy's structure may overlap."""
@@ -155,7 +151,7 @@ class Net:
         self.nodes = nodes_from_per_node(layout.world, self.scenario.per_node)
         self.bytes = {"intra": 0, "inter": 0}
         self.gloo = (gloo or {}) if target.cores else {}
-        self.share = target.slowdown(layout.world) / target.slowdown(2)  # gloo was timed on 2 ranks at once
+        self.share = target.slowdown(layout.world)
         self.cpu_s = 0.0
 
     def group(self, *axes: str) -> tuple[int, ...]:
@@ -226,8 +222,6 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
-    if target.cores and profile.sharing:  # this machine: the sharing measured with the profile
-        target = replace(target, sharing={**profile.sharing, **target.sharing})
     net = Net(target, job.layout, profile.gloo)
     if job.layout.pp > 1:
         from strategies.projection.pipeline import pipeline_step

@@ -280,19 +280,3 @@ def test_gossip_exchanges_with_the_topologys_neighbours_across_nodes():
     job = Job(strategy="gossip", layout=Layout(dp=8), microbatches=1, outer="gossip", options={"topology": "ring"})
     p = predict(_profile(1, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
     assert (p.bytes_intra, p.bytes_inter) == (0, 2 * size)
-
-
-def test_this_machine_computes_as_shared_as_the_profile_measured():
-    """The profile's measured sharing (other jobs take cores too) replaces N / cores on this
-    machine; gloo's time (taken on 2 ranks at once) scales by the sharing at N against 2."""
-    from orchestrator.project_profile import sharing
-
-    gloo = Link(gbit_s=4.0, latency_s=0.0)
-    prof = Profile(**{**_profile(2, f=1.0, b=1.0, w=1.0, param_bytes=2**20).__dict__,
-                      "sharing": {2: 1.5, 4: 3.0}, "gloo": {"all_reduce": gloo}})
-    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
-    cpu = gloo.seconds(ring_allreduce_bytes(2 * 2**20, 4), 6) * 3.0 / 1.5
-    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(6.0 * 3.0 + cpu)
-    assert predict(prof, job, _flat(1.0, 0.0)).compute_s == pytest.approx(6.0)  # elsewhere: not this machine's
-    measured = sharing(seconds=0.02)
-    assert set(measured) == {2, 4} and all(v >= 1.0 for v in measured.values())
