@@ -117,7 +117,7 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
                             "profile_s": prof.seconds, "uptime": load,
                             "profile": base64.b64encode(pickle.dumps(prof)).decode()})  # --repredict's input
                 print(f"{name} {n} {sc}: predicted {pred.step_s:.3f} measured {out[-1]['measured']:.3f} "
-                      f"(profile {prof.seconds:.1f} s, sharing {prof.sharing}; {load})", flush=True)
+                      f"(profile {prof.seconds:.1f} s; {load})", flush=True)
                 record(out[-1])
     finally:
         runtime.shutdown()
