@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from strategies.projection import Profile
@@ -40,7 +40,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
     from strategies.projection import Profile
 
     t0 = time.perf_counter()
-    with _one_thread(), torch.random.fork_rng():
+    with _one_thread(), torch.random.fork_rng(), RunQueue() as others:
         torch.manual_seed(seed)
         blocks = workload.blocks()
         source = workload.train_source()
@@ -61,7 +61,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, gloo=gloo,
+        fixed_s=fixed, gloo=gloo, others=others.mean,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
 
 
@@ -215,3 +215,36 @@ def _on_both(fn, *args) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+class RunQueue:
+    """Other jobs' runnable threads on this machine while the block runs: the kernel's
+    ``procs_running`` (/proc/stat) sampled every 20 ms by a thread, less the profile's
+    own two (the sampler, the measuring thread). 0 where /proc/stat is not there."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.samples, self._stop = every, [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return max(0.0, sum(self.samples) / len(self.samples) - 2) if self.samples else 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with open("/proc/stat") as f:
+                    line = next(x for x in f if x.startswith("procs_running"))
+            except (OSError, StopIteration):
+                return
+            self.samples.append(int(line.split()[1]))

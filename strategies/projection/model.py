@@ -39,7 +39,7 @@ around a call beyond gloo's own time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.comm import (
     all_gather_bytes,
@@ -73,6 +73,7 @@ class Profile:
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
+    others: float = 0.0  # other jobs' runnable threads on this machine while it was profiled (mean)
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
 
@@ -82,11 +83,14 @@ class Target:
     """Where the projection runs: a scenario (None: this machine's loopback), a
     compute speed factor against one worker alone on one core here, and
     ``cores`` when the workers share this machine's cores (a worker then
-    computes max(1, N / cores) times slower)."""
+    computes max(1, N / cores) times slower; with ``others``, other jobs'
+    runnable threads, the N workers and they share the cores alike: max(1,
+    (N + others) / cores) against the profile's max(1, (1 + others) / cores))."""
 
     scenario: Scenario | None = None
     speed: float = 1.0
     cores: int | None = None
+    others: float = 0.0
 
     @property
     def name(self) -> str:
@@ -98,7 +102,8 @@ class Target:
         return Scenario(name="local", description="loopback", per_node=max(1, workers), intra=LOOPBACK, inter=LOOPBACK)
 
     def slowdown(self, workers: int) -> float:
-        share = max(1.0, workers / self.cores) if self.cores else 1.0
+        c, d = self.cores, self.others
+        share = max(1.0, (workers + d) / c) / max(1.0, (1 + d) / c) if c else 1.0
         return share / self.speed
 
 
@@ -141,7 +146,8 @@ class Net:
     """Call times and per-link byte tallies for one rank of a layout.
 
     On this machine's shared cores (``Target.cores``) a call also costs gloo's own
-    CPU time (``Profile.gloo``, slowed like compute by the sharing): with every core
+    CPU time (``Profile.gloo``, timed on 2 ranks, slowed like compute by sharing
+    among more): with every core
     busy computing, nothing hides it, so it is tallied in ``cpu_s`` (the caller adds it
     to compute) and only the network time beyond it (the scenario's floor while the
     rank sleeps) is waiting the strategy's structure may overlap."""
@@ -151,7 +157,7 @@ class Net:
         self.nodes = nodes_from_per_node(layout.world, self.scenario.per_node)
         self.bytes = {"intra": 0, "inter": 0}
         self.gloo = (gloo or {}) if target.cores else {}
-        self.share = target.slowdown(layout.world)
+        self.share = target.slowdown(layout.world) / target.slowdown(2)  # gloo was timed on 2 ranks at once
         self.cpu_s = 0.0
 
     def group(self, *axes: str) -> tuple[int, ...]:
@@ -222,6 +228,8 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
+    if target.cores and profile.others:  # this machine: as loaded as when it was profiled
+        target = replace(target, others=profile.others)
     net = Net(target, job.layout, profile.gloo)
     if job.layout.pp > 1:
         from strategies.projection.pipeline import pipeline_step

@@ -280,3 +280,19 @@ def test_gossip_exchanges_with_the_topologys_neighbours_across_nodes():
     job = Job(strategy="gossip", layout=Layout(dp=8), microbatches=1, outer="gossip", options={"topology": "ring"})
     p = predict(_profile(1, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
     assert (p.bytes_intra, p.bytes_inter) == (0, 2 * size)
+
+
+def test_this_machine_is_as_loaded_as_when_it_was_profiled():
+    """Other jobs' runnable threads measured with the profile share the cores with the N
+    workers: max(1, (N + others) / cores) against the profile's own max(1, (1 + others) / cores)."""
+    from orchestrator.project_profile import RunQueue
+
+    prof = Profile(**{**_profile(2, f=1.0, b=1.0, w=1.0).__dict__, "others": 2.0})
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(6.0 * (6 / 2) / (3 / 2))
+    assert predict(prof, Job(strategy="ddp", layout=Layout(dp=2), microbatches=1), Target(cores=2)).compute_s == \
+        pytest.approx(6.0 * 2 / 1.5)
+    assert predict(prof, job, _flat(1.0, 0.0)).compute_s == pytest.approx(6.0)  # elsewhere: not this machine's load
+    with RunQueue(every=0.005) as queue:
+        sum(range(2_000_000))
+    assert queue.samples and queue.mean >= 0.0
