@@ -105,7 +105,11 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
     runtime = ray_runtime.start(address=None)  # one Ray instance for the repeat, as compare() does
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, n, sc, job in plan(workload, a.methods, a.workers, a.scenarios, a.microbatches):
+            rows = plan(workload, a.methods, a.workers, a.scenarios, a.microbatches)
+            # a throwaway run first: Ray's own start-up (its workers, dashboard) takes the cores for a while
+            run(spec_of(rows[0][3], steps=3, scenario=rows[0][2], storage=tmp, micro_batch=workload.micro_batch),
+                progress=False)
+            for name, n, sc, job in rows:
                 prof = profile(workload)
                 load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
                 pred = predict(prof, job, here(sc))
