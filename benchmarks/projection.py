@@ -2,14 +2,31 @@
 
 For each method, N and scenario, ``polytrain project``'s model predicts the step
 of N workers sharing this machine's cores under the scenario (``Target(cores=C)``),
-from one one-rank profile of the workload; then the same jobs run (interleaved
+from a one-rank profile of the workload; then the same jobs run (interleaved
 repeats: the machine's load drifts) and the measured step time is the one
 definition the comparison uses (``summarize``: the median over steady steps of
 the slowest rank's ``step_time_s``), the median over repeats. Target: |error|
 within 15 % for every row.
 
     python benchmarks/projection.py [--methods ddp fsdp ...] [--workers 2 4]
-        [--scenarios local internet-1g] [--repeats 3] [--steps 10]
+        [--scenarios local internet-1g] [--repeats 3] [--steps 10] [--record FILE]
+    python benchmarks/projection.py --table FILE
+    python benchmarks/projection.py --at-scale
+
+``--at-scale`` projects gpt-tiny widened to 1 B parameters on 64 workers
+(8 nodes x 8, 400 Gbit/s in a node, 25 Gbit/s between) and on 2 islands x 32
+over 1 Gbit/s, every strategy with a model. A 1 B model's profile does not fit
+this machine's memory, so the profile is taken at the target width with 2 of
+its 20 blocks and the middle block repeated (``deepen``: blocks of one shape
+cost the same; the optimizer's and the methods' own step scale with the
+parameters).
+
+Every row is predicted from a profile taken just before its run, so a prediction
+and the run it describes see the machine's load of the same minute (other jobs
+share it); a row's predicted figure is the median of its repeats' predictions. ``--record`` appends each repeat's rows
+(and ``uptime``) to a JSON-lines file, so the validation can be split into short
+invocations (a scenario or a repeat at a time) whose rows ``--table`` then
+gathers into one table.
 
 Each replica's batch is the workload's micro-batch x ``--microbatches`` (the
 pipeline's micro-batches, else gradient accumulation), as the projection
@@ -19,11 +36,15 @@ that its steady steps are the compressed ones the model describes.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
+import pickle
 import statistics
+import subprocess
 import tempfile
 
-from orchestrator import JobSpec, compare
+from orchestrator import JobSpec
 from orchestrator.metrics import summarize
 from orchestrator.project import profile
 from strategies.projection import Skip, Target, job_for, predict
@@ -48,6 +69,168 @@ def spec_of(job, *, steps: int, scenario: str, storage: str, micro_batch: int) -
                    batch_size=micro_batch * m * replicas, grad_accum=accum, scenario=scenario)
 
 
+def plan(workload, methods, workers, scenarios, microbatches: int) -> list:
+    """(method, N, scenario, job) of every row the layout rules make."""
+    from strategies.pipeline.part import count_blocks
+
+    rows = []
+    for sc in scenarios:
+        for name in methods:
+            for n in workers:
+                try:
+                    job = job_for(name, OPTIONS.get(name, {}), n, workload, microbatches=microbatches,
+                                  n_blocks=count_blocks(workload))
+                except Skip as e:
+                    print(f"skip: {e}")
+                    continue
+                rows.append((name, n, sc, job))
+    return rows
+
+
+def here(scenario: str) -> Target:
+    """This machine under ``scenario``: its cores shared by the workers."""
+    from cluster.network import parse_scenario
+
+    return Target(scenario=parse_scenario(scenario), cores=os.cpu_count() or 1)
+
+
+def repeat(workload, a, record=lambda r: None) -> list[dict]:
+    """One repeat: every row run once, each predicted from a profile taken just before
+    its run (the machine's load drifts by the minute), each handed to ``record`` as it
+    ends (an invocation cut short keeps its finished rows)."""
+    from cluster import runtime as ray_runtime
+    from orchestrator import run
+
+    out = []
+    runtime = ray_runtime.start(address=None)  # one Ray instance for the repeat, as compare() does
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = plan(workload, a.methods, a.workers, a.scenarios, a.microbatches)
+            # a throwaway run first: Ray's own start-up (its workers, dashboard) takes the cores for a while
+            run(spec_of(rows[0][3], steps=3, scenario=rows[0][2], storage=tmp, micro_batch=workload.micro_batch),
+                progress=False)
+            for name, n, sc, job in rows:
+                prof = profile(workload)
+                load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+                pred = predict(prof, job, here(sc))
+                result = run(spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch),
+                             progress=False)
+                out.append({"method": name, "workers": n, "scenario": sc, "layout": pred.layout,
+                            "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s,
+                            "bubble": pred.bubble_s, "measured": summarize(result.metrics)["median_step_s"],
+                            "profile_s": prof.seconds, "uptime": load,
+                            "profile": base64.b64encode(pickle.dumps(prof)).decode()})  # --repredict's input
+                print(f"{name} {n} {sc}: predicted {pred.step_s:.3f} measured {out[-1]['measured']:.3f} "
+                      f"(profile {prof.seconds:.1f} s; {load})", flush=True)
+                record(out[-1])
+    finally:
+        runtime.shutdown()
+    return out
+
+
+def repredict(r: dict, microbatches: int) -> dict:
+    """Row ``r`` predicted again from its repeat's recorded profile."""
+    prof = pickle.loads(base64.b64decode(r["profile"]))  # this benchmark's own file
+    workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
+    job = job_for(r["method"], OPTIONS.get(r["method"], {}), r["workers"], workload, microbatches=microbatches,
+                  n_blocks=len(prof.blocks))
+    pred = predict(prof, job, here(r["scenario"]))
+    return {**r, "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s, "bubble": pred.bubble_s}
+
+
+def table(records: list[dict]) -> str:
+    """Predicted (median of the repeats' predictions) against measured (median of the
+    repeats' runs) per row, |error|, and the verdict against 15 %."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["scenario"], r["method"], r["workers"]), []).append(r)
+    lines = [(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
+              f"{'bubble)':>7} {'measured':>9} {'(min':>6} {'max)':>6} {'repeats':>7} {'|error|':>8}")]
+    errors = []
+    for (sc, name, n), rs in rows.items():
+        med = {key: statistics.median(r[key] for r in rs) for key in ("measured", "predicted", "compute", "comm",
+                                                                          "bubble")}
+        got, pred = med["measured"], med["predicted"]
+        err = abs(pred - got) / got
+        errors.append(err)
+        lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med['compute']:>7.3f} "
+                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {got:>9.3f} {min(r['measured'] for r in rs):>6.3f} "
+                     f"{max(r['measured'] for r in rs):>6.3f} {len(rs):>7} {err:>7.1%}"
+                     f"{'' if err <= 0.15 else '  miss'}")
+    lines.append(f"median |error| {statistics.median(errors):.1%}; within 15 %: "
+                 f"{sum(e <= 0.15 for e in errors)}/{len(errors)}")
+    return "\n".join(lines)
+
+
+SCALE = {"name": "gpt-tiny", "d_model": 2048, "n_heads": 16, "n_layers": 2, "seq_len": 128, "micro_batch": 1}
+LAYERS = 20  # blocks of width 2048 (12 d^2 parameters each): 1.0 B parameters
+CLUSTERS = ("nodes=8,per_node=8,intra=400gbit,inter=25gbit,latency=10us",
+            "nodes=2,per_node=32,intra=400gbit,inter=1gbit,latency=10ms")
+AT_SCALE = "ddp;fsdp;zero1;zero2;zero3;pipeline;pipeline:schedule=zb-h1;sequence;powersgd;demo;gossip"
+MICROBATCHES = 8  # per replica per step (a pipeline's m: 8 stages at most on 64 workers)
+GPU_FLOPS = 150e12  # an accelerator's sustained rate the projection assumes (H100-class bf16 at ~40 % of peak)
+
+
+def deepen(prof, layers: int):
+    """``prof`` (embedding, 2 transformer blocks, head) with its transformer block repeated
+    to ``layers``; the optimizer's and the methods' own per-step time scaled with the parameters."""
+    from dataclasses import replace
+
+    first, last = prof.blocks[:1], prof.blocks[-1:]
+    pick = lambda t: (t[0], *[t[1]] * layers, t[-1])
+    scale = (sum(pick(prof.param_bytes))) / sum(prof.param_bytes)
+    return replace(prof, blocks=(*first, *[prof.blocks[1]] * layers, *last), shapes=pick(prof.shapes),
+                   param_bytes=pick(prof.param_bytes), act_bytes=pick(prof.act_bytes),
+                   attention=tuple(range(1, layers + 1)), optim_s=prof.optim_s * scale,
+                   outer_s={k: v * scale for k, v in prof.outer_s.items()})
+
+
+def core_flops() -> float:
+    """One core's fp32 matmul rate here (what --speed is relative to)."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(1024, 1024)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.set_num_threads(before)
+    return 10 * 2 * 1024**3 / (time.perf_counter() - t)
+
+
+def at_scale() -> None:
+    """gpt-tiny at 1 B parameters on 8 nodes x 8 and on 2 islands x 32: every strategy's
+    predicted step (``polytrain project``'s model, the table it prints) and who wins."""
+    from cluster.network import parse_scenario
+    from orchestrator.project import parse_strategies, project, render
+    from orchestrator.project import table as frame
+
+    workload = JobSpec(workload=SCALE, strategy="single", workers=1, steps=1).build_workload()
+    prof = deepen(profile(workload), LAYERS)
+    flops = core_flops()
+    speed = GPU_FLOPS / flops
+    print(f"{sum(prof.param_bytes) / 4e9:.2f} B parameters; one core here {flops / 1e9:.1f} GFLOP/s fp32: "
+          f"--speed {speed:.0f} for {GPU_FLOPS / 1e12:g} TFLOP/s a worker")
+    import pandas as pd
+
+    for sc in CLUSTERS:
+        target = Target(scenario=parse_scenario(sc), speed=speed)
+        frames, notes = [], []
+        for spelled in AT_SCALE.split(";"):  # one at a time: a pipeline row is named by its schedule
+            rows, skipped = project(prof, workload, parse_strategies(spelled), [64], target, microbatches=MICROBATCHES)
+            frames.append(frame(rows).assign(strategy=spelled.replace("pipeline:schedule=", "")))
+            notes += skipped
+        df = pd.concat(frames, ignore_index=True).sort_values("predicted_step_s")
+        print(render(df, notes, prof, target, None, microbatches=MICROBATCHES))
+        best, second = df.iloc[0], df.iloc[1]
+        print(f"wins: {best.strategy} ({best.layout}) {best.predicted_step_s:.3f} s, "
+              f"{second.predicted_step_s / best.predicted_step_s:.2f}x ahead of {second.strategy}\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -56,44 +239,31 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--record", default=None, help="append each repeat's rows to this JSON-lines file")
+    p.add_argument("--table", default=None, help="print the table of the rows recorded in this file, run nothing")
+    p.add_argument("--repredict", action="store_true", help="with --table: predict every row again from the "
+                   "profile its repeat recorded (the model as it is now; the measurements stay)")
+    p.add_argument("--at-scale", action="store_true", help="project gpt-tiny at 1 B parameters on 64 workers")
     a = p.parse_args()
-    from cluster.network import parse_scenario
+    if a.at_scale:
+        return at_scale()
+    if a.table:
+        with open(a.table) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if a.repredict:  # rows recorded without their profile cannot be predicted again: left out
+            records = [repredict(r, a.microbatches) for r in records if "profile" in r]
+        print(table(records))
+        return
+    workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
+    records = []
+    def record(row: dict) -> None:
+        if a.record:
+            with open(a.record, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    base = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1)
-    workload = base.build_workload()
-    prof = profile(workload)
-    n_blocks = len(prof.blocks)
-    cores = os.cpu_count() or 1
-    print(f"profile: {prof.seconds:.1f} s, {prof.steps} passes; {cores} cores shared by the N workers")
-    rows = []  # (method, N, scenario, prediction, job)
-    for sc in a.scenarios:
-        target = Target(scenario=parse_scenario(sc), cores=cores)
-        for name in a.methods:
-            for n in a.workers:
-                try:
-                    job = job_for(name, OPTIONS.get(name, {}), n, workload, microbatches=a.microbatches,
-                                  n_blocks=n_blocks)
-                except Skip as e:
-                    print(f"skip: {e}")
-                    continue
-                rows.append((name, n, sc, predict(prof, job, target), job))
-    measured: dict[int, list[float]] = {i: [] for i in range(len(rows))}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(a.repeats):  # interleaved: every row once per repeat
-            specs = [spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
-                     for _, _, sc, _, job in rows]
-            for i, run in enumerate(compare(specs, progress=False).runs):
-                measured[i].append(summarize(run.metrics)["median_step_s"])
-    print(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<10} {'predicted':>9} {'(comp':>7} {'comm':>7} "
-          f"{'bubble)':>7} {'measured':>9} {'|error|':>8}")
-    errors = []
-    for i, (name, n, sc, pred, job) in enumerate(rows):
-        got = statistics.median(measured[i])
-        err = abs(pred.step_s - got) / got
-        errors.append(err)
-        print(f"{name:<9} {n:>2} {sc:<12} {pred.layout:<10} {pred.step_s:>9.3f} {pred.compute_s:>7.3f} "
-              f"{pred.comm_s:>7.3f} {pred.bubble_s:>7.3f} {got:>9.3f} {err:>7.1%}{'' if err <= 0.15 else '  miss'}")
-    print(f"median |error| {statistics.median(errors):.1%}; within 15 %: {sum(e <= 0.15 for e in errors)}/{len(errors)}")
+    for _ in range(a.repeats):  # interleaved: every row once per repeat
+        records += repeat(workload, a, record)
+    print(table(records))
 
 
 if __name__ == "__main__":

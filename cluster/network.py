@@ -55,13 +55,16 @@ class Scenario:
         p = len(ranks)
         if p <= 1:
             return 0.0
-        link = self.link(ranks)
-        rounds = {"all_reduce": 2 * (p - 1), "all_gather": p - 1, "reduce_scatter": p - 1,
-                  "all_to_all": p - 1, "broadcast": p - 1}.get(op, 1)  # p2p, exchange, others: one round
-        return link.seconds(max(sent, received), rounds)
+        return self.link(ranks).seconds(max(sent, received), rounds(op, p))
 
     def __str__(self) -> str:
         return self.name
+
+
+def rounds(op: str, p: int) -> int:
+    """Sequential rounds of one ``op`` over ``p`` ranks, each paying the link latency (the ring algorithms)."""
+    return {"all_reduce": 2 * (p - 1), "all_gather": p - 1, "reduce_scatter": p - 1,
+            "all_to_all": p - 1, "broadcast": p - 1}.get(op, 1)  # p2p, exchange, others: one round
 
 
 def _link(gbit: float, latency: float) -> Link:

@@ -108,7 +108,8 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
     """The printed answer: the profiling cost, one line per row, the notes."""
     lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} timed block passes and "
              f"real steps; {len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
-             f"speed x{target.speed:g}" + (f", {target.cores} cores shared" if target.cores else ""),
+             f"speed x{target.speed:g}" + (f", {target.cores} cores shared (and with {prof.others:.1f} other jobs' "
+                                            f"runnable threads, as profiled)" if target.cores else ""),
              (f"the batch grows with N: each replica {microbatches} x {prof.micro_batch} samples a step "
              f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + optimizer state"),
              (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from strategies.projection import Profile
@@ -40,7 +40,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
     from strategies.projection import Profile
 
     t0 = time.perf_counter()
-    with _one_thread(), torch.random.fork_rng():
+    with _one_thread(), torch.random.fork_rng(), RunQueue() as others:
         torch.manual_seed(seed)
         blocks = workload.blocks()
         source = workload.train_source()
@@ -52,6 +52,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
         one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
+        gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
     return Profile(
         workload=workload.name, micro_batch=k, blocks=calibrated,
@@ -60,7 +61,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed,
+        fixed_s=fixed, gloo=gloo, others=others.mean,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
 
 
@@ -130,3 +131,120 @@ def _outer_seconds(model, seed: int) -> dict[str, float]:
     for p in params:
         p.grad = None
     return out
+
+
+GLOO_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send")  # what the model charges
+GLOO_BYTES = (64 * 2**10, 4 * 2**20)  # sent per rank: the small call fixes alpha, the large one beta
+
+
+def _gloo_call(pg, op: str, nbytes: int, rank: int):
+    """One call of ``op`` in which a rank sends ``nbytes`` at 2 ranks (cluster.comm's
+    formulas), through the process-group method its Comm call reaches."""
+    import torch
+
+    a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 2)  # fp32: one rank's share, both ranks'
+    if op == "all_reduce":
+        return lambda: pg.allreduce([a])
+    if op == "all_gather":
+        return lambda: pg._allgather_base(b, a)
+    if op == "reduce_scatter":
+        return lambda: pg._reduce_scatter_base(a, b)
+    if op == "all_to_all":
+        out = torch.empty_like(b)
+        return lambda: pg.alltoall_base(out, b, [], [])
+    return lambda: pg.send([a], 1, 0) if rank == 0 else pg.recv([a], 0, 0)
+
+
+def gloo_links(repeats: int = 8) -> dict:
+    """gloo's own time for each collective kind on this machine, two ranks (threads of
+    this process over loopback, the library calls a run makes), fitted as alpha per
+    round + beta per byte sent: ``{op: Link}``. On cores the workers share it is CPU
+    time the call takes from compute (see ``strategies.projection.model.Net``). The
+    mean of the calls, not the median: a step pays every call it makes, the ones
+    where a rank was descheduled on a loaded machine included."""
+    import datetime
+    import statistics
+
+    import torch.distributed as dist
+
+    from cluster.network import rounds
+
+    store = dist.HashStore()
+    pgs: list = [None, None]
+
+    def connect(r: int) -> None:
+        pgs[r] = dist.ProcessGroupGloo(dist.PrefixStore("projection", store), r, 2, datetime.timedelta(seconds=60))
+
+    _on_both(connect)
+    links = {}
+    for op in GLOO_OPS:
+        means = []
+        for n in GLOO_BYTES:
+            took: list[list[float]] = [[], []]
+            _on_both(_time_call, pgs, op, n, repeats, took)
+            means.append(statistics.fmean(max(a, b) for a, b in zip(*took)))  # a call ends for both ranks
+        links[op] = _fit(means, rounds(op, 2))
+    return links
+
+
+def _time_call(r: int, pgs: list, op: str, nbytes: int, repeats: int, took: list[list[float]]) -> None:
+    """Rank ``r``'s side of ``repeats`` calls (after a warm-up: connections, buffers), times in ``took[r]``."""
+    call = _gloo_call(pgs[r], op, nbytes, r)
+    call().wait()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call().wait()
+        took[r].append(time.perf_counter() - t)
+
+
+def _fit(seconds: list[float], n_rounds: int):
+    """Link(alpha, beta) through the small and the large call's times (beta > 0)."""
+    from cluster.network import Link
+
+    (s1, s2), (t1, t2) = GLOO_BYTES, seconds
+    per_byte = (t2 - t1) / (s2 - s1) if t2 > t1 else t2 / s2
+    return Link(gbit_s=8 / (per_byte * 1e9), latency_s=max(0.0, t1 - s1 * per_byte) / n_rounds)
+
+
+def _on_both(fn, *args) -> None:
+    """``fn(0, *args)`` and ``fn(1, *args)`` at once: the two ranks of a call."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=(r, *args)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class RunQueue:
+    """Other jobs' runnable threads on this machine while the block runs: the kernel's
+    ``procs_running`` (/proc/stat) sampled every 20 ms by a thread, less the profile's
+    own two (the sampler, the measuring thread). 0 where /proc/stat is not there."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.samples, self._stop = every, [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return max(0.0, sum(self.samples) / len(self.samples) - 2) if self.samples else 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with open("/proc/stat") as f:
+                    line = next(x for x in f if x.startswith("procs_running"))
+            except (OSError, StopIteration):
+                return
+            self.samples.append(int(line.split()[1]))

@@ -27,15 +27,19 @@ would be floored at) and each strategy's own structure:
   gossip: one exchange of the parameters with each neighbour (hidden under
   the next step's compute with ``overlap``).
 
+On this machine's shared cores every call also costs gloo's measured time for
+its kind and bytes (``Profile.gloo``), CPU that nothing hides: it is compute,
+and only the network's time beyond it may overlap (``Net``).
+
 Not modelled: contention between ranks on a link, bucket re-ordering and
 DDP's small first bucket, the memory of activations, the warm-up steps of
-PowerSGD (uncompressed), gossip's consensus measurement, the CPU cost of
-communication on the computing cores.
+PowerSGD (uncompressed), gossip's consensus measurement, the CPU of the copies
+around a call beyond gloo's own time.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.comm import (
     all_gather_bytes,
@@ -44,7 +48,7 @@ from cluster.comm import (
     ring_allreduce_bytes,
 )
 from cluster.mesh import Layout, nodes_from_per_node
-from cluster.network import Link, Scenario
+from cluster.network import Link, Scenario, rounds
 from strategies.pipeline.stages import BlockProfile
 
 # gloo over loopback on the development machine (2 ranks, 1 KiB and 16 MiB all-reduces:
@@ -68,6 +72,8 @@ class Profile:
     optim_s: float = 0.0  # one AdamW step over the whole model
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
+    gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
+    others: float = 0.0  # other jobs' runnable threads on this machine while it was profiled (mean)
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
 
@@ -77,11 +83,14 @@ class Target:
     """Where the projection runs: a scenario (None: this machine's loopback), a
     compute speed factor against one worker alone on one core here, and
     ``cores`` when the workers share this machine's cores (a worker then
-    computes max(1, N / cores) times slower)."""
+    computes max(1, N / cores) times slower; with ``others``, other jobs'
+    runnable threads, the N workers and they share the cores alike: max(1,
+    (N + others) / cores) against the profile's max(1, (1 + others) / cores))."""
 
     scenario: Scenario | None = None
     speed: float = 1.0
     cores: int | None = None
+    others: float = 0.0
 
     @property
     def name(self) -> str:
@@ -93,7 +102,8 @@ class Target:
         return Scenario(name="local", description="loopback", per_node=max(1, workers), intra=LOOPBACK, inter=LOOPBACK)
 
     def slowdown(self, workers: int) -> float:
-        share = max(1.0, workers / self.cores) if self.cores else 1.0
+        c, d = self.cores, self.others
+        share = max(1.0, (workers + d) / c) / max(1.0, (1 + d) / c) if c else 1.0
         return share / self.speed
 
 
@@ -133,12 +143,22 @@ class Job:
 
 
 class Net:
-    """Call times and per-link byte tallies for one rank of a layout."""
+    """Call times and per-link byte tallies for one rank of a layout.
 
-    def __init__(self, target: Target, layout: Layout):
+    On this machine's shared cores (``Target.cores``) a call also costs gloo's own
+    CPU time (``Profile.gloo``, timed on 2 ranks, slowed like compute by sharing
+    among more): with every core
+    busy computing, nothing hides it, so it is tallied in ``cpu_s`` (the caller adds it
+    to compute) and only the network time beyond it (the scenario's floor while the
+    rank sleeps) is waiting the strategy's structure may overlap."""
+
+    def __init__(self, target: Target, layout: Layout, gloo: dict[str, Link] | None = None):
         self.scenario, self.layout = target.network(layout.world), layout
         self.nodes = nodes_from_per_node(layout.world, self.scenario.per_node)
         self.bytes = {"intra": 0, "inter": 0}
+        self.gloo = (gloo or {}) if target.cores else {}
+        self.share = target.slowdown(layout.world) / target.slowdown(2)  # gloo was timed on 2 ranks at once
+        self.cpu_s = 0.0
 
     def group(self, *axes: str) -> tuple[int, ...]:
         """Rank 0's group over ``axes`` (the groups of an axis are alike under node-major placement)."""
@@ -152,9 +172,24 @@ class Net:
         """Seconds of ``times`` calls of ``op`` sending ``sent`` bytes each; their bytes tallied."""
         if len(ranks) <= 1 or times == 0:
             return 0.0
+        self.tally(sent, ranks, times)
+        cpu = self.cpu(op, sent, ranks)
+        self.cpu_s += times * cpu
+        return times * max(0.0, self.scenario.seconds(op, sent, sent, ranks) - cpu)
+
+    def tally(self, sent: int, ranks: tuple[int, ...], times: int = 1) -> None:
+        """Bytes of ``times`` calls sending ``sent`` each, on the link class ``ranks`` span."""
         link = "inter" if len({self.nodes[r] for r in ranks}) > 1 else "intra"
         self.bytes[link] += sent * times
-        return times * self.scenario.seconds(op, sent, sent, ranks)
+
+    def cpu(self, op: str, sent: int, ranks: tuple[int, ...]) -> float:
+        """gloo's own time for one call here (0 for a target that is not this machine)."""
+        link = self.gloo.get("send" if op == "exchange" else op)
+        return 0.0 if link is None or len(ranks) <= 1 else link.seconds(sent, rounds(op, len(ranks))) * self.share
+
+    def wall(self, op: str, sent: int, ranks: tuple[int, ...]) -> float:
+        """One call's duration: the network's time, and at least gloo's own."""
+        return max(self.scenario.seconds(op, sent, sent, ranks), self.cpu(op, sent, ranks))
 
 
 def overlap(ready: list[float], durations: list[float], start: float = 0.0) -> float:
@@ -193,7 +228,9 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
-    net = Net(target, job.layout)
+    if target.cores and profile.others:  # this machine: as loaded as when it was profiled
+        target = replace(target, others=profile.others)
+    net = Net(target, job.layout, profile.gloo)
     if job.layout.pp > 1:
         from strategies.projection.pipeline import pipeline_step
 
@@ -202,6 +239,7 @@ def predict(profile: Profile, job: Job, target: Target) -> Prediction:
         compute, comm, held = _flat(profile, job, target, net)
         bubble = 0.0
     comm += _scalars(job, net)
+    compute += net.cpu_s  # the calls' own CPU time on shared cores (see Net)
     return Prediction(strategy=job.strategy, workers=job.layout.world, scenario=target.name, layout=str(job.layout),
                       compute_s=compute, comm_s=comm, bubble_s=bubble, bytes_intra=net.bytes["intra"],
                       bytes_inter=net.bytes["inter"], **_memory(job, held))
@@ -314,15 +352,19 @@ def _powersgd(profile: Profile, job: Job, net: Net, blocks: list[int], group: tu
 
 
 def _gossip(profile: Profile, job: Job, net: Net, compute: float) -> float:
-    """Parameters exchanged with the topology's neighbours after the step; with
-    ``overlap`` sent at the start of the next step, under its compute."""
+    """Parameters exchanged with rank 0's neighbours in the topology (its first round's
+    for one-peer-exp) after the step; with ``overlap`` sent at the start of the next
+    step, under its compute. Rank 0's ring and torus neighbours include the last
+    node's ranks: the exchange crosses nodes wherever the topology does."""
+    from strategies.decentralized.topology import mixing_matrix, rank_round
+
     n, total = job.layout.dp, sum(profile.param_bytes)
     topology = job.options.get("topology", "ring")
     if topology == "complete":
         t = net.call("all_reduce", ring_allreduce_bytes(total, n), net.group("dp"))
     else:
-        peers = {"ring": min(2, n - 1), "torus": min(4, n - 1), "one-peer-exp": 1}[topology]
-        t = net.call("exchange", peers * total, (0, *range(1, peers + 1)))
+        peers = rank_round(mixing_matrix(topology, n), 0).send_to
+        t = net.call("exchange", len(peers) * total, (0, *peers))
     return max(0.0, t - compute) if job.options.get("overlap") else t
 
 

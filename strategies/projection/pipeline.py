@@ -26,7 +26,7 @@ def pipeline_stage_costs(profile: Profile, job: Job, target: Target, net: Net) -
     for s, (a, b) in enumerate(bounds):
         blocks = profile.blocks[a:b]
         there = pp[place[min(s + 1, n_stages - 1)]]
-        hop = net.scenario.seconds("send", profile.act_bytes[b - 1], 0, tuple(sorted({pp[place[s]], there})))
+        hop = net.wall("send", profile.act_bytes[b - 1], tuple(sorted({pp[place[s]], there})))
         costs.append(StageCost(f=sum(x.f for x in blocks) * k, b=sum(x.b for x in blocks) * k,
                                w=sum(x.w for x in blocks) * k, comm=hop, mem=1.0 / job.chunks))
     return costs, bounds, pp
@@ -59,13 +59,13 @@ def pipeline_step(profile: Profile, job: Job, target: Target, net: Net) -> tuple
         return out + [("all_reduce", ring_allreduce_bytes(held[rank], L.dp), dp, 1)]
 
     heaviest = max(range(L.pp), key=lambda r: sum(c[1] * c[3] for c in calls(r)))
-    for op, sent, ranks, times in calls(heaviest):  # the bytes of the rank that sends most
-        net.call(op, sent, ranks, times)
+    for _, sent, ranks, times in calls(heaviest):  # the bytes of the rank that sends most
+        net.tally(sent, ranks, times)
     end = real.makespan
     for rank in range(L.pp):  # each stage's dp all-reduce starts once its last W is done
         last_w = max(e for _, _, e in real.times[rank])
         sent = ring_allreduce_bytes(held[rank], L.dp)
-        end = max(end, last_w + net.scenario.seconds("all_reduce", sent, sent, dp))
+        end = max(end, last_w + net.wall("all_reduce", sent, dp))
     compute = ideal.busy[busiest] + optim[busiest]
     bubble = ideal.makespan - ideal.busy[busiest]
     return compute, end - ideal.makespan, bubble, held[busiest]

@@ -215,3 +215,84 @@ def test_momentum_sgd_holds_one_buffer_adamw_two():
     sgd = predict(prof, Job(strategy="powersgd", layout=Layout(dp=2), microbatches=1, options={"optimizer": "sgd"}),
                   _flat(1.0, 0.0))
     assert (adamw.state_bytes_per_rank, sgd.state_bytes_per_rank) == (4000, 3000)
+
+
+def _with_gloo(prof: Profile, **links: Link) -> Profile:
+    return Profile(**{**prof.__dict__, "gloo": links})
+
+
+def test_on_shared_cores_a_calls_gloo_time_is_compute_nothing_hides():
+    """This machine (cores shared): the all-reduce's measured gloo time, slowed like compute by the
+    sharing, adds to compute in full; a target elsewhere ignores it (closed forms unchanged)."""
+    size, n = 8 * 2**20, 4
+    gloo = Link(gbit_s=4.0, latency_s=1e-3)
+    prof = _with_gloo(_profile(2, f=0.1, b=0.1, w=0.1, param_bytes=size), all_reduce=gloo)
+    job = Job(strategy="ddp", layout=Layout(dp=n), microbatches=1)
+    here = predict(prof, job, Target(cores=2))
+    cpu = gloo.seconds(ring_allreduce_bytes(2 * size, n), 2 * (n - 1)) * n / 2  # one bucket; 4 ranks on 2 cores
+    assert here.compute_s == pytest.approx(0.6 * n / 2 + cpu, rel=1e-9)
+    assert here.comm_s == 0  # loopback is faster than gloo's own time: no wait left
+    elsewhere = predict(prof, job, _flat(25.0, 7e-6))
+    assert elsewhere.compute_s == pytest.approx(0.6, rel=1e-9)
+    assert elsewhere.comm_s == pytest.approx(predict(_profile(2, f=0.1, b=0.1, w=0.1, param_bytes=size), job,
+                                                     _flat(25.0, 7e-6)).comm_s, rel=1e-12)
+
+
+def test_on_shared_cores_under_a_scenario_only_the_wait_beyond_gloos_time_is_communication():
+    """A slow simulated network floors the call: its time beyond gloo's own is the exposed wait,
+    so compute + comm is the floor (nothing to overlap without compute)."""
+    size, n = 8 * 2**20, 2
+    gloo = Link(gbit_s=4.0, latency_s=1e-3)
+    prof = _with_gloo(_profile(1, param_bytes=size), all_reduce=gloo)
+    slow = Scenario(name="t", description="", per_node=1, intra=Link(gbit_s=1.0, latency_s=0.0),
+                    inter=Link(gbit_s=1.0, latency_s=0.0))
+    p = predict(prof, Job(strategy="ddp", layout=Layout(dp=n), microbatches=1), Target(scenario=slow, cores=2))
+    sent = ring_allreduce_bytes(size, n)
+    assert p.compute_s == pytest.approx(gloo.seconds(sent, 2), rel=1e-9)
+    assert p.compute_s + p.comm_s == pytest.approx(slow.seconds("all_reduce", sent, sent, (0, 1)), rel=1e-9)
+
+
+def test_a_pipeline_stages_dp_all_reduce_lasts_at_least_gloos_time_on_shared_cores():
+    gloo = Link(gbit_s=0.1, latency_s=0.0)  # far slower than loopback
+    prof = _profile(2, f=0.1, b=0.1, w=0.1, param_bytes=2**20)
+    job = Job(strategy="pipeline", layout=Layout(dp=2, pp=2), microbatches=2)
+    plain, slowed = (predict(p, job, Target(cores=4)) for p in (prof, _with_gloo(prof, all_reduce=gloo)))
+    assert slowed.comm_s - plain.comm_s == pytest.approx(gloo.seconds(ring_allreduce_bytes(2**20, 2), 2), rel=0.05)
+
+
+def test_gloo_links_fit_alpha_and_beta_of_every_call_kind():
+    """Two calls' times give back the link that produced them; the real micro-benchmark
+    (two threads over loopback) gives a positive fit for every kind the model charges."""
+    from cluster.network import rounds
+    from orchestrator.project_profile import GLOO_BYTES, GLOO_OPS, _fit, gloo_links
+
+    link = Link(gbit_s=3.0, latency_s=2e-4)
+    fitted = _fit([link.seconds(s, 2) for s in GLOO_BYTES], 2)
+    assert (fitted.gbit_s, fitted.latency_s) == (pytest.approx(3.0), pytest.approx(2e-4))
+    links = gloo_links(repeats=1)
+    assert set(links) == set(GLOO_OPS) and rounds("all_gather", 2) == 1
+    assert all(v.gbit_s > 0 and v.latency_s >= 0 for v in links.values())
+
+
+def test_gossip_exchanges_with_the_topologys_neighbours_across_nodes():
+    """A ring over 2 nodes of 4: rank 0's neighbours are 1 and 7, so its exchange crosses nodes."""
+    size = 2**20
+    job = Job(strategy="gossip", layout=Layout(dp=8), microbatches=1, outer="gossip", options={"topology": "ring"})
+    p = predict(_profile(1, param_bytes=size), job, _flat(10.0, 0.0, per_node=4))
+    assert (p.bytes_intra, p.bytes_inter) == (0, 2 * size)
+
+
+def test_this_machine_is_as_loaded_as_when_it_was_profiled():
+    """Other jobs' runnable threads measured with the profile share the cores with the N
+    workers: max(1, (N + others) / cores) against the profile's own max(1, (1 + others) / cores)."""
+    from orchestrator.project_profile import RunQueue
+
+    prof = Profile(**{**_profile(2, f=1.0, b=1.0, w=1.0).__dict__, "others": 2.0})
+    job = Job(strategy="ddp", layout=Layout(dp=4), microbatches=1)
+    assert predict(prof, job, Target(cores=2)).compute_s == pytest.approx(6.0 * (6 / 2) / (3 / 2))
+    assert predict(prof, Job(strategy="ddp", layout=Layout(dp=2), microbatches=1), Target(cores=2)).compute_s == \
+        pytest.approx(6.0 * 2 / 1.5)
+    assert predict(prof, job, _flat(1.0, 0.0)).compute_s == pytest.approx(6.0)  # elsewhere: not this machine's load
+    with RunQueue(every=0.005) as queue:
+        sum(range(2_000_000))
+    assert queue.samples and queue.mean >= 0.0
