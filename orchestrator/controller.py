@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 
 from cluster.faults import Injection
 from orchestrator.config import JobSpec
-from orchestrator.errors import RunFailed, SnapshotLost
+from orchestrator.errors import RunFailed, SnapshotLost, is_echo
 from orchestrator.messages import (
     Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Message, Row, SnapshotPart,
 )
@@ -35,10 +35,6 @@ from orchestrator.policies import (
 from orchestrator.progress import Progress
 
 # Messages of errors that are the echo of another rank's death, not a cause.
-_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
-                 "gloo", "nccl", "timed out", "socket")
-
-
 @dataclass
 class GroupStatus:
     rows: list[Message] = field(default_factory=list)  # the ranks' messages since the last poll, in order
@@ -101,11 +97,6 @@ class ControllerOptions:
 def died(msg: str) -> bool:
     """Ray reported this rank's worker process dead (driver._failure_message)."""
     return "its worker process died" in msg
-
-
-def is_echo(msg: str) -> bool:
-    """An error that is the echo of another rank's death or hang (a collective that lost its peer)."""
-    return any(p in msg.lower() for p in _PEER_FAILURE)
 
 
 def root_cause(errors: dict[int, str]) -> tuple[int, str]:

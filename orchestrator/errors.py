@@ -17,3 +17,13 @@ class CheckpointError(ValueError):
 class SnapshotLost(RuntimeError):
     """The in-memory snapshot to restore cannot be fetched (its Keeper or object
     is gone): the controller falls back to the newest committed checkpoint."""
+
+
+_PEER_FAILURE = ("connection closed by peer", "connection reset", "broken pipe", "remote worker crashing",
+                 "gloo", "nccl", "timed out", "socket")
+
+
+def is_echo(msg: str) -> bool:
+    """An error that is the echo of another rank's death or hang (a collective that lost its peer).
+    Here, not in the controller, so that a worker needs neither the controller nor pandas."""
+    return any(p in msg.lower() for p in _PEER_FAILURE)

@@ -19,8 +19,7 @@ from cluster.network import Scenario
 from cluster.dist import init_process_group, pick_device
 from orchestrator.checkpoint import Checkpointer, committed, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
-from orchestrator.errors import SnapshotLost  # also importable from here, its old home
-from orchestrator.controller import is_echo
+from orchestrator.errors import SnapshotLost, is_echo  # SnapshotLost: also importable from here, its old home
 from orchestrator.messages import Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, ShardedLoader, Workload, split_max
