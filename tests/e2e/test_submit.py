@@ -28,10 +28,30 @@ TINY = ["--workload", "gpt-tiny", "--strategy", "ddp", "--workers", "2", "--set"
         "--set", "workload.n_layers=1", "--set", "workload.seq_len=32"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(taken: set[int] = set()) -> int:  # noqa: B006 (the ports this session handed out)
+    """A free port below the kernel's ephemeral range. A port from ``bind(0)`` is in that
+    range, and once released the kernel may give it to any other process's next
+    ``bind(0)`` (Ray's own servers in the other test process): a head given such a port
+    for its job agent could find it taken, and then never have an agent."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 TOKEN = secrets.token_hex(32)  # what Ray's own generator makes (256 bits)
@@ -70,6 +90,21 @@ def _stop_head(temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+HEAD_LOGS: dict[str, str] = {}  # dashboard URL -> its head's log folder
+
+
+def _logs(dashboard: str) -> str:
+    """The tails of the head's dashboard and agent logs: why a job agent is missing."""
+    import glob
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(HEAD_LOGS.get(dashboard, "/nonexistent"), "session_latest", "logs",
+                                              "dashboard*.*"))):
+        with open(path, errors="replace") as f:
+            out.append(f"--- {os.path.basename(path)}\n" + "".join(f.readlines()[-15:]))
+    return "\n".join(out)
+
+
 def _head(auth: str):
     """A Ray head with its dashboard (job submission needs it and its agent) on free ports."""
     temp_dir = tempfile.mkdtemp(prefix="pt-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -81,6 +116,7 @@ def _head(auth: str):
     try:
         started = subprocess.run(cmd, env=_env(auth), capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr[-2000:]
+        HEAD_LOGS[f"http://127.0.0.1:{dash}"] = temp_dir
         yield f"http://127.0.0.1:{dash}"
     finally:
         _stop_head(temp_dir)
@@ -108,7 +144,7 @@ def test_submit_follow_status_logs_stop(dashboard, tmp_path):
     storage = str(tmp_path / "runs")
     ok = polytrain("submit", "--dashboard", dashboard, *TINY, "--steps", "3", "--storage", storage,
                    "--run-id", "cluster-ok", "--wait", "--follow")
-    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:] + _logs(dashboard)
     job = _job_id(ok.stdout)
     assert f"run folder: {storage}/cluster-ok" in ok.stdout
     assert f"{job}: SUCCEEDED" in ok.stdout
@@ -195,7 +231,7 @@ def test_submit_to_a_head_with_token_auth(token_dashboard, tmp_path):
     # a loopback address gets no plain-http warning
     ok = polytrain("submit", "--dashboard", token_dashboard, *TINY, "--steps", "2", "--storage", storage,
                    "--run-id", "authed", "--wait", env=_env("token"))
-    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:] + _logs(token_dashboard)
     assert f"{_job_id(ok.stdout)}: SUCCEEDED" in ok.stdout and "warning" not in ok.stderr
     df = pd.read_parquet(os.path.join(storage, "authed", "metrics.parquet"))
     assert sorted(set(df.step)) == [1, 2]
