@@ -107,7 +107,8 @@ def recovery(args, storage: str) -> list[str]:
     rows = [("| strategy | fault | recovery | gap s | detect s | settle s | replace s | re-form s | transfer s "
              "| first step s | steps redone |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for strategy, fault, heal in cases:
-        run_id = f"{fault}-{strategy}-{'heal' if heal else 'restart'}"
+        mode = "heal" if heal else "restart"
+        run_id = f"{fault}-{strategy}-{mode}"
         failure = {"max_failures": 1, "backoff_s": 0.0, "snapshot_every": args.every, "heal": heal,
                    "hang_floor_s": 5}
         inject = {"kill": [f"kill:rank=1,step={kill_at}"], "hang": [f"hang:rank=1,step={kill_at}"],
@@ -121,7 +122,7 @@ def recovery(args, storage: str) -> list[str]:
                      progress=False)
         ev = result.events
         if not (ev.kind == "recovered").any():  # the run ended before an outside kill landed
-            rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | no failure (killed: {killed}) |")
+            rows.append(f"| {strategy} | {fault} | {mode} | no failure (killed: {killed}) |")
             print(rows[-1], flush=True)
             continue
         if args.events:
@@ -137,7 +138,7 @@ def recovery(args, storage: str) -> list[str]:
                                               "heal:transfer", "heal:first_step")]
         else:
             phases = [float("nan")] * 6
-        rows.append(f"| {strategy} | {fault} | {'heal' if heal else 'restart'} | {gap_s(result):.1f} | "
+        rows.append(f"| {strategy} | {fault} | {mode} | {gap_s(result):.1f} | "
                     + " | ".join(f"{p:.2f}" for p in phases) + f" | {redone} |")
         print(rows[-1], flush=True)
     return rows

@@ -228,8 +228,18 @@ class WorkerGroup:
         rank's bundle stays reserved and empty, so the group never holds more than it
         was placed with; on a cluster it runs where Ray puts it, not in that bundle."""
         if self.spare is None and not self.gpus and self.actors:
-            self.spare = SpareWorker.options(num_cpus=0).remote(max(1, int(self.cpus)), self.env, self.keeper,
-                                                                self.imports)
+            self.spare = SpareWorker.options(num_cpus=0).remote(*self._actor_args())
+
+    def _actor_args(self) -> tuple:
+        """A worker actor's constructor arguments: one thread per whole CPU it holds (at least one)."""
+        return max(1, int(self.cpus)), self.env, self.keeper, self.imports
+
+    def _rank_actor(self, bundle: int):
+        """A RankWorker in the placement group's ``bundle``."""
+        return RankWorker.options(
+            num_cpus=self.cpus, num_gpus=self.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle),
+        ).remote(*self._actor_args())
 
     def start(self) -> None:
         t0 = time.perf_counter()
@@ -243,15 +253,7 @@ class WorkerGroup:
                 f"(cluster has CPU={have.get('CPU', 0):g}, GPU={have.get('GPU', 0):g}; placement={self.placement})"
             )
         t1 = time.perf_counter()
-        threads = max(1, int(self.cpus))
-        self.actors = [
-            RankWorker.options(
-                num_cpus=self.cpus,
-                num_gpus=self.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(threads, self.env, self.keeper, self.imports)
-            for i in range(self.n)
-        ]
+        self.actors = [self._rank_actor(i) for i in range(self.n)]
         where = ray.get([a.where.remote() for a in self.actors])
         t2 = time.perf_counter()
         self.pids = [pid for _, _, pid in where]
@@ -271,7 +273,7 @@ class WorkerGroup:
         node_index = {n: i for i, n in enumerate(dict.fromkeys(node_id for node_id, _, _ in self.where))}
         nodes = tuple(node_index[node_id] for node_id, _, _ in self.where)
         port = ray.get(self.actors[0].rendezvous_port.remote())
-        threads = max(1, int(self.cpus))
+        threads = self._actor_args()[0]
         return [WorkerContext(rank=r, world=self.n, local_rank=local_ranks[r], node_ip=self.where[r][1],
                               master_addr=self.where[0][1], master_port=port, threads=threads, nodes=nodes)
                 for r in range(self.n)]
@@ -308,11 +310,7 @@ class WorkerGroup:
                 if self.spare is not None:
                     self.actors[r], self.spare = self.spare, None
                 else:
-                    self.actors[r] = RankWorker.options(
-                        num_cpus=self.cpus, num_gpus=self.gpus,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            self._pg, placement_group_bundle_index=self.bundles[r]),
-                    ).remote(max(1, int(self.cpus)), self.env, self.keeper, self.imports)
+                    self.actors[r] = self._rank_actor(self.bundles[r])
             for r, where in zip(lost, ray.get([self.actors[r].where.remote() for r in lost])):
                 self.where[r], self.pids[r] = where, where[2]
             new = list(lost)
