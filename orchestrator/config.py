@@ -362,6 +362,8 @@ class JobSpec(BaseModel):
 
     def worker_sources(self) -> list[str]:
         """Local files or packages the workers need to import this job's plugins."""
+        if not any(":" in c.name for c in (self.workload, self.strategy)):
+            return []  # built-in names (is_ref): no import of the registries, which import torch
         from workloads.plugins import is_ref, local_sources
 
         refs = [c.name for c in (self.workload, self.strategy) if is_ref(c.name)]

@@ -1,6 +1,7 @@
 """run(spec): validate, start Ray and the worker group, supervise, write the run folder."""
 from __future__ import annotations
 
+import importlib
 import re
 import signal
 import sys
@@ -8,16 +9,21 @@ import threading
 import time
 from dataclasses import dataclass
 
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
-from orchestrator import checkpoint
 from orchestrator.config import ConfigError, JobSpec
-from orchestrator.controller import Controller, ControllerOptions, GroupStatus, RunFailed
 from orchestrator.messages import Attempt, Broken, Row
-from orchestrator.metrics import MetricsLog, read_log
-from orchestrator.trainer import pack_job, train_worker
 from orchestrator.progress import Progress
-from orchestrator.storage import RunFolder
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from orchestrator.controller import GroupStatus
+    from orchestrator.metrics import MetricsLog
+    from orchestrator.storage import RunFolder
+
+# This module imports nothing heavy at its top (no torch, pandas, pyarrow): the job's
+# own imports and data check run in a thread while Ray starts (``_prepare``).
 
 
 # How often the driver collects reports. ray.wait returns at once when a rank ends
@@ -42,11 +48,17 @@ class RunResult:
 
     @property
     def metrics(self) -> pd.DataFrame:
-        return read_log(RunFolder.from_url(self.url), "metrics")
+        return self._read("metrics")
 
     @property
     def events(self) -> pd.DataFrame:
-        return read_log(RunFolder.from_url(self.url), "events")
+        return self._read("events")
+
+    def _read(self, name: str) -> pd.DataFrame:
+        from orchestrator.metrics import read_log
+        from orchestrator.storage import RunFolder
+
+        return read_log(RunFolder.from_url(self.url), name)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -164,12 +176,16 @@ class RayGroup:
         )
         self.wg.start()
         self.phases += list(self.wg.phases.items())
+        from orchestrator.trainer import train_worker
+
         refs = self.wg.run_async(train_worker, spec, self.payload, self.run_url, attempt, self.ckpt_meta)
         self.pending = dict(zip(refs, range(attempt.world)))
         self.finished = set()
 
     def poll(self) -> GroupStatus:
         import ray
+
+        from orchestrator.controller import GroupStatus
 
         status = GroupStatus()
         if self.pending:
@@ -207,6 +223,8 @@ class RayGroup:
         for r in range(attempt.world):
             if r not in new:
                 self.wg.reform(r, {"attempt": attempt})
+        from orchestrator.trainer import train_worker
+
         refs = self.wg.run_on(new, train_worker, self.spec, self.payload, self.run_url, attempt, self.ckpt_meta)
         self.pending.update(zip(refs, new))
         self.finished = set()
@@ -250,10 +268,11 @@ def check_before_ray(spec: JobSpec) -> None:
     if spec.cluster.address:
         ray_runtime.check_reachable(spec.cluster.address)
     elif ray_runtime.will_embed(spec.cluster.address):
-        import torch
-
-        ray_runtime.check_embedded(workers=spec.workers, gpus_per_worker=spec.cluster.gpus_per_worker,
-                                   gpus_here=torch.cuda.device_count())
+        gpus = spec.cluster.gpus_per_worker
+        if gpus:
+            import torch
+        ray_runtime.check_embedded(workers=spec.workers, gpus_per_worker=gpus,
+                                   gpus_here=torch.cuda.device_count() if gpus else 0)
 
 
 def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
@@ -270,15 +289,27 @@ def run(spec: JobSpec, *, progress: bool = True, stream=None) -> RunResult:
             raise
 
 
-def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResult:
-    from cluster import runtime as ray_runtime
-    import ray
+@dataclass
+class _Prepared:
+    """What the driver knows of a job once its data is checked (``_prepare``)."""
+    folder: RunFolder
+    log: MetricsLog
+    ckpt_meta: dict
+    payload: bytes
+    resume_url: str | None
+    resumed_step: int
 
-    from cluster.worker_group import start_keeper
 
-    t_start = time.perf_counter()
-    check_before_ray(spec)
-    out = Progress(spec.steps, enabled=progress, stream=stream or sys.stderr)
+def _prepare(spec: JobSpec, out: Progress) -> _Prepared:
+    """The driver's share of a job before its workers start: import the workload and
+    strategy (torch), create or check the data (ConfigError when it cannot hold the
+    job), resolve ``resume``, create the run folder and its log. Runs while Ray starts."""
+    from orchestrator import checkpoint
+    from orchestrator.metrics import MetricsLog
+    from orchestrator.storage import RunFolder
+    from orchestrator.trainer import pack_job
+    importlib.import_module("cluster.worker_group")  # the main thread's next import (0.3 s)
+
     try:
         t0 = time.perf_counter()
         workload = spec.build_workload()
@@ -318,14 +349,64 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
         log.event("resume", step=resumed_step, detail=resume_url)
     log.event("phase:data", seconds=data_s, detail=f"{n_samples} samples")
     log.sync()
+    return _Prepared(folder=folder, log=log, ckpt_meta=ckpt_meta, payload=pack_job(workload, strategy_cls),
+                     resume_url=resume_url, resumed_step=resumed_step)
 
+
+def _in_thread(fn: Callable[..., Any], *args) -> Callable[[], Any]:
+    """Start ``fn(*args)`` in a daemon thread; the returned callable waits for it and
+    returns its result or raises what it raised."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001  (handed to the caller)
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=fn.__name__, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
+
+
+def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResult:
+    from cluster import runtime as ray_runtime
+    import ray
+
+    t_start = time.perf_counter()
+    check_before_ray(spec)
+    out = Progress(spec.steps, enabled=progress, stream=stream or sys.stderr)
+    # Ray starts (seconds of waiting on its processes) while a thread imports the job
+    # and checks its data; bad data is still exit 2, once Ray has stopped again.
+    prepared = _in_thread(_prepare, spec, out)
     try:
         runtime = ray_runtime.start(address=spec.cluster.address, dashboard=spec.cluster.dashboard,
                                     py_modules=spec.worker_sources())
     except BaseException:
-        log.flush()  # single files, as after any run that ends
+        try:
+            prepared().log.flush()  # single files, as after any run that ends
+        except BaseException:  # noqa: BLE001  (Ray's failure is the one to tell)
+            pass
         raise
     stop.take()  # ray.init installs its own SIGTERM handler
+    try:
+        job = prepared()
+    except BaseException:
+        runtime.shutdown()  # nothing left running after bad data
+        raise
+    from orchestrator import checkpoint
+    from orchestrator.controller import Controller, ControllerOptions
+    from cluster.worker_group import start_keeper
+
+    folder, log, ckpt_meta, payload = job.folder, job.log, job.ckpt_meta, job.payload
+    resume_url, resumed_step = job.resume_url, job.resumed_step
     log.event("phase:ray_start", seconds=runtime.start_s, detail=runtime.address)
     try:
         cpus = _cpus_per_worker(spec, runtime.total_cpus, runtime.embedded)
@@ -341,7 +422,6 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
         phases: list = []
         make_group = lambda: RayGroup(spec, cpus=cpus, keeper=keeper, payload=payload,  # noqa: E731
                                       run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)
-        payload = pack_job(workload, strategy_cls)
 
         def newest_checkpoint(before=None):
             try:

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import orchestrator.cli as cli  # noqa: E402
 import orchestrator.compare  # noqa: E402,F401  (what the commands import lazily, so children start warm)
 import orchestrator.driver  # noqa: E402,F401
+import orchestrator.trainer  # noqa: E402,F401  (what the driver's data check imports)
 import orchestrator.submit  # noqa: E402,F401
 
 

@@ -136,9 +136,10 @@ def test_python_api_raises_config_error():
 
 def test_failed_run_exits_1(monkeypatch, capsys):
     import orchestrator.driver as driver
+    from orchestrator.errors import RunFailed
 
     def boom(spec, **kw):
-        raise driver.RunFailed("rank 1 failed: RuntimeError: injected")
+        raise RunFailed("rank 1 failed: RuntimeError: injected")
 
     monkeypatch.setattr(driver, "run", boom)
     rc = main(["run", "--workload", "gpt-tiny", "--strategy", "single", "--steps", "1"])
