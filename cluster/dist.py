@@ -119,21 +119,34 @@ def abort_process_group(*, destroy: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def broadcast_tree(tree, *, src: int, device: torch.device):
+def broadcast_tree(tree, *, src: int, device: torch.device, to: list[int] | None = None):
     """Collective: rank ``src``'s ``tree`` (nested dicts, lists and tuples of tensors and
-    small values: a state dict) on every rank (others pass None). The structure and
-    small values go by object; the tensors as one flat buffer per dtype, sent as
-    bytes: no pickling of tensor data, which costs more than the transfer itself.
-    Received tensors are views of those buffers, on ``device``."""
+    small values: a state dict) on every rank (others pass None); with ``to``, only
+    ``src`` and those ranks take part, point to point, and the others return None at
+    once. The structure and small values go by object; the tensors as one flat buffer
+    per dtype, sent as bytes: no pickling of tensor data, which costs more than the
+    transfer itself. Received tensors are views of those buffers, on ``device``."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    here = dist.get_rank() == src
+    me = dist.get_rank()
+    here = me == src
+    if to is None:
+        objects = lambda box: dist.broadcast_object_list(box, src=src)  # noqa: E731
+        data = lambda t: dist.broadcast(t, src=src)  # noqa: E731
+    elif here:
+        objects = lambda box: [dist.send_object_list(box, dst=d) for d in to]  # noqa: E731
+        data = lambda t: [dist.send(t, dst=d) for d in to]  # noqa: E731
+    elif me in to:
+        objects = lambda box: dist.recv_object_list(box, src=src)  # noqa: E731
+        data = lambda t: dist.recv(t, src=src)  # noqa: E731
+    else:
+        return None
     box = [None]
     if here:
         leaves, spec = tree_flatten(tree)
         box = [(spec, [(x.dtype, x.shape) if isinstance(x, torch.Tensor) else None for x in leaves],
                 [None if isinstance(x, torch.Tensor) else x for x in leaves])]
-    dist.broadcast_object_list(box, src=src)
+    objects(box)
     spec, shapes, values = box[0]
     out = list(values)
     for dtype in dict.fromkeys(s[0] for s in shapes if s is not None):
@@ -142,7 +155,7 @@ def broadcast_tree(tree, *, src: int, device: torch.device):
             flat = torch.cat([leaves[i].detach().reshape(-1).to(device) for i in idx])
         else:
             flat = torch.empty(sum(shapes[i][1].numel() for i in idx), dtype=dtype, device=device)
-        dist.broadcast(flat.view(torch.uint8), src=src)  # bytes: every dtype, bool included, on every backend
+        data(flat.view(torch.uint8))  # bytes: every dtype, bool included, on every backend
         offset = 0
         for i in idx:
             n = shapes[i][1].numel()

@@ -78,7 +78,7 @@ class RankTrainer:
     def __init__(self, spec: JobSpec, *, rank: int, world: int, device: torch.device,
                  workload: Workload | None = None, strategy_cls: type[Strategy] | None = None,
                  shares: list[int] | None = None, injections: list[Injection] = (), report: Callable[[object], None] = None,
-                 flush: Callable[[], None] | None = None, nodes: tuple[int, ...] = ()):
+                 flush: Callable[[], None] | None = None, nodes: tuple[int, ...] = (), state_follows: bool = False):
         self.spec, self.rank, self.world, self.device = spec, rank, world, device
         self.report = report or (lambda row: None)
         workload = workload if workload is not None else spec.build_workload()
@@ -94,7 +94,8 @@ class RankTrainer:
         self.strategy: Strategy = strategy_cls(strategy_cls.Options(**spec.strategy.options))
         self.strategy.setup(
             self.workload,
-            StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim, total_steps=spec.steps),
+            StrategyContext(rank=rank, world=world, device=device, comm=self.comm, optim=spec.optim,
+                            total_steps=spec.steps, state_follows=state_follows),
         )
         replica, replicas = self.strategy.data_shard()
         source = workload.source()  # read once: the held-out split below is of the same samples
@@ -391,7 +392,9 @@ def _await_reform(ctx, lost: _PeerLost, attempt: int):
 def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
     """Collective (``heal = "peer"``): every rank loads the whole state of the
     survivor furthest on (survivors may be a step apart when one finished the
-    failed step); returns that rank. Survivors pass the state they held, a newcomer None."""
+    failed step); returns that rank. Survivors pass the state they held, a newcomer
+    None. A survivor at that step holds the same state (replicas) and loads its own;
+    only the newcomers and the survivors behind receive it, point to point."""
     import torch.distributed as dist
 
     from cluster.dist import broadcast_tree
@@ -399,7 +402,10 @@ def take_from_peer(trainer: RankTrainer, survivor: _PeerLost | None) -> int:
     steps = [None] * trainer.world
     dist.all_gather_object(steps, survivor.step if survivor is not None else -1)
     src = steps.index(max(steps))
-    got = broadcast_tree(survivor.state if trainer.rank == src else None, src=src, device=trainer.device)
+    behind = [r for r, s in enumerate(steps) if s < steps[src]]
+    got = broadcast_tree(survivor.state if trainer.rank == src else None, src=src, device=trainer.device, to=behind)
+    if got is None:  # level with src
+        got = survivor.state
     trainer.strategy.load_heal_state(got["state"])
     trainer.step = got["step"]
     trainer.loader.load_state_dict(got["cursor"])  # one cursor for every rank: each reads its share of it
@@ -421,13 +427,15 @@ def _run_attempt(ctx, spec: JobSpec, workload: Workload, strategy_cls: type[Stra
     t1 = time.perf_counter()
     trainer = None
     try:
+        from_peer = attempt.heal and strategy_cls.heal == "peer"
         trainer = RankTrainer(spec, rank=ctx.rank, world=ctx.world, device=device, workload=workload,
                               strategy_cls=strategy_cls, shares=attempt.shares, injections=attempt.injections,
-                              report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes)
+                              report=ctx.report, flush=lambda: ctx.flush(5.0), nodes=ctx.nodes,
+                              state_follows=from_peer)
         ctx.live(lambda: Live(rank=ctx.rank, progress=trainer.progress()))
         t_built = time.perf_counter()
         restored = ""
-        if attempt.heal and strategy_cls.heal == "peer":
+        if from_peer:
             src = take_from_peer(trainer, survivor)
             restored = f", took the state of step {trainer.step} from rank {src}"
         elif attempt.snapshot:

@@ -52,6 +52,9 @@ class StrategyContext:
     comm: Comm
     optim: OptimConfig
     total_steps: int
+    # every rank loads the same whole state right after set-up (a heal from a peer):
+    # replicas need not be made equal at construction
+    state_follows: bool = False
 
 
 @dataclass(kw_only=True)

@@ -52,11 +52,12 @@ def sum_then_divide_hook(state: tuple[Comm, int], bucket):  # DDP rejects a stri
 
 
 def replicate(module: nn.Module, comm: Comm, options: DDPOptions, *, device: torch.device,
-              register: Callable[[DistributedDataParallel], None]) -> DistributedDataParallel:
+              register: Callable[[DistributedDataParallel], None], sync: bool = True) -> DistributedDataParallel:
     """``module`` under torch DDP over ``comm``'s ranks; ``register`` installs the comm hook.
-    DDP broadcasts rank 0's parameters and buffers at construction: replicas start
-    equal. With synchronized batch norm the running stats stay equal without the
-    per-step buffer broadcast."""
+    DDP broadcasts rank 0's parameters and buffers at construction (``sync``): replicas
+    start equal; without, the caller loads the same state on every rank. With
+    synchronized batch norm the running stats stay equal without the per-step buffer
+    broadcast."""
     from strategies.batchnorm import has_sync_batchnorm
 
     ddp = DistributedDataParallel(
@@ -65,6 +66,7 @@ def replicate(module: nn.Module, comm: Comm, options: DDPOptions, *, device: tor
         device_ids=[device.index] if device.type == "cuda" else None,
         bucket_cap_mb=options.bucket_mb,
         static_graph=options.static_graph,
+        init_sync=sync,
         **{_BUFFER_SYNC_ARG: not has_sync_batchnorm(module)},
     )
     register(ddp)

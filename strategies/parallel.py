@@ -262,7 +262,8 @@ class Parallel(Strategy):
             from strategies.ddp import DDPOptions, replicate
 
             return replicate(self.module, comm, plan.ddp_options or DDPOptions(), device=self.ctx.device,
-                             register=lambda ddp: self.register_hook(ddp, comm, divide))
+                             register=lambda ddp: self.register_hook(ddp, comm, divide),
+                             sync=not self.ctx.state_follows)
         return self.module
 
     def register_hook(self, ddp, comm, divide: int) -> None:

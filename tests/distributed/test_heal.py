@@ -69,15 +69,21 @@ def _tree(seed: int) -> dict:
             "rng": torch.randint(0, 255, (16,), dtype=torch.uint8, generator=g), "step": 12, "name": "x"}
 
 
-def broadcast_from_1(rank: int, world: int) -> dict:
+def broadcast_from_1(rank: int, world: int, to: list[int] | None = None) -> dict:
     from cluster.dist import broadcast_tree
 
-    return broadcast_tree(_tree(seed=0) if rank == 1 else None, src=1, device=torch.device("cpu"))
+    return broadcast_tree(_tree(seed=0) if rank == 1 else None, src=1, device=torch.device("cpu"), to=to)
 
 
-def test_broadcast_tree_gives_every_rank_the_source_state(tmp_path):
+@pytest.mark.parametrize("to", [None, [3, 0]], ids=["all", "point-to-point"])
+def test_broadcast_tree_gives_every_rank_the_source_state(tmp_path, to):
+    """To every rank, or (``to``) to some: a heal sends the state to the newcomers only."""
     want = _tree(seed=0)
-    for got in run_ranks(broadcast_from_1, 3, tmp_path):
+    results = run_ranks(broadcast_from_1, 4, tmp_path, to)
+    if to is not None:
+        assert results[2] is None, results[2]  # neither source nor receiver
+        results = [results[r] for r in (0, 1, 3)]
+    for got in results:
         assert got["step"] == 12 and got["name"] == "x"
         assert got["optim"]["param_groups"] == want["optim"]["param_groups"]
         for a, b in [(got["model"]["w"], want["model"]["w"]), (got["model"]["b"], want["model"]["b"]),
