@@ -92,6 +92,35 @@ def raise_if_aborted() -> None:
         raise _aborted_error()
 
 
+_stops_compute = False
+
+
+def stop_compute_on_abort() -> None:
+    """From now on in this process, after an abort (``abort_process_group``) every
+    module's forward and every gradient that flows back through a module's output
+    raises the abort's error: a rank still computing the step a peer's loss doomed
+    stops at once, instead of at the step's next collective (with one gradient bucket,
+    the end of backward: most of a step later). Global module hooks, installed once;
+    each costs a flag test."""
+    global _stops_compute
+    if _stops_compute:
+        return
+    _stops_compute = True
+
+    def check(grad):
+        raise_if_aborted()
+
+    def before(module, args):
+        raise_if_aborted()
+
+    def after(module, args, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(check)
+
+    torch.nn.modules.module.register_module_forward_pre_hook(before)
+    torch.nn.modules.module.register_module_forward_hook(after)
+
+
 def _fail_in_flight() -> None:
     global _aborted
     with _in_flight_lock:

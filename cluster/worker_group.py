@@ -159,6 +159,14 @@ class _Worker:
         refs = ray.get(self.keeper.fetch.remote(keys))
         return ray.get([r[0] for r in refs])
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` in this actor, for its effect (a spare readies the job it may join).
+        What it raises is dropped: the rank's own run meets it again, and reports it."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            pass
+
     def run(self, ctx: WorkerContext, fn: Callable[..., Any], *args: Any) -> Any:
         ctx.report, ctx.controls, ctx.flush = self._report, self._take_controls, self._flush
         ctx.stash = self._stash
@@ -222,13 +230,16 @@ class WorkerGroup:
         self.phases: dict[str, float] = {}
         self.spare = None  # a SpareWorker, once prestart_spare() started one
 
-    def prestart_spare(self) -> None:
+    def prestart_spare(self, *ready: Any) -> None:
         """Start one idle worker for the next heal. It reserves no CPU or GPU
         (num_cpus=0; with GPUs none is started): once it replaces a rank, the lost
         rank's bundle stays reserved and empty, so the group never holds more than it
-        was placed with; on a cluster it runs where Ray puts it, not in that bundle."""
+        was placed with; on a cluster it runs where Ray puts it, not in that bundle.
+        ``ready``: a function and its arguments the spare then calls (``call``)."""
         if self.spare is None and not self.gpus and self.actors:
             self.spare = SpareWorker.options(num_cpus=0).remote(*self._actor_args())
+            if ready:
+                self.spare.call.remote(*ready)
 
     def _actor_args(self) -> tuple:
         """A worker actor's constructor arguments: one thread per whole CPU it holds (at least one)."""

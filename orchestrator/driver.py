@@ -203,7 +203,10 @@ class RayGroup:
         self._broke |= {(m.attempt, m.rank) for m in status.rows if isinstance(m, Broken)}  # may precede the heal
         status.finished = set(self.finished)
         if self.spares and self.wg.spare is None and any(isinstance(m, Row) for m in status.rows):
-            self.wg.prestart_spare()  # steps are under way: its start no longer competes with the group's
+            from orchestrator.trainer import load_job
+
+            # steps are under way: its start no longer competes with the group's; it reads the data meanwhile
+            self.wg.prestart_spare(load_job, self.spec, self.payload)
         return status
 
     def heal(self, attempt: Attempt, lost: int) -> dict[str, float]:
