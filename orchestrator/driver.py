@@ -406,7 +406,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
         raise
     from orchestrator import checkpoint
     from orchestrator.controller import Controller, ControllerOptions
-    from cluster.worker_group import start_keeper
+    from cluster.keeper import start_keeper
 
     folder, log, ckpt_meta, payload = job.folder, job.log, job.ckpt_meta, job.payload
     resume_url, resumed_step = job.resume_url, job.resumed_step

@@ -13,7 +13,7 @@ from tests.e2e.procs import session_actor_pids
 def test_the_keeper_is_on_the_drivers_node_and_comes_back_empty(ray_address):
     import ray
 
-    from cluster.worker_group import start_keeper
+    from cluster.keeper import start_keeper
 
     keeper = start_keeper()
     assert ray.get(keeper.node.remote()) == ray.get_runtime_context().get_node_id()
