@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cluster.dist import abortable, raise_if_aborted
+from cluster.dist import abortable, raise_if_aborted, stops_on_abort
 
 
 # torch >= 2.10 names them *_single; older releases *_into_tensor / *_tensor.
@@ -102,6 +102,7 @@ class Comm:
         self._ledger = _ledger or _Ledger()
         self.ranks = tuple(self.global_rank(r) for r in range(self.world))  # global ranks of this group
         self._last_launch = 0.0  # perf_counter of the latest async launch not yet closed
+        self.backend = dist.get_backend(group) if dist.is_initialized() else ""
 
     def split(self, groups: list[list[int]]) -> "Comm":
         """Sub-groups (lists of ranks of this group, disjoint, covering it); every
@@ -241,7 +242,22 @@ class Comm:
         done_by = start + self._floor(op, sent, received, ranks)
         if not async_op:
             try:
-                return call(False)
+                if not (stops_on_abort() and self.backend == "gloo"):
+                    return call(False)
+                # launched async and waited through an abortable future: a blocking gloo call
+                # in progress when a heal's abort comes would wait for its peers until the
+                # collective timeout (FSDP's all-gather in a survivor's forward); it fails now.
+                # A call that ignores the flag (point to point, DeepSpeed's) ran blocking.
+                result = call(True)
+                if not hasattr(result, "get_future"):
+                    return result
+                try:
+                    future = result.get_future()
+                except RuntimeError:  # a gloo Work without one ("Work::getFuture not implemented")
+                    result.wait()
+                    return None
+                abortable(future).wait()
+                return None
             finally:
                 self._hold(done_by)
                 self.add_wait(self._end(link) - start)

@@ -95,13 +95,19 @@ def raise_if_aborted() -> None:
 _stops_compute = False
 
 
+def stops_on_abort() -> bool:
+    """Whether this process heals in place (``stop_compute_on_abort`` was called)."""
+    return _stops_compute
+
+
 def stop_compute_on_abort() -> None:
     """From now on in this process, after an abort (``abort_process_group``) every
     module's forward and every gradient that flows back through a module's output
     raises the abort's error: a rank still computing the step a peer's loss doomed
     stops at once, instead of at the step's next collective (with one gradient bucket,
     the end of backward: most of a step later). Global module hooks, installed once;
-    each costs a flag test."""
+    each costs a flag test. ``Comm``'s blocking gloo calls wait abortably from now on
+    too (``stops_on_abort``): one in progress when the abort comes fails."""
     global _stops_compute
     if _stops_compute:
         return

@@ -122,3 +122,38 @@ def stuck_wait(rank: int, world: int, blocking: bool) -> dict:
 def test_a_collective_launched_after_the_abort_fails_at_once(tmp_path, blocking):
     got = run_ranks(stuck_wait, 2, tmp_path, blocking, timeout_s=60)[0]
     assert got["left"] and got["error"], got
+
+
+def blocked_when_aborted(rank: int, world: int, heals: bool) -> dict:
+    from cluster import Comm
+    from cluster.dist import abort_process_group, stop_compute_on_abort
+
+    if heals:
+        stop_compute_on_abort()
+    comm = Comm()
+    if rank == 1:  # never joins: rank 0's blocking all-gather waits
+        time.sleep(8)
+        return {}
+    out: dict = {}
+
+    def wait() -> None:
+        try:  # FSDP's blocking all-gather, in progress when the abort comes
+            comm.all_gather_single(torch.empty(8), torch.ones(4))
+            out["error"] = None
+        except RuntimeError as e:
+            out["error"] = str(e)
+
+    job = threading.Thread(target=wait, daemon=True)
+    job.start()
+    time.sleep(0.5)
+    abort_process_group(destroy=False)  # the driver's abort, from the actor's control thread
+    job.join(timeout=3)
+    return {"left": not job.is_alive(), "error": out.get("error")}
+
+
+def test_a_blocking_collective_in_progress_fails_at_the_abort_in_a_rank_that_heals(tmp_path):
+    """A survivor of an FSDP heal was found (py-spy) in a blocking all-gather begun before
+    the abort, waiting for its peers until the collective timeout: in a process that heals
+    in place, Comm's blocking gloo calls wait where the abort reaches them."""
+    got = run_ranks(blocked_when_aborted, 2, tmp_path, True, timeout_s=60)[0]
+    assert got["left"] and got["error"] and "aborted" in got["error"], got
