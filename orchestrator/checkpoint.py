@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.errors import CheckpointError
+from workloads.base import meta_model
 
 MARKER = "COMMITTED"
 MANIFEST = "manifest"  # folder of the per-rank parts, rank{r}.json: {"hash": HASH, "files": {path: {size, HASH}}}
@@ -44,32 +45,10 @@ def step_url(run_url: str, step: int) -> str:
     return f"{run_url}/checkpoints/step_{step}"
 
 
-# In-place random fills: on the meta device they compute nothing, yet torch runs
-# them through its Python decompositions, whose first use imports torch._dynamo
-# (about 1.5 s of CPU in the driver, which needs only the shapes).
-_FILLS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_",
-                    "log_normal_", "cauchy_"})
-
-
-class _NoInit(torch.overrides.TorchFunctionMode):
-    """Skips ``torch.nn.init`` and the random fills on meta tensors."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        kwargs = kwargs or {}
-        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
-        if (isinstance(target, torch.Tensor) and target.is_meta
-                and (name in _FILLS or getattr(func, "__module__", None) == "torch.nn.init")):
-            return target
-        return func(*args, **kwargs)
-
-
 def model_shapes(workload) -> dict[str, list[int]]:
     """Parameter and buffer shapes of the workload's model, built without memory
     and without initialising it."""
-    with torch.device("meta"), _NoInit():
-        model = workload.model()
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {k: list(v.shape) for k, v in meta_model(workload).state_dict().items()}
 
 
 def committed(run_url: str) -> list[tuple[int, str]]:

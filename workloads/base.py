@@ -91,3 +91,30 @@ class Workload(BaseModel, ABC):
         if cls.attention_layers is not Workload.attention_layers:
             caps.add("attention")
         return frozenset(caps)
+
+
+# In-place random fills: on the meta device they compute nothing, yet torch runs
+# them through its Python decompositions, whose first use imports torch._dynamo
+# (about 1.5 s of CPU in the driver, which needs only the shapes).
+_FILLS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_",
+                    "log_normal_", "cauchy_"})
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips ``torch.nn.init`` and the random fills on meta tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+        if (isinstance(target, torch.Tensor) and target.is_meta
+                and (name in _FILLS or getattr(func, "__module__", None) == "torch.nn.init")):
+            return target
+        return func(*args, **kwargs)
+
+
+def meta_model(workload: Workload) -> nn.Module:
+    """``workload``'s model on the meta device, uninitialised: its shapes without
+    memory, for the driver's checks (checkpoint metadata, a compressor's options)."""
+    with torch.device("meta"), _NoInit():
+        return workload.model()

@@ -33,6 +33,7 @@ from cluster import Comm, all_gather_bytes, all_to_all_bytes, nbytes, ring_allre
 from strategies.base import OptimConfig, StepStats
 from strategies.ddp import DDP, DDPOptions
 from workloads import Batch, Workload
+from workloads.base import meta_model
 
 
 class CompressionOptions(DDPOptions):
@@ -253,7 +254,5 @@ def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
 
 def model_shapes(workload: Workload) -> dict[str, torch.Size]:
     """The trainable parameter shapes of ``workload``'s model, built on the meta
-    device (no memory), for checks on the driver."""
-    with torch.device("meta"):
-        model = workload.model()
-    return {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    device (no memory, no initialisation), for checks on the driver."""
+    return {n: p.shape for n, p in meta_model(workload).named_parameters() if p.requires_grad}
