@@ -31,14 +31,13 @@ class ArraySource:
 
     def __init__(self, url: str, column: str, shape: tuple[int, ...], *, scale: float = 1.0, shift: float = 0.0,
                  classes: int):
-        values = read_column(url, column)
         width = int(np.prod(shape))
-        flat = np.concatenate([np.asarray(c.flatten()) for c in values.chunks])
+        flat = read_column(url, column)
         if flat.size % width:
             raise ValueError(f"data={url!r}: column {column!r} rows must hold {width} values each")
         x = flat.reshape(-1, *shape).astype(np.float32)
         self.x = torch.from_numpy(x * scale + shift)
-        self.y = torch.from_numpy(np.asarray(read_column(url, "label").to_numpy(), dtype=np.int64))
+        self.y = torch.from_numpy(read_column(url, "label").astype(np.int64))
         if len(self.y) != len(self.x):
             raise ValueError(f"data={url!r}: {len(self.x)} inputs but {len(self.y)} labels")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= classes):

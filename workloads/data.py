@@ -18,7 +18,6 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
@@ -189,15 +188,35 @@ def ensure_shards(url: str, make_tables: Callable[[], list[pa.Table]]) -> str:
     return url
 
 
-def read_column(url: str, column: str) -> pa.ChunkedArray:
-    """Read one column of every Parquet shard under ``url`` (sorted by file name)."""
+def read_column(url: str, column: str) -> np.ndarray:
+    """One column of numbers (or of lists of numbers, flattened) of every Parquet shard
+    under ``url`` (sorted by file name), as one numpy array. Read file by file and
+    from Arrow's buffers: pyarrow.dataset and pyarrow's own conversions import pandas,
+    0.45 s of CPU in every rank that reads its data."""
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"data={url!r}: no such file or folder")
     files = sorted(p for p in (fs.find(path) if fs.isdir(path) else [path]) if p.endswith(".parquet"))
     if not files:
         raise FileNotFoundError(f"data={url!r}: no .parquet files there")
-    ds = pads.dataset(files, filesystem=fs, format="parquet")
-    if column not in ds.schema.names:
-        raise ValueError(f"data={url!r}: no {column!r} column (columns: {', '.join(ds.schema.names)})")
-    return ds.to_table(columns=[column])[column]
+    parts = []
+    for name in files:
+        with fs.open(name, "rb") as f:
+            shard = pq.ParquetFile(f)
+            names = shard.schema_arrow.names
+            if column not in names:
+                raise ValueError(f"data={url!r}: no {column!r} column (columns: {', '.join(names)})")
+            for chunk in shard.read(columns=[column])[column].chunks:
+                parts.append(_numbers(chunk, f"data={url!r}: column {column!r}"))
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def _numbers(chunk: pa.Array, what: str) -> np.ndarray:
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    values = chunk.flatten() if any(is_list(chunk.type) for is_list in lists) else chunk
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        raise ValueError(f"{what}: holds {chunk.type}; expected numbers or lists of numbers")
+    if values.null_count:
+        raise ValueError(f"{what}: {values.null_count} missing values")
+    dtype = np.dtype(values.type.to_pandas_dtype())
+    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)

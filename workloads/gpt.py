@@ -89,8 +89,7 @@ class TokenWindows:
     (inputs and next-token targets)."""
 
     def __init__(self, url: str, seq_len: int, vocab: int):
-        column = read_column(url, "tokens")
-        stream = np.concatenate([np.asarray(c.flatten(), dtype=np.int64) for c in column.chunks if len(c)])
+        stream = read_column(url, "tokens").astype(np.int64)
         if stream.size and (stream.min() < 0 or stream.max() >= vocab):
             raise ValueError(
                 f"data={url!r}: token ids must lie in [0, {vocab}) for vocab_size={vocab}, "
