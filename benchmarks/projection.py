@@ -21,9 +21,11 @@ its 20 blocks and the middle block repeated (``deepen``: blocks of one shape
 cost the same; the optimizer's and the methods' own step scale with the
 parameters).
 
-Every row is predicted from a profile taken just before its run, so a prediction
-and the run it describes see the machine's load of the same minute (other jobs
-share it); a row's predicted figure is the median of its repeats' predictions. ``--record`` appends each repeat's rows
+Every row is predicted from profiles taken just before and just after its run
+(the mean of the two predictions), so a prediction and the run it describes see
+the machine's load of the same minute (other jobs share it, and this machine's
+speed drifts by a third within minutes); a row's predicted figure is the median
+of its repeats' predictions. ``--record`` appends each repeat's rows
 (and ``uptime``) to a JSON-lines file, so the validation can be split into short
 invocations (a scenario or a repeat at a time) whose rows ``--table`` then
 gathers into one table.
@@ -109,33 +111,43 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
             # a throwaway run first: Ray's own start-up (its workers, dashboard) takes the cores for a while
             run(spec_of(rows[0][3], steps=3, scenario=rows[0][2], storage=tmp, micro_batch=workload.micro_batch),
                 progress=False)
+            after = profile(workload)
             for name, n, sc, job in rows:
-                prof = profile(workload)
+                # profiled just before and just after the run (the one after is the next row's before):
+                # the machine's speed drifts by a third within minutes, and the run lies between the two
+                before = after
                 load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-                pred = predict(prof, job, here(sc))
                 result = run(spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch),
                              progress=False)
-                out.append({"method": name, "workers": n, "scenario": sc, "layout": pred.layout,
-                            "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s,
-                            "bubble": pred.bubble_s, "measured": summarize(result.metrics)["median_step_s"],
-                            "profile_s": prof.seconds, "uptime": load,
-                            "profile": base64.b64encode(pickle.dumps(prof)).decode()})  # --repredict's input
-                print(f"{name} {n} {sc}: predicted {pred.step_s:.3f} measured {out[-1]['measured']:.3f} "
-                      f"(profile {prof.seconds:.1f} s; {load})", flush=True)
+                after = profile(workload)
+                pred = bracketed([predict(p, job, here(sc)) for p in (before, after)])
+                out.append({"method": name, "workers": n, "scenario": sc, "layout": pred["layout"],
+                            **{k: pred[k] for k in ("predicted", "compute", "comm", "bubble")},
+                            "measured": summarize(result.metrics)["median_step_s"],
+                            "profile_s": after.seconds, "uptime": load,
+                            "profiles": [base64.b64encode(pickle.dumps(p)).decode() for p in (before, after)]})
+                print(f"{name} {n} {sc}: predicted {out[-1]['predicted']:.3f} measured {out[-1]['measured']:.3f} "
+                      f"(profile {after.seconds:.1f} s; {load})", flush=True)
                 record(out[-1])
     finally:
         runtime.shutdown()
     return out
 
 
+def bracketed(preds: list) -> dict:
+    """A row's prediction: the mean of those from the profiles around its run."""
+    mean = lambda key: statistics.fmean(getattr(p, key) for p in preds)
+    return {"layout": preds[0].layout, "predicted": mean("step_s"), "compute": mean("compute_s"),
+            "comm": mean("comm_s"), "bubble": mean("bubble_s")}
+
+
 def repredict(r: dict, microbatches: int) -> dict:
-    """Row ``r`` predicted again from its repeat's recorded profile."""
-    prof = pickle.loads(base64.b64decode(r["profile"]))  # this benchmark's own file
+    """Row ``r`` predicted again from its recorded profiles (one in records made before the bracketing)."""
+    profiles = [pickle.loads(base64.b64decode(b)) for b in r.get("profiles", [r.get("profile")])]  # this benchmark's own file
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()
     job = job_for(r["method"], OPTIONS.get(r["method"], {}), r["workers"], workload, microbatches=microbatches,
-                  n_blocks=len(prof.blocks))
-    pred = predict(prof, job, here(r["scenario"]))
-    return {**r, "predicted": pred.step_s, "compute": pred.compute_s, "comm": pred.comm_s, "bubble": pred.bubble_s}
+                  n_blocks=len(profiles[0].blocks))
+    return {**r, **bracketed([predict(p, job, here(r["scenario"])) for p in profiles])}
 
 
 def table(records: list[dict]) -> str:

@@ -25,13 +25,16 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
+def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
     """Measure ``workload`` on this rank (seconds and steps of the run are in the result).
 
     The blocks' F/B/W, timed apart, are scaled so that they add up to what one
     micro-batch costs in the real training step (``single`` on one rank, with 1
     and 2 micro-batches: the difference is one micro-batch, the rest a step's
-    fixed cost)."""
+    fixed cost). Real steps and the methods' own compute are the median of their
+    repeats, the statistic of the measured step time a projection is checked against:
+    this machine's speed drifts by a third between identical steps, and the fastest
+    of a few under-predicted every row by 10-25 %."""
     import numpy as np
     import torch
     from torch import nn
@@ -51,9 +54,9 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 3) -> Profile:
         model = nn.Sequential(*blocks)
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
-        one, two = (_real_step_seconds(workload, g, seed, repeats) for g in (1, 2))
+        one, per_mb = _real_step_seconds(workload, seed, repeats)
         gloo = gloo_links()
-    calibrated, fixed = calibrate(measured, one, two, outer["adamw"])
+    calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
     return Profile(
         workload=workload.name, micro_batch=k, blocks=calibrated,
         shapes=tuple(tuple(tuple(p.shape) for p in b.parameters()) for b in blocks),
@@ -79,28 +82,43 @@ def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tup
             max(0.0, one - per_mb - optim_s))
 
 
-def _real_step_seconds(workload: Workload, micro_batches: int, seed: int, repeats: int) -> float:
-    """The fastest of ``repeats`` real training steps (after one) of ``single`` on
-    ``micro_batches`` micro-batches: the job's own loop, data, loss and clipping."""
+def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[float, float]:
+    """Real training steps of ``single`` (the job's own loop, data, loss and clipping)
+    on 1 and on 2 micro-batches, alternated after a warm-up step of each: (the median
+    step on 1, the median of the paired differences 2 - 1, one micro-batch's cost).
+    Paired neighbours see the same machine speed; this machine's drifts by a third
+    within minutes, and the difference of two medians taken apart varied 3-fold."""
+    import statistics
+
     import torch
 
     from orchestrator.config import JobSpec
     from orchestrator.trainer import RankTrainer
 
-    spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy="single", workers=1, steps=repeats + 1, seed=seed,
-                   batch_size=workload.micro_batch * micro_batches, grad_accum=micro_batches)
-    trainer = RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"), workload=workload)
-    return min(trainer.train_step()["step_time_s"] for _ in range(repeats + 1))
+    trainers = []
+    for g in (1, 2):
+        spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy="single", workers=1,
+                       steps=repeats + 1, seed=seed, batch_size=workload.micro_batch * g, grad_accum=g)
+        trainers.append(RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"), workload=workload))
+    ones, diffs = [], []
+    for i in range(repeats + 1):
+        one, two = (t.train_step()["step_time_s"] for t in trainers)
+        if i:
+            ones.append(one)
+            diffs.append(two - one)
+    return statistics.median(ones), statistics.median(diffs)
 
 
-def _best_of(fn, repeats: int = 3) -> float:
+def _median_of(fn, repeats: int = 5) -> float:
+    import statistics
+
     fn()  # warm-up: state allocation
-    best = math.inf
+    took = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        took.append(time.perf_counter() - t)
+    return statistics.median(took)
 
 
 def _outer_seconds(model, seed: int) -> dict[str, float]:
@@ -126,8 +144,8 @@ def _outer_seconds(model, seed: int) -> dict[str, float]:
                               min_compression_rate=2.0, seed=seed)
     grads = lambda: [(n, p.grad.clone()) for n, p in zip(names, params)]
     with torch.no_grad():
-        out = {"adamw": _best_of(opt.step), "demo": _best_of(lambda: demo.step(1e-3, 0.0)),
-               "powersgd": _best_of(lambda: psgd.reduce(grads(), 100))}
+        out = {"adamw": _median_of(opt.step), "demo": _median_of(lambda: demo.step(1e-3, 0.0)),
+               "powersgd": _median_of(lambda: psgd.reduce(grads(), 100))}
     for p in params:
         p.grad = None
     return out
