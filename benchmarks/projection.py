@@ -263,7 +263,7 @@ def main() -> None:
         with open(a.table) as f:
             records = [json.loads(line) for line in f if line.strip()]
         if a.repredict:  # rows recorded without their profile cannot be predicted again: left out
-            records = [repredict(r, a.microbatches) for r in records if "profile" in r]
+            records = [repredict(r, a.microbatches) for r in records if "profile" in r or "profiles" in r]
         print(table(records))
         return
     workload = JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload()

@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.controls import Abort, Flushed
 from cluster.dist import free_port, node_ip
 from cluster.runtime import ClusterError
 
@@ -72,7 +73,7 @@ class _Worker:
         self.keeper = keeper
         self._lock = threading.Lock()
         self._reports: list = []
-        self._controls: list[dict] = []
+        self._controls: list = []
         self._stored = threading.Condition(self._lock)  # notified when the driver answers a flush mark
         self._stored_mark = float("-inf")  # the highest mark the driver has answered
         self._live: Callable[[], Any] | None = None  # what poll() reports of the rank now
@@ -94,7 +95,7 @@ class _Worker:
         about to die makes sure its last words arrive.
 
         With a ``mark`` (which the job has reported, in its own message type): wait
-        until the driver answers with the control ``{"flushed": m}``, ``m >= mark``
+        until the driver answers with the control ``Flushed(mark=m)``, ``m >= mark``
         (it has stored what the mark stands for); False when ``timeout_s`` passed first."""
         if mark is not None:
             with self._lock:
@@ -108,7 +109,7 @@ class _Worker:
         time.sleep(0.3)
         return True
 
-    def _take_controls(self) -> list[dict]:
+    def _take_controls(self) -> list:
         with self._lock:
             msgs, self._controls = self._controls, []
         return msgs
@@ -145,15 +146,17 @@ class _Worker:
             rows.append(self._live())
         return rows
 
-    def control(self, msg: dict) -> None:
-        if "abort" in msg:  # a peer was lost: whatever collective the job's thread waits in fails now
+    def control(self, msg: object) -> None:
+        """``Abort`` and ``Flushed`` are for this actor; any other message is queued for
+        the rank's function (``ctx.controls``)."""
+        if isinstance(msg, Abort):
             from cluster.dist import abort_process_group
 
             abort_process_group(destroy=False)  # the job's thread leaves the group itself, once out of it
             return
         with self._lock:
-            if "flushed" in msg:  # the answer to a flush mark, not a message for the rank's function
-                self._stored_mark = max(self._stored_mark, msg["flushed"])
+            if isinstance(msg, Flushed):
+                self._stored_mark = max(self._stored_mark, msg.mark)
                 self._stored.notify_all()
             else:
                 self._controls.append(msg)
@@ -260,7 +263,7 @@ class WorkerGroup:
         re-form (a threaded actor may reorder calls)."""
         self._t_heal = time.perf_counter()
         ray.kill(self.actors[lost], no_restart=True)
-        ray.wait([a.control.remote({"abort": True}) for r, a in enumerate(self.actors) if r != lost],
+        ray.wait([a.control.remote(Abort()) for r, a in enumerate(self.actors) if r != lost],
                  num_returns=len(self.actors) - 1, timeout=10)
 
     def heal(self, lost: list[int], *, shrink: bool) -> list[int]:
@@ -329,8 +332,8 @@ class WorkerGroup:
                 pass  # a dead worker shows up in its run() result
         return rows
 
-    def control(self, msg: dict) -> None:
-        """Send ``msg`` to every rank (fire and forget; ranks apply it at msg['step'])."""
+    def control(self, msg: object) -> None:
+        """Send ``msg`` to every rank's actor (fire and forget; see ``_Worker.control``)."""
         for a in self.actors:
             a.control.remote(msg)
 

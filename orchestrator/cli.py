@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", help="registered strategy name (see `polytrain strategies`)")
     r.add_argument("--workers", type=int, help="number of ranks (default 1)")
     r.add_argument("--steps", type=int, help="optimizer steps (default 100)")
-    r.add_argument("--storage", help="folder or fsspec URL for run folders (default ./runs)")
+    r.add_argument("--storage", help="folder or fsspec URL for run folders (default ~/polytrain_results)")
     r.add_argument("--run-id", dest="run_id", help="run folder name (default: generated)")
     r.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, metavar="N",
                    help="write a sharded checkpoint every N steps (default: never)")

@@ -104,6 +104,9 @@ class ClusterSpec(BaseModel):
     placement_timeout_s: float = Field(60, gt=0, description="how long to wait for the workers to be placed")
 
 
+DEFAULT_STORAGE = "~/polytrain_results"
+
+
 class FailureSpec(BaseModel):
     """What the controller does when a worker dies, hangs or produces a NaN loss."""
 
@@ -122,6 +125,13 @@ class FailureSpec(BaseModel):
     nan: Literal["skip", "rollback", "fail"] = Field(
         "skip", description="a non-finite loss: skip the update, roll back to the last snapshot, or fail the run")
     max_nan_steps: int = Field(5, ge=1, description="nan='skip': fail the run after this many non-finite steps in a row")
+
+    def heal_mode(self, strategy_heal: str) -> str:
+        """How a lost worker is recovered: in place, the strategy's own way
+        (``Strategy.heal``: "peer", "snapshot"), where healing is on and a failure may
+        be retried; else "restart". The driver's spare, the ranks' abort hooks and the
+        controller's decision all ask this."""
+        return strategy_heal if self.heal and self.max_failures > 0 else "restart"
 
 
 class StragglerSpec(BaseModel):
@@ -158,7 +168,8 @@ class JobSpec(BaseModel):
     )
     grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds model init and data order (0..2**32-1, numpy's range)")
-    storage: str = Field("./runs", validate_default=True,
+    # a fixed place in the home folder (as Ray Train's ~/ray_results), never the current folder unasked
+    storage: str = Field(DEFAULT_STORAGE, validate_default=True,
                          description="folder or fsspec URL under which the run folder is written")
     run_id: str | None = Field(None, description="run folder name (letters, digits, '.', '_', '-'; "
                                "not '.' or '..'); default: generated")

@@ -22,11 +22,12 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
+from cluster.controls import Flushed
 from cluster.faults import Injection
 from orchestrator.config import JobSpec
 from orchestrator.errors import RunFailed, SnapshotLost, is_echo
 from orchestrator.messages import (
-    Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Message, Row, SnapshotPart,
+    Attempt, Begin, Broken, Committing, Drop, Event, Flush, Injected, Live, Message, Row, Shares, SnapshotPart,
 )
 from orchestrator.metrics import MetricsLog, samples_mean
 from orchestrator.policies import (
@@ -47,7 +48,7 @@ class Group(Protocol):
 
     def poll(self) -> GroupStatus: ...
 
-    def control(self, msg: dict) -> None: ...
+    def control(self, msg: object) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -254,9 +255,9 @@ class Controller:
         """How this failure can heal in place (``Strategy.heal``), "restart" where it
         cannot: healing switched off, a group without ``heal``, or a rank other than
         the lost one whose function ended (it waits for no re-form)."""
-        if not self.spec.failure.heal or not hasattr(self.group, "heal") or set(self._errors) - {outcome.rank}:
+        if not hasattr(self.group, "heal") or set(self._errors) - {outcome.rank}:
             return "restart"
-        return self.spec.strategy_cls().heal
+        return self.spec.failure.heal_mode(self.spec.strategy_cls().heal)
 
     def _recover(self, outcome: Failure | _Evict | _HealStalled) -> None:
         world = self._world_before = self.attempt.world
@@ -469,7 +470,7 @@ class Controller:
         if due:
             self._flush_marks = [m for m in self._flush_marks if m > self.completed]
             self.log.sync()
-            group.control({"flushed": max(due)})
+            group.control(Flushed(mark=max(due)))
 
     def _absorb(self, msg: Message, group: Group) -> None:
         match msg:
@@ -598,7 +599,7 @@ class Controller:
         if d.action == "rebalance":
             st.shares = d.shares
             self.attempt = replace(self.attempt, shares=list(d.shares))
-            group.control({"step": at, "shares": list(d.shares)})
+            group.control(Shares(step=at, shares=tuple(d.shares)))
         else:
             st.drop = d.drop
-            group.control({"step": at, "drop": list(d.drop)})
+            group.control(Drop(step=at, ranks=tuple(d.drop)))

@@ -163,7 +163,7 @@ class RayGroup:
         self._held: list = []  # reports read while healing, for the controller's next poll
         self._broke: set[tuple[int, int]] = set()  # (attempt, rank) of every Broken read: out of its collective
         # a spare worker for heals, when a failure can heal in place
-        self.spares = spec.failure.heal and spec.failure.max_failures > 0 and spec.strategy_cls().heal != "restart"
+        self.spares = spec.failure.heal_mode(spec.strategy_cls().heal) != "restart"
 
     def start(self, attempt: Attempt) -> None:
         from cluster.worker_group import WorkerGroup
@@ -254,7 +254,7 @@ class RayGroup:
                 time.sleep(0.05)
         return sorted(waiting)
 
-    def control(self, msg: dict) -> None:
+    def control(self, msg: object) -> None:
         self.wg.control(msg)
 
     def shutdown(self) -> None:

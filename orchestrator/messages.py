@@ -105,7 +105,8 @@ class Committing:
 @dataclass(frozen=True, kw_only=True)
 class Flush:
     """Rank 0 waits to commit the checkpoint of step ``mark`` until the driver has
-    stored every rank's rows up to it, and answers with the control ``{"flushed": m}``, m >= mark."""
+    stored every rank's rows up to it, and answers with the control ``cluster.controls.Flushed``
+    (its mark >= this one)."""
 
     mark: int
 
@@ -133,3 +134,25 @@ class Broken:
 
 
 Message = Begin | Live | Row | Event | Injected | Committing | Flush | SnapshotPart | Broken
+
+
+# -- from the driver to every rank's trainer (``Group.control``), applied at ``step`` on each --
+
+@dataclass(frozen=True, kw_only=True)
+class Shares:
+    """From ``step`` on, each data-parallel replica takes ``shares[r]`` samples of the
+    global batch (straggler ``rebalance``)."""
+
+    step: int
+    shares: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Drop:
+    """At ``step``, the gradients of ``ranks`` are left out of the update (straggler ``backup``)."""
+
+    step: int
+    ranks: tuple[int, ...]
+
+
+Control = Shares | Drop

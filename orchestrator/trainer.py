@@ -21,7 +21,9 @@ from cluster.dist import init_process_group, pick_device, stop_compute_on_abort
 from orchestrator.checkpoint import Checkpointer, committed, restore, restore_snapshot, snapshot_files
 from orchestrator.config import JobSpec
 from orchestrator.errors import SnapshotLost, is_echo  # SnapshotLost: also importable from here, its old home
-from orchestrator.messages import Attempt, Begin, Broken, Committing, Event, Flush, Injected, Live, Row, SnapshotPart  # Attempt: as before
+from orchestrator.messages import (  # Attempt: as before
+    Attempt, Begin, Broken, Committing, Control, Drop, Event, Flush, Injected, Live, Row, Shares, SnapshotPart,
+)
 from strategies import STRATEGIES, Strategy, StrategyContext
 from workloads import WORKLOADS, SampleSource, ShardedLoader, Workload, split_max
 from workloads.plugins import is_ref
@@ -106,7 +108,7 @@ class RankTrainer:
             shares=shares,  # per data-parallel replica
         )
         self.dropped: set[int] = set()  # ranks whose gradient this step leaves out (backup workers)
-        self._pending: list[dict] = []  # controls not yet due
+        self._pending: list[Control] = []  # controls not yet due
         self.tokens_per_sample = workload.tokens_per_sample()
         self.micro_batch = spec.micro_batch  # resolved once: it builds the strategy's options
         self.eval_batches = self._eval_batches(workload, replica, replicas, source)
@@ -176,22 +178,23 @@ class RankTrainer:
         self.report(Injected(rank=self.rank, step=step, injection=inj))
 
     # -- controls from the driver ------------------------------------------------------------
-    def control(self, msg: dict) -> None:
-        """Queue a change that takes effect at step ``msg['step']`` on every rank:
-        ``shares`` (samples per data-parallel replica) and ``drop`` (ranks whose gradient is left out)."""
-        if msg["step"] <= self.step:
-            raise RuntimeError(f"control for step {msg['step']} arrived at step {self.step}: the driver's margin "
+    def control(self, msg: Control) -> None:
+        """Queue a change that takes effect at step ``msg.step`` on every rank:
+        ``Shares`` (samples per data-parallel replica) or ``Drop`` (ranks whose gradient is left out)."""
+        if msg.step <= self.step:
+            raise RuntimeError(f"control for step {msg.step} arrived at step {self.step}: the driver's margin "
                                f"was too small; this rank cannot apply it in step with its peers")
         self._pending.append(msg)
 
     def _apply_controls(self, step: int) -> None:
-        due = [m for m in self._pending if m["step"] == step]
-        self._pending = [m for m in self._pending if m["step"] != step]
+        due = [m for m in self._pending if m.step == step]
+        self._pending = [m for m in self._pending if m.step != step]
         for m in due:
-            if "shares" in m:
-                self.loader.set_shares(m["shares"])
-            if "drop" in m:
-                self.dropped = set(m["drop"])
+            match m:
+                case Shares():
+                    self.loader.set_shares(list(m.shares))
+                case Drop():
+                    self.dropped = set(m.ranks)
 
     def _grad_weight(self) -> float:
         """This rank's weight in the gradient average, relative to an even split:
@@ -258,7 +261,7 @@ class RankTrainer:
         }
 
     def run(self, report: Callable[[object], None], checkpointer: Checkpointer | None = None,
-            snapshot: Callable[[int], None] | None = None, controls: Callable[[], list[dict]] = lambda: []) -> None:
+            snapshot: Callable[[int], None] | None = None, controls: Callable[[], list[Control]] = lambda: []) -> None:
         while self.step < self.spec.steps:
             for msg in controls():
                 self.control(msg)
@@ -436,7 +439,7 @@ def _run_attempt(ctx, spec: JobSpec, job: tuple[Workload, type[Strategy], Sample
                  attempt: Attempt, ckpt_meta: dict, survivor: _PeerLost | None) -> dict:
     workload, strategy_cls, source = job
     t0 = time.perf_counter()
-    heals = spec.failure.heal and strategy_cls.heal != "restart" and ctx.world > 1  # in place, in this process
+    heals = spec.failure.heal_mode(strategy_cls.heal) != "restart" and ctx.world > 1  # in place, in this process
     if heals:
         stop_compute_on_abort()  # a heal's abort ends a doomed step now, not at its end
     device = pick_device(ctx.local_rank) if spec.cluster.gpus_per_worker > 0 else torch.device("cpu")

@@ -44,10 +44,11 @@ if __name__ == "__main__":
     import argparse
 
     from orchestrator import JobSpec, run
+    from orchestrator.config import DEFAULT_STORAGE
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--storage", default="./runs")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
     a = p.parse_args()
     result = run(JobSpec(workload="sine-mlp", strategy="ddp", workers=2, steps=a.steps, storage=a.storage,
                          optim={"lr": 1e-2, "warmup_steps": 10}))

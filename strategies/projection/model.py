@@ -286,8 +286,10 @@ def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, 
     # the optimizer steps the shard a rank holds (ZeRO: every stage shards it); demo's step replaces AdamW
     step_s = profile.outer_s.get("demo", profile.optim_s) if job.outer == "demo" else profile.optim_s
     optim = step_s * target.slowdown(L.world) / (L.world if job.zero else ways)
-    # a compressor's own compute, and the step's cost beyond micro-batches and optimizer
-    optim += (profile.outer_s.get(job.strategy, 0.0) + profile.fixed_s) * target.slowdown(L.world)
+    # a compressor's own compute (not demo's again: its step is the one above), and the step's
+    # cost beyond micro-batches and optimizer
+    own = profile.outer_s.get(job.strategy, 0.0) if job.strategy != job.outer else 0.0
+    optim += (own + profile.fixed_s) * target.slowdown(L.world)
     compute = m * (fwd + bwd) + optim
     comm = _sequence_comm(profile, job, net) if L.sp > 1 else 0.0
     if sharded:

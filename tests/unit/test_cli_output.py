@@ -77,7 +77,7 @@ def test_pipeline_show_run_needs_out_and_a_timeline(tmp_path, monkeypatch, capsy
 
 
 def test_gitignore_covers_what_the_readme_commands_write():
-    """Every `--out X` of the README's tour and the default ./runs stay out of `git status`."""
+    """Every `--out X` of the README's tour and a `--storage runs` stay out of `git status`."""
     import os
     import shutil
     import subprocess

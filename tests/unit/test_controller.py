@@ -8,7 +8,7 @@ from orchestrator.config import JobSpec
 from orchestrator.controller import (
     Controller, ControllerOptions, GroupStatus, RunFailed, laggard, presumed_fired, renumber, root_cause,
 )
-from orchestrator.messages import Attempt, Begin, Broken, Live, Row, SnapshotPart
+from orchestrator.messages import Attempt, Begin, Broken, Drop, Live, Row, Shares, SnapshotPart
 from orchestrator.metrics import MetricsLog
 from orchestrator.policies import (
     Failure, FailurePolicy, StragglerPolicy, StragglerState, hang_deadline_s, per_replica,
@@ -45,8 +45,8 @@ class FakeGroup:
             return GroupStatus()
         nxt = self.step + 1
         for c in self.controls:
-            if c["step"] == nxt and "shares" in c:
-                self.shares = c["shares"]
+            if isinstance(c, Shares) and c.step == nxt:
+                self.shares = list(c.shares)
         what = self.script(self.a, nxt)
         if what and what[0] == "error":
             return GroupStatus(errors={what[1]: what[2], **({0: "rank 0 failed: gloo: Connection closed by peer"}
@@ -425,8 +425,8 @@ def test_rebalance_gives_the_slow_rank_a_smaller_share(tmp_path):
     ctl, attempts, group, log = make(tmp_path, steps=30, inject=["slow:rank=1,factor=3"],
                                      straggler={"mitigation": "rebalance", "patience": 3, "window": 4})
     ctl.run()
-    msg = next(c for c in group.controls if "shares" in c)
-    assert msg["shares"] == [6, 2] and msg["step"] > 4  # 3x slower -> a quarter of the batch
+    msg = next(c for c in group.controls if isinstance(c, Shares))
+    assert msg.shares == (6, 2) and msg.step > 4  # 3x slower -> a quarter of the batch
     assert "straggler" in kinds(log) and "decision:rebalance" in kinds(log)
 
 
@@ -434,7 +434,7 @@ def test_backup_drops_the_late_gradient(tmp_path):
     ctl, _, group, _ = make(tmp_path, world=4, steps=30, inject=["slow:rank=2,factor=4"],
                             straggler={"mitigation": "backup", "patience": 3, "window": 4})
     ctl.run()
-    assert next(c for c in group.controls if "drop" in c)["drop"] == [2]
+    assert next(c for c in group.controls if isinstance(c, Drop)).ranks == (2,)
 
 
 def test_evict_restarts_without_the_straggler(tmp_path):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cluster.controls import Flushed
 from orchestrator import checkpoint
 from orchestrator.config import JobSpec
 from orchestrator.controller import Controller, GroupStatus
@@ -216,7 +217,7 @@ def test_the_commit_waits_until_every_ranks_rows_are_stored(folder):
     log = MetricsLog(folder, run_id="r", workload="w", strategy="ddp", scenario="local", flush_every_s=3600)
     Controller(spec, lambda: group, log, Progress(1, enabled=False, stream=io.StringIO()),
                first=Attempt(world=2)).run()
-    assert group.answers == [(2, {"flushed": 1}, [(1, 0), (1, 1)], ["checkpoint"])]
+    assert group.answers == [(2, Flushed(mark=1), [(1, 0), (1, 1)], ["checkpoint"])]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant

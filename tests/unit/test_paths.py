@@ -38,3 +38,13 @@ def test_generated_run_id_of_a_file_plugin_is_short_and_reads_back(tmp_path):
     assert "/" not in spec.run_id and ":" not in spec.run_id
     again = JobSpec(**__import__("yaml").safe_load(spec.to_yaml()))  # what submit ships and the cluster reads
     assert again.run_id == spec.run_id and again.workload.name == spec.workload.name
+
+
+def test_the_default_storage_is_in_the_home_folder_never_the_current_one(tmp_path, monkeypatch):
+    """Commands write only where the user said; unsaid, run folders go to one fixed place
+    (as Ray Train's ~/ray_results), resolved on the driver."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    storage = JobSpec(workload="gpt-tiny", strategy="ddp").storage
+    assert storage == str(tmp_path / "home" / "polytrain_results")
+    assert os.listdir(tmp_path) == []

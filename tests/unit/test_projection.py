@@ -108,6 +108,21 @@ def test_sharded_memory_and_bytes_against_the_formulas():
     assert p.param_bytes_per_rank == 3 * size // n and p.state_bytes_per_rank == 4 * 3 * size // n
 
 
+def test_a_methods_own_step_compute_is_counted_once():
+    """DeMo's step (DCT, top-k, sign) replaces AdamW's; PowerSGD's products come on top of
+    AdamW's. (DeMo's counted twice over-predicted its 2-worker rows by 25-47 %.)"""
+    from dataclasses import replace
+
+    prof = replace(_profile(2, f=0.1, b=0.1, w=0.1, param_bytes=1024), optim_s=0.05,
+                   outer_s={"demo": 0.3, "powersgd": 0.2})
+    compute = {s: predict(prof, Job(strategy=s, layout=Layout(dp=2), microbatches=1,
+                                    outer="demo" if s == "demo" else "none"), _flat(1e6, 0.0)).compute_s
+               for s in ("ddp", "demo", "powersgd")}
+    assert compute["ddp"] == pytest.approx(0.6 + 0.05)
+    assert compute["demo"] == pytest.approx(0.6 + 0.3)
+    assert compute["powersgd"] == pytest.approx(0.6 + 0.05 + 0.2)
+
+
 def test_crossovers_mark_where_one_strategy_overtakes_another():
     series = {"a": [(1, 1.0), (2, 2.0), (4, 4.0)], "b": [(1, 3.0), (2, 3.0), (4, 3.0)]}
     (n, t, winner, loser), = crossovers(series)
