@@ -33,8 +33,8 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
     and 2 micro-batches: the difference is one micro-batch, the rest a step's
     fixed cost). Real steps and the methods' own compute are the median of their
     repeats, the statistic of the measured step time a projection is checked against:
-    this machine's speed drifts by a third between identical steps, and the fastest
-    of a few under-predicted every row by 10-25 %."""
+    this machine's speed drifts between identical steps, whose fastest of 4 was
+    10-33 % below their median."""
     import numpy as np
     import torch
     from torch import nn
@@ -86,7 +86,7 @@ def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[flo
     """Real training steps of ``single`` (the job's own loop, data, loss and clipping)
     on 1 and on 2 micro-batches, alternated after a warm-up step of each: (the median
     step on 1, the median of the paired differences 2 - 1, one micro-batch's cost).
-    Paired neighbours see the same machine speed; this machine's drifts by a third
+    Paired neighbours see the same machine speed; this machine's drifts
     within minutes, and the difference of two medians taken apart varied 3-fold."""
     import statistics
 
