@@ -351,22 +351,39 @@ class Comm:
     def isend(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a send and return at once; ``wait()`` on the returned Work (timed)
         before reusing ``tensor``. In flight from posting until that wait returns:
-        gloo's point-to-point Works have no completion future to end it sooner."""
-        return self._p2p(lambda: dist.isend(tensor, self.global_rank(peer), group=self.group),
-                         nbytes(tensor), 0, "send", (peer,))
+        gloo's point-to-point Works have no completion future to end it sooner.
+        Under a simulated network the send's time travels with it (``irecv``)."""
+        return self._p2p(tensor, peer, send=True)
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
         """Post a receive into ``tensor`` and return at once; its ``wait()`` is
-        counted as time blocked (a pipeline's idle time waiting for its input)."""
-        return self._p2p(lambda: dist.irecv(tensor, self.global_rank(peer), group=self.group),
-                         0, nbytes(tensor), "recv", (peer,))
+        counted as time blocked (a pipeline's idle time waiting for its input).
+        Under a simulated network it lasts until the network's time has passed
+        since the message was *sent*: a receive posted ahead of the send (a
+        pipeline's next input) does not absorb the delay while the sender computes."""
+        return self._p2p(tensor, peer, send=False)
 
-    def _p2p(self, post, sent: int, received: int, op: str, peers: tuple[int, ...]) -> dist.Work:
-        """Post point-to-point work; in flight until its wait (gloo's p2p Works have no future)."""
-        ranks = self._ranks(peers)
+    def _p2p(self, tensor: torch.Tensor, peer: int, *, send: bool) -> dist.Work:
+        """Post point-to-point work; in flight until its wait (gloo's p2p Works have no
+        future). With a floor, a one-number message follows each one: the sender's
+        clock (``time.time()``; a simulated cluster's ranks share one machine's) when
+        it posted, which the receiver's floor counts from. isend pairs with irecv."""
+        ranks = self._ranks((peer,))
         link = self._link(ranks)
+        n = nbytes(tensor)
+        sent, received, op = (n, 0, "send") if send else (0, n, "recv")
         self._last_launch = start = self._begin(sent, received, link, op)
-        return _EndsOnWait(post(), self, start + self._floor(op, sent, received, ranks), link)
+        floor = self._floor(op, sent, received, ranks)
+        post = dist.isend if send else dist.irecv
+        work = post(tensor, self.global_rank(peer), group=self.group)
+        if self._ledger.floor is None:
+            return _EndsOnWait(work, self, start + floor, link)
+        stamp = (torch.tensor([time.time()], dtype=torch.float64, device=tensor.device) if send
+                 else torch.empty(1, dtype=torch.float64, device=tensor.device))
+        works = _AllWork([work, post(stamp, self.global_rank(peer), group=self.group)], keep=stamp)
+        if send:
+            return _EndsOnWait(works, self, start + floor, link)
+        return _EndsOnWait(works, self, link=link, arrives=lambda: stamp.item() + floor)
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  *, async_op: bool = False):
@@ -381,8 +398,12 @@ class Comm:
         received = sum(nbytes(t) for t, _ in recvs)
 
         peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
-        if async_op:
-            return self._p2p(lambda: _AllWork(dist.batch_isend_irecv(ops)), sent, received, "exchange", peers)
+        if async_op:  # both sides post at once: the floor counts from the posting
+            ranks = self._ranks(peers)
+            link = self._link(ranks)
+            self._last_launch = start = self._begin(sent, received, link, "exchange")
+            return _EndsOnWait(_AllWork(dist.batch_isend_irecv(ops)), self,
+                               start + self._floor("exchange", sent, received, ranks), link)
 
         def call(_async: bool):
             for w in dist.batch_isend_irecv(ops):
@@ -432,15 +453,19 @@ class _EndsOnWait(dist.Work):
     simulated network's ``done_by``, and ends the call's in-flight interval. Only
     the first wait() reaches gloo, whose point-to-point Works must be waited once."""
 
-    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0, link: str = "intra"):
+    def __init__(self, work: dist.Work, comm: Comm, done_by: float = 0.0, link: str = "intra",
+                 arrives: Callable[[], float] | None = None):
         super().__init__()
         self._work, self._comm, self._done_by, self._open, self._link = work, comm, done_by, True, link
+        self._arrives = arrives  # a receive under a floor: when the message may arrive (time.time())
 
     def wait(self, timeout=None) -> bool:
         if not self._open:
             return True
         t0 = time.perf_counter()
         done = self._work.wait() if timeout is None else self._work.wait(timeout)
+        if self._arrives is not None:
+            self._done_by = time.perf_counter() + self._arrives() - time.time()
         self._comm._hold(self._done_by)
         self._comm.add_wait(time.perf_counter() - t0)
         self._open = False
@@ -452,11 +477,11 @@ class _EndsOnWait(dist.Work):
 
 
 class _AllWork(dist.Work):
-    """Several Works as one: done when all are."""
+    """Several Works as one: done when all are (``keep``: a tensor they send or fill)."""
 
-    def __init__(self, works: list):
+    def __init__(self, works: list, keep: torch.Tensor | None = None):
         super().__init__()
-        self._works = works
+        self._works, self._keep = works, keep
 
     def wait(self, timeout=None) -> bool:
         for w in self._works:

@@ -143,6 +143,41 @@ def test_isend_irecv_counted_and_the_wait_is_idle(tmp_path):
     assert receiver["stats"]["comm_s"] > 0.2  # in flight from posting to the wait's return
 
 
+def posted_ahead(rank: int, world: int) -> dict:
+    """Under a simulated network (0.3 s a message), rank 1 posts its receive at once and
+    rank 0 sends 0.5 s later, twice (a pipeline's Mailbox keeps its next receive posted)."""
+    import time
+
+    comm = Comm()
+    comm.set_floor(lambda op, sent, received, ranks: 0.3)
+    t0 = time.perf_counter()
+    took = []
+    for i in range(2):
+        if rank == 0:
+            time.sleep(0.5)
+            comm.isend(torch.full((10,), float(i)), 1).wait()
+        else:
+            buf = torch.empty(10)
+            work = comm.irecv(buf, 0)
+            work.wait()
+            assert buf.tolist() == [float(i)] * 10
+        took.append(time.perf_counter() - t0)
+    stats = comm.take_stats()
+    return {"took": took, "bytes": (stats.bytes_sent, stats.bytes_received), "calls": stats.calls}
+
+
+def test_a_receive_posted_ahead_pays_the_network_from_the_send(tmp_path):
+    """The floor of a message counts from its send, not from the receive's posting: a
+    receive posted ahead used to absorb it while the sender was still computing (the
+    message sent at 0.5 s arrived at 0.5 s, not 0.8 s). The send's time is not counted
+    as bytes or calls."""
+    sender, receiver = run_ranks(posted_ahead, 2, tmp_path)
+    first, second = receiver["took"]
+    assert 0.78 < first < 1.2 and 0.78 < second - sender["took"][0] < 1.2, (receiver, sender)
+    assert sender["bytes"] == (80, 0) and receiver["bytes"] == (0, 80)
+    assert sender["calls"] == receiver["calls"] == 2
+
+
 def async_ring_exchange(rank: int, world: int) -> dict:
     """exchange(async_op=True) on gloo (whose point-to-point Works have no future)."""
     comm = Comm()
