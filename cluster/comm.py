@@ -364,26 +364,33 @@ class Comm:
         return self._p2p(tensor, peer, send=False)
 
     def _p2p(self, tensor: torch.Tensor, peer: int, *, send: bool) -> dist.Work:
-        """Post point-to-point work; in flight until its wait (gloo's p2p Works have no
-        future). With a floor, a one-number message follows each one: the sender's
-        clock (``time.time()``; a simulated cluster's ranks share one machine's) when
-        it posted, which the receiver's floor counts from. isend pairs with irecv."""
-        ranks = self._ranks((peer,))
-        link = self._link(ranks)
-        n = nbytes(tensor)
+        """``isend``/``irecv``. With a floor, a one-number message follows each one: the
+        sender's clock (``time.time()``; a simulated cluster's ranks share one
+        machine's) when it posted, which the receiver's floor counts from. isend
+        pairs with irecv."""
+        n, to = nbytes(tensor), self.global_rank(peer)
         sent, received, op = (n, 0, "send") if send else (0, n, "recv")
-        self._last_launch = start = self._begin(sent, received, link, op)
-        floor = self._floor(op, sent, received, ranks)
         post = dist.isend if send else dist.irecv
-        work = post(tensor, self.global_rank(peer), group=self.group)
         if self._ledger.floor is None:
-            return _EndsOnWait(work, self, start + floor, link)
+            return self._posted(lambda: post(tensor, to, group=self.group), sent, received, op, (peer,))
         stamp = (torch.tensor([time.time()], dtype=torch.float64, device=tensor.device) if send
                  else torch.empty(1, dtype=torch.float64, device=tensor.device))
-        works = _AllWork([work, post(stamp, self.global_rank(peer), group=self.group)], keep=stamp)
-        if send:
-            return _EndsOnWait(works, self, start + floor, link)
-        return _EndsOnWait(works, self, link=link, arrives=lambda: stamp.item() + floor)
+        both = lambda: _AllWork([post(tensor, to, group=self.group), post(stamp, to, group=self.group)],  # noqa: E731
+                                keep=stamp)
+        return self._posted(both, sent, received, op, (peer,), sent_at=None if send else stamp.item)
+
+    def _posted(self, post, sent: int, received: int, op: str, peers: tuple[int, ...], *,
+                sent_at: Callable[[], float] | None = None) -> dist.Work:
+        """Post point-to-point work; in flight until its wait (gloo's p2p Works have no
+        future). The floor counts from the posting, or from ``sent_at()`` (the sender's
+        clock, known once the work is done)."""
+        ranks = self._ranks(peers)
+        link = self._link(ranks)
+        self._last_launch = start = self._begin(sent, received, link, op)
+        floor = self._floor(op, sent, received, ranks)
+        if sent_at is None:
+            return _EndsOnWait(post(), self, start + floor, link)
+        return _EndsOnWait(post(), self, link=link, arrives=lambda: sent_at() + floor)
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  *, async_op: bool = False):
@@ -399,11 +406,7 @@ class Comm:
 
         peers = tuple(sorted({p for _, p in sends} | {p for _, p in recvs}))
         if async_op:  # both sides post at once: the floor counts from the posting
-            ranks = self._ranks(peers)
-            link = self._link(ranks)
-            self._last_launch = start = self._begin(sent, received, link, "exchange")
-            return _EndsOnWait(_AllWork(dist.batch_isend_irecv(ops)), self,
-                               start + self._floor("exchange", sent, received, ranks), link)
+            return self._posted(lambda: _AllWork(dist.batch_isend_irecv(ops)), sent, received, "exchange", peers)
 
         def call(_async: bool):
             for w in dist.batch_isend_irecv(ops):
