@@ -8,7 +8,10 @@ activations of one rank's share of the model: F adds ``mem``, B releases all but
 """
 from __future__ import annotations
 
+import heapq
+
 from dataclasses import dataclass, field
+from typing import Callable
 
 from strategies.pipeline.actions import Action, Op, Schedule, ScheduleError, dependencies, done_key
 
@@ -61,51 +64,82 @@ class SimResult:
         return max(self.span)
 
 
-def simulate(schedule: Schedule, costs: list[StageCost]) -> SimResult:
+def simulate(schedule: Schedule, costs: list[StageCost], *, slowdown: Callable[[int], float] | None = None,
+             copies: int = 1) -> SimResult:
     """Times of every action; raises ScheduleError on a deadlock (naming the
-    first stuck rank, its step and what it waits for)."""
+    first stuck rank, its step and what it waits for).
+
+    ``slowdown(n)``: how many times longer an action takes while ``n`` actions
+    run at once on the machine (ranks sharing its cores: processor sharing, so
+    a rank waiting in its bubble leaves its share to the busy ones); ``copies``
+    of the schedule run alongside in step (a pipeline's data-parallel replicas),
+    each running action counting ``copies`` times. None: every rank has a core
+    of its own, an action takes its cost."""
     S = schedule.n_stages
     if len(costs) != S:
         raise ValueError(f"{len(costs)} stage costs for a schedule of {S} stages")
     dur = [{op: c.duration(op) for op in Op} for c in costs]
-    place = schedule.placement
+    place, acts = schedule.placement, schedule.ranks
     ends: dict[tuple[int, str, int], float] = {}
     waiting: dict[tuple[int, str, int], list[int]] = {}
     free = [0.0] * schedule.n_ranks
     pos = [0] * schedule.n_ranks
     times: list[list[tuple[Action, float, float]]] = [[] for _ in range(schedule.n_ranks)]
-    crossings = 0
-    work = list(range(schedule.n_ranks))
-    while work:
-        r = work.pop()
-        acts = schedule.ranks[r]
-        while pos[r] < len(acts):
-            a = acts[pos[r]]
+    # processor sharing: every running action advances alike, so each finishes when the
+    # work done by any one since time 0 (``work``) reaches its start's plus its cost
+    running: list[tuple[float, int, float]] = []  # heap of (work at which it ends, rank, start)
+    ready: list[tuple[float, int]] = []  # heap of (when it may start, rank): its inputs all made
+    crossings, t, work = 0, 0.0, 0.0
+    check = list(range(schedule.n_ranks))
+    while True:
+        for r in check:  # ranks just freed, or whose missing input was just made
+            if pos[r] == len(acts[r]):
+                continue
+            a = acts[r][pos[r]]
             deps = dependencies(a, S)
             missing = next((d for d in deps if d not in ends), None)
             if missing is not None:
                 waiting.setdefault(missing, []).append(r)
-                break
+                continue
             start = free[r]
             for d in deps:
-                t = ends[d]
+                at = ends[d]
                 if place[d[0]] != r:
                     crossings += 1
-                    t += costs[min(d[0], a.stage)].comm
-                if t > start:
-                    start = t
-            end = start + dur[a.stage][a.op]
-            times[r].append((a, start, end))
-            free[r] = end
+                    at += costs[min(d[0], a.stage)].comm
+                start = max(start, at)
+            heapq.heappush(ready, (start, r))
+        check = []
+        while ready and ready[0][0] <= t:
+            at, r = heapq.heappop(ready)
+            a = acts[r][pos[r]]
+            heapq.heappush(running, (work + dur[a.stage][a.op], r, at))
+        if not running:
+            if not ready:
+                break
+            t = ready[0][0]
+            continue
+        k = slowdown(copies * len(running)) if slowdown else 1.0
+        if ready and ready[0][0] - t < (running[0][0] - work) * k:  # a start comes first
+            work += (ready[0][0] - t) / k
+            t = ready[0][0]
+            continue
+        t += (running[0][0] - work) * k
+        work = running[0][0]
+        while running and running[0][0] <= work + 1e-12 * max(1.0, work):
+            _, r, start = heapq.heappop(running)
+            a = acts[r][pos[r]]
+            times[r].append((a, start, t))
+            free[r] = t
             key = done_key(a)
-            ends[key] = end
+            ends[key] = t
             pos[r] += 1
-            if key in waiting:
-                work.extend(waiting.pop(key))
-    stuck = [r for r in range(schedule.n_ranks) if pos[r] < len(schedule.ranks[r])]
+            check.append(r)
+            check.extend(waiting.pop(key, ()))
+    stuck = [r for r in range(schedule.n_ranks) if pos[r] < len(acts[r])]
     if stuck:
         r = stuck[0]
-        a = schedule.ranks[r][pos[r]]
+        a = acts[r][pos[r]]
         need = [f"{s}{k}{j}" for s, k, j in dependencies(a, S) if (s, k, j) not in ends]
         raise ScheduleError(r, pos[r], f"deadlock: {a} waits for {' and '.join(need)}, which never runs")
     makespan = max((t[-1][2] for t in times if t), default=0.0)

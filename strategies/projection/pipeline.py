@@ -12,12 +12,12 @@ from strategies.pipeline.stages import partition
 from strategies.projection.model import Job, Net, Profile, Target
 
 
-def pipeline_stage_costs(profile: Profile, job: Job, target: Target, net: Net) -> tuple[list[StageCost], list[tuple[int, int]], tuple[int, ...]]:
-    """Per-stage simulator costs (compute slowed for the target, each boundary's
-    transfer time) and the cut, balanced by measured time as the pipeline's default."""
+def pipeline_stage_costs(profile: Profile, job: Job, net: Net) -> tuple[list[StageCost], list[tuple[int, int]], tuple[int, ...]]:
+    """Per-stage simulator costs (measured compute, each boundary's transfer time)
+    and the cut, balanced by measured time as the pipeline's default. The target
+    slows compute in the simulator (``shared``), by how many ranks compute at once."""
     from strategies.pipeline.generators import placement
 
-    k = target.slowdown(job.layout.world)
     n_stages = job.layout.pp * job.chunks
     bounds = partition([b.total for b in profile.blocks], n_stages)
     place = placement(job.schedule, job.layout.pp, job.chunks)
@@ -27,8 +27,8 @@ def pipeline_stage_costs(profile: Profile, job: Job, target: Target, net: Net) -
         blocks = profile.blocks[a:b]
         there = pp[place[min(s + 1, n_stages - 1)]]
         hop = net.wall("send", profile.act_bytes[b - 1], tuple(sorted({pp[place[s]], there})))
-        costs.append(StageCost(f=sum(x.f for x in blocks) * k, b=sum(x.b for x in blocks) * k,
-                               w=sum(x.w for x in blocks) * k, comm=hop, mem=1.0 / job.chunks))
+        costs.append(StageCost(f=sum(x.f for x in blocks), b=sum(x.b for x in blocks),
+                               w=sum(x.w for x in blocks), comm=hop, mem=1.0 / job.chunks))
     return costs, bounds, pp
 
 
@@ -38,9 +38,12 @@ def pipeline_step(profile: Profile, job: Job, target: Target, net: Net) -> tuple
 
     L, m = job.layout, job.microbatches
     sched = generate(job.schedule, L.pp, m, chunks=job.chunks)
-    costs, bounds, pp = pipeline_stage_costs(profile, job, target, net)
-    ideal = simulate(sched, [replace(c, comm=0.0) for c in costs])
-    real = simulate(sched, costs)
+    costs, bounds, pp = pipeline_stage_costs(profile, job, net)
+    # compute slowed by the ranks computing at that moment, every data-parallel copy alike:
+    # on shared cores a rank waiting in its bubble or for a transfer leaves its core to the rest
+    shared = dict(slowdown=target.slowdown, copies=L.dp)
+    ideal = simulate(sched, [replace(c, comm=0.0) for c in costs], **shared)
+    real = simulate(sched, costs, **shared)
     per_rank = [[s for s, r in enumerate(sched.placement) if r == rank] for rank in range(L.pp)]
     held = [sum(profile.param_bytes[i] for s in stages for i in range(*bounds[s])) for stages in per_rank]
     k = target.slowdown(L.world)

@@ -2,6 +2,7 @@
 scheduler, stage cutting, the B/W split and the charts (no processes)."""
 import itertools
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,6 +89,43 @@ def test_closed_forms_inside_their_conditions(f, b, w):
         assert _sim("1f1b", p, m, f, b, w).makespan == pytest.approx((m + p - 1) * (f + b + w))
         if w <= min(f, b):
             assert _sim("zb-h1", p, m, f, b, w).makespan == pytest.approx(m * (f + b + w) + (p - 1) * (f + b - w))
+
+
+def _cores(c):
+    """Processor sharing of ``c`` cores: n actions at once each take max(1, n / c) times their cost."""
+    return lambda n: max(1.0, n / c)
+
+
+@pytest.mark.parametrize("name", HANDCRAFTED)
+def test_shared_cores_change_nothing_while_every_rank_has_one(name):
+    for p, m in [(2, 4), (4, 8)]:
+        s = generate(name, p, m)
+        costs = uniform_costs(s, 1.0, 1.5, 0.7, comm=0.3)
+        alone, shared = simulate(s, costs), simulate(s, costs, slowdown=_cores(2 * p), copies=2)
+        assert shared.makespan == pytest.approx(alone.makespan)
+        assert shared.busy == pytest.approx(alone.busy)
+
+
+@pytest.mark.parametrize("name, p, m", [("1f1b", 2, 8), ("1f1b", 4, 8), ("zb-h1", 4, 8), ("gpipe", 3, 6)])
+def test_one_core_runs_the_whole_work_back_to_back(name, p, m):
+    """Without transfers some rank can always compute, so one core shared by every
+    rank (and every data-parallel copy) is never idle: the makespan is all the work."""
+    s = generate(name, p, m)
+    costs = uniform_costs(s, 1.0, 1.5, 0.5)
+    work = m * sum(c.f + c.b + c.w for c in costs)
+    assert simulate(s, costs, slowdown=_cores(1)).makespan == pytest.approx(work)
+    assert simulate(s, costs, slowdown=_cores(1), copies=2).makespan == pytest.approx(2 * work)
+
+
+def test_a_rank_in_its_bubble_leaves_its_core_to_the_busy_ones():
+    """GPipe, p=2, m=1, two ranks on one core: each action runs alone, at full speed
+    (slowing every action by the ranks, 2x, would double the step)."""
+    s = generate("gpipe", 2, 1)
+    costs = uniform_costs(s, 1.0, 1.0, 1.0)
+    shared = simulate(s, costs, slowdown=_cores(1))
+    assert shared.makespan == pytest.approx(simulate(s, costs).makespan) == pytest.approx(6.0)
+    slowed = simulate(s, [replace(c, f=2 * c.f, b=2 * c.b, w=2 * c.w) for c in costs])
+    assert slowed.makespan == pytest.approx(12.0)
 
 
 def test_zero_bubble_conditions():

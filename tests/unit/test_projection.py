@@ -76,6 +76,20 @@ def test_cores_shared_slow_compute_and_speed_speeds_it():
         pytest.approx(6.0 / 40)
 
 
+def test_a_pipeline_on_shared_cores_slows_only_while_ranks_compute_together():
+    """dp=2 x pp=2 (4 ranks) on 2 cores, GPipe, m=2, F=B=W=1 s a stage. Stage 0's
+    first F runs with only the other replica's beside it (2 actions, 2 cores: 1 s);
+    then F1 with stage 1's F0 (4 actions: 2 s); stage 1's F1 and first BW alone
+    (1 s, 2 s); both stages' BW together (4 s); stage 0's last BW alone (2 s).
+    Each rank computes 9 s of a 12 s step, not 2 x 6 s as if the ranks waiting
+    in their bubble still held a core (step 18 s)."""
+    prof = _profile(2, f=1.0, b=1.0, w=1.0)
+    job = Job(strategy="pipeline", layout=Layout(dp=2, pp=2), microbatches=2, schedule="gpipe")
+    alone, shared = predict(prof, job, _flat(1e6, 0.0)), predict(prof, job, Target(cores=2))
+    assert (alone.compute_s, alone.bubble_s) == pytest.approx((6.0, 3.0))  # (m + p - 1)(F + B + W) = 9
+    assert (shared.compute_s, shared.bubble_s) == pytest.approx((9.0, 3.0))
+
+
 @pytest.fixture(scope="module")
 def gpt():
     return WORKLOADS.get("gpt-tiny")()
