@@ -11,7 +11,8 @@ would be floored at) and each strategy's own structure:
   has produced it, overlapping the rest of that backward;
 - FSDP: per block, an all-gather before its forward and again before its
   backward for every micro-batch, the next block's gather prefetched under the
-  current block's compute, a reduce-scatter after the last backward; zero3:
+  current block's compute (not on this machine's CPU ranks, where FSDP2's calls
+  block), a reduce-scatter after the last backward; zero3:
   one gather per block and micro-batch, a reduce-scatter after each backward;
 - zero1/zero2: DeepSpeed's all-reduce of the gradients (zero2: after every
   micro-batch) and an all-gather of the updated shard after the step, not
@@ -293,7 +294,7 @@ def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, 
     compute = m * (fwd + bwd) + optim
     comm = _sequence_comm(profile, job, net) if L.sp > 1 else 0.0
     if sharded:
-        end = _gathered_step(profile, job, net, k, ways)
+        end = _gathered_step(profile, job, net, k, ways, overlapped=not target.cores)
         if job.shards and L.dp > 1 and job.outer == "none":  # HSDP: the shards all-reduced across dp after
             group = net.group("dp")
             end += net.call("all_reduce", ring_allreduce_bytes(total // ways, L.dp), group)
@@ -370,13 +371,16 @@ def _gossip(profile: Profile, job: Job, net: Net, compute: float) -> float:
     return max(0.0, t - compute) if job.options.get("overlap") else t
 
 
-def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int) -> float:
+def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int, *, overlapped: bool = True) -> float:
     """End of the step's compute and parameter traffic when every block's parameters
     are sharded. FSDP2: gathered before each forward and again before each backward
     of every micro-batch, the next block's gather prefetched while this one computes,
-    reduce-scattered after the last backward. ZeRO-3 (as DeepSpeed runs it here):
-    gathered once per micro-batch (they stay live through its backward), reduce-
-    scattered after every micro-batch's backward, no prefetch (``overlap_comm`` off)."""
+    reduce-scattered after the last backward. On this machine's CPU ranks
+    (``overlapped`` False) FSDP2 overlaps nothing: its gathers and reduce-scatters
+    are blocking calls on the thread that computes (on a GPU they run on their own
+    streams). ZeRO-3 (as DeepSpeed runs it here): gathered once per micro-batch
+    (they stay live through its backward), reduce-scattered after every
+    micro-batch's backward, no prefetch (``overlap_comm`` off)."""
     group = net.group("fsdp") if job.shards else net.group("dp")
     n, m, fsdp = len(profile.blocks), job.microbatches, not job.zero
     per_mb = 2 if fsdp else 1
@@ -391,11 +395,13 @@ def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int) ->
         started = t
         for j, (i, cost) in enumerate(order):
             if j < n or fsdp:  # the gather is issued when the previous block's compute starts (prefetch) or ends
-                comm_free = max(comm_free, started if fsdp else t) + gather[i]
+                comm_free = max(comm_free, started if fsdp and overlapped else t) + gather[i]
             started = max(t, comm_free)
             t = started + cost
             if j >= n and (mb == m - 1 or not fsdp):  # its gradient is complete: reduce-scatter it
                 comm_free = max(comm_free, t) + scatter[i]
+                if fsdp and not overlapped:
+                    t = comm_free
     return max(t, comm_free)
 
 
