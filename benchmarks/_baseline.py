@@ -1,4 +1,4 @@
-"""The same gpt-tiny DDP job written the plain way, for torchrun and Ray Train.
+"""The same gpt-tiny DDP job written the plain way, for torchrun, Ray Train and plain Ray actors.
 
 Same model, data stream, optimizer and batch as `polytrain run --strategy ddp`,
 with torch DDP's default all-reduce; rank 0 writes its step times as JSON.
@@ -66,6 +66,40 @@ def ray_train_main(steps: int, out: str, launched: float, workers: int) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     TorchTrainer(loop, train_loop_config={"steps": steps, "out": out, "launched": launched},
                  scaling_config=ScalingConfig(num_workers=workers, use_gpu=False)).fit()
+    ray.shutdown()
+
+
+def ray_actors_main(steps: int, out: str, launched: float, workers: int, child: bool) -> None:
+    """The loop in plain Ray actors, one per rank (no Ray Train, no polytrain): what a
+    Ray worker process costs a step. With ``child``, each actor runs it in a child
+    process of its own (torchrun's kind of process, under the actor)."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from cluster.dist import free_port
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(workers)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    @ray.remote(num_cpus=os.cpu_count() / workers)
+    class Rank:
+        def run(self, rank: int) -> None:
+            mine = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            if child:
+                subprocess.run([sys.executable, "-m", "benchmarks._baseline", "--steps", str(steps), "--out", out,
+                                "--launched", repr(launched)], check=True, cwd=root,
+                               env={**os.environ, **mine, "PYTHONPATH": root})
+                return
+            os.environ.update(mine)
+            dist.init_process_group("gloo")
+            ddp_loop(rank=rank, world=workers, steps=steps, out=out, launched=launched)
+            dist.destroy_process_group()
+
+    ranks = [Rank.remote() for _ in range(workers)]
+    ray.get([a.run.remote(r) for r, a in enumerate(ranks)])
     ray.shutdown()
 
 

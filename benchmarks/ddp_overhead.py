@@ -11,6 +11,9 @@ Then, for each built-in workload, polytrain's ddp alone: step time, bytes sent
 per rank per step, and time in communication (communication- vs compute-bound).
 
 Ray Train needs `pip install "ray[train]"`; it is skipped if it does not import.
+``--isolate`` adds the plain loop in Ray actors (``ray-actor``) and in a child
+process of each actor (``ray-child``): a Ray worker process's cost to a step,
+apart from Ray Train's and polytrain's.
 """
 from __future__ import annotations
 
@@ -72,6 +75,21 @@ def bench_ray_train(steps: int, workers: int, tmp: str) -> dict | None:
     return _from_json(out, wall)
 
 
+def _ray_actors(steps: int, workers: int, tmp: str, child: bool) -> dict:
+    out = os.path.join(tmp, "rayactors.json")
+    code = (f"from benchmarks._baseline import ray_actors_main; "
+            f"ray_actors_main({steps}, {out!r}, {time.time()!r}, {workers}, {child})")
+    return _from_json(out, _run([sys.executable, "-c", code]))
+
+
+def bench_ray_actor(steps: int, workers: int, tmp: str) -> dict:
+    return _ray_actors(steps, workers, tmp, child=False)
+
+
+def bench_ray_child(steps: int, workers: int, tmp: str) -> dict:
+    return _ray_actors(steps, workers, tmp, child=True)
+
+
 def per_workload(steps: int, workers: int) -> None:
     from orchestrator import JobSpec, compare
 
@@ -92,10 +110,17 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, help="runs per launcher; figures are medians over runs")
     p.add_argument("--no-workloads", action="store_true", help="skip the per-workload table")
+    p.add_argument("--isolate", action="store_true",
+                   help="also the plain loop in Ray actors (ray-actor) and in a child process of each actor "
+                        "(ray-child): what a Ray worker process costs a step, and what running the step "
+                        "outside it would give")
     a = p.parse_args()
     results: dict[str, list[dict]] = {}
     for _ in range(a.repeat):
-        for name, fn in (("torchrun", bench_torchrun), ("polytrain", bench_polytrain), ("ray-train", bench_ray_train)):
+        launchers = [("torchrun", bench_torchrun), ("polytrain", bench_polytrain), ("ray-train", bench_ray_train)]
+        if a.isolate:
+            launchers += [("ray-actor", bench_ray_actor), ("ray-child", bench_ray_child)]
+        for name, fn in launchers:
             with tempfile.TemporaryDirectory() as tmp:
                 r = fn(a.steps, a.workers, tmp)
             if r:
