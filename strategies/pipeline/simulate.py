@@ -9,7 +9,6 @@ activations of one rank's share of the model: F adds ``mem``, B releases all but
 from __future__ import annotations
 
 import heapq
-
 from dataclasses import dataclass, field
 from typing import Callable
 
