@@ -421,7 +421,7 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
                      f"each (a simulated cluster on one machine)")
         out.note(f"run {spec.run_id}: {spec.workers} x {spec.strategy.name} on {spec.workload.name}, "
                  f"{spec.steps} steps, global batch {spec.global_batch} -> {folder.url}")
-        keeper = start_keeper()
+        keeper = start_keeper() if spec.snapshots_needed else None  # no snapshots, no process to hold them
         phases: list = []
         make_group = lambda: RayGroup(spec, cpus=cpus, keeper=keeper, payload=payload,  # noqa: E731
                                       run_url=folder.url, ckpt_meta=ckpt_meta, phases=phases)
@@ -439,14 +439,15 @@ def _run(spec: JobSpec, *, progress: bool, stream, stop: StopSignals) -> RunResu
             first=Attempt(world=spec.workers, resume_url=resume_url, injections=list(spec.inject)),
             options=ControllerOptions(
                 grace_s=FAILURE_GRACE_S, newest_checkpoint=newest_checkpoint,
-                forget=lambda handles: keeper.drop.remote(handles),
+                forget=lambda handles: keeper and keeper.drop.remote(handles),
                 first_step_at=lambda step: log.event("phase:first_step", step=step,
                                                      seconds=time.perf_counter() - t_start)),
         )
         try:
             final_loss, last_checkpoint = controller.run()
         finally:
-            ray.kill(keeper)  # the snapshots it owns go with it
+            if keeper is not None:
+                ray.kill(keeper)  # the snapshots it owns go with it
             for phase, secs in phases:
                 log.event(f"phase:{phase.removesuffix('_s')}", seconds=secs)
     except KeyboardInterrupt:
