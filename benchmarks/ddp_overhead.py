@@ -134,6 +134,9 @@ def main() -> None:
         t, pt = med["torchrun"], med["polytrain"]
         print(f"polytrain / torchrun median step: {pt['median_step_s'] / t['median_step_s']:.3f}x (target <= 1.03)")
         print(f"polytrain - torchrun first step: {pt['first_step_s'] - t['first_step_s']:+.2f} s (target <= 2)")
+        for name in ("ray-actor", "ray-child"):  # --isolate: what a Ray worker process costs a step
+            if name in med:
+                print(f"{name} / torchrun median step: {med[name]['median_step_s'] / t['median_step_s']:.3f}x")
     if "ray-train" in med:
         print(f"polytrain / ray-train first step: {pt['first_step_s'] / med['ray-train']['first_step_s']:.2f}x "
               f"(target <= 0.4)")
