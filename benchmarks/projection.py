@@ -24,11 +24,11 @@ parameters).
 Every row is predicted from profiles taken just before and just after its run
 (the mean of the two predictions), so a prediction and the run it describes see
 the machine's load of the same minute (other jobs share it, and this machine's
-speed drifts: single steps had medians of 0.32-0.47 s within 20 minutes); a row's predicted figure is the median
-of its repeats' predictions. ``--record`` appends each repeat's rows
-(and ``uptime``) to a JSON-lines file, so the validation can be split into short
-invocations (a scenario or a repeat at a time) whose rows ``--table`` then
-gathers into one table.
+speed drifts: single steps had medians of 0.32-0.47 s within 20 minutes); a
+row's predicted figure is the median of its repeats' predictions. ``--record``
+appends each repeat's rows (and ``uptime``) to a JSON-lines file, so the
+validation can be split into short invocations (a scenario or a repeat at a
+time) whose rows ``--table`` then gathers into one table.
 
 Each replica's batch is the workload's micro-batch x ``--microbatches`` (the
 pipeline's micro-batches, else gradient accumulation), as the projection

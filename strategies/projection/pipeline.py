@@ -14,8 +14,8 @@ from strategies.projection.model import Job, Net, Profile, Target
 
 def pipeline_stage_costs(profile: Profile, job: Job, net: Net) -> tuple[list[StageCost], list[tuple[int, int]], tuple[int, ...]]:
     """Per-stage simulator costs (measured compute, each boundary's transfer time)
-    and the cut, balanced by measured time as the pipeline's default. The target
-    slows compute in the simulator (``shared``), by how many ranks compute at once."""
+    and the cut, balanced by measured time as the pipeline's default. The target's
+    slowdown is the simulator's (``pipeline_step``): by how many ranks compute at once."""
     from strategies.pipeline.generators import placement
 
     n_stages = job.layout.pp * job.chunks
