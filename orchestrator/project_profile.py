@@ -55,6 +55,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
         one, per_mb = _real_step_seconds(workload, seed, repeats)
+        shard = _shard_seconds(workload, seed, repeats)
         gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
     return Profile(
@@ -64,8 +65,8 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, gloo=gloo, others=others.mean,
-        seconds=time.perf_counter() - t0, steps=repeats + 1 + 2 * (repeats + 1))
+        fixed_s=fixed, shard_s=shard, gloo=gloo, others=others.mean,
+        seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1))
 
 
 def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tuple, float]:
@@ -107,6 +108,50 @@ def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[flo
             ones.append(one)
             diffs.append(two - one)
     return statistics.median(ones), statistics.median(diffs)
+
+
+def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
+    """FSDP2's own compute per micro-batch when it shards (copies into and out of its
+    gather and reduce-scatter buffers, DTensor bookkeeping) beyond ``single``'s step:
+    the median of paired differences of real steps, fsdp on a fake 2-rank group (its
+    collectives return at once; their time is the network model's and gloo's) against
+    single. At world 1 FSDP2 does none of it, and a rank's step at world 2 was 9-36 %
+    above the blocks it runs. 0 where this process already has a process group (the
+    fake one would replace it) or the workload does not run under fsdp."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.config import JobSpec
+    from orchestrator.trainer import RankTrainer
+
+    if dist.is_initialized():
+        return 0.0
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError:
+        return 0.0
+
+    def trainer(strategy: str, world: int) -> RankTrainer:
+        spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy=strategy, workers=world,
+                       steps=repeats + 1, seed=seed, batch_size=workload.micro_batch * world, grad_accum=1)
+        return RankTrainer(spec, rank=0, world=world, device=torch.device("cpu"), workload=workload)
+
+    single = trainer("single", 1)  # before the fake group: its world is 1
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        sharded = trainer("fsdp", 2)
+        diffs = []
+        for i in range(repeats + 1):
+            one, two = (t.train_step()["step_time_s"] for t in (single, sharded))
+            if i:
+                diffs.append(two - one)
+    except Exception:  # noqa: BLE001 (a workload fsdp cannot shard: nothing to measure)
+        return 0.0
+    finally:
+        dist.destroy_process_group()
+    return max(0.0, statistics.median(diffs))
 
 
 def _median_of(fn, repeats: int = 5) -> float:

@@ -30,12 +30,14 @@ would be floored at) and each strategy's own structure:
 
 On this machine's shared cores every call also costs gloo's measured time for
 its kind and bytes (``Profile.gloo``), CPU that nothing hides: it is compute,
-and only the network's time beyond it may overlap (``Net``).
+and only the network's time beyond it may overlap (``Net``). FSDP2's own copies
+in and out of its buffers (``Profile.shard_s``, measured at world 2) are compute
+of every micro-batch of a rank that shards.
 
 Not modelled: contention between ranks on a link, bucket re-ordering and
 DDP's small first bucket, the memory of activations, the warm-up steps of
 PowerSGD (uncompressed), gossip's consensus measurement, the CPU of the copies
-around a call beyond gloo's own time.
+around a call beyond gloo's own time (FSDP2's excepted).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Profile:
     attention: tuple[int, ...] = ()  # blocks that hold an attention layer (sequence parallelism)
     optim_s: float = 0.0  # one AdamW step over the whole model
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
+    shard_s: float = 0.0  # FSDP2's own compute per micro-batch when it shards (its copies, DTensor bookkeeping)
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
     others: float = 0.0  # other jobs' runnable threads on this machine while it was profiled (mean)
@@ -292,6 +295,8 @@ def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, 
     own = profile.outer_s.get(job.strategy, 0.0) if job.strategy != job.outer else 0.0
     optim += (own + profile.fixed_s) * target.slowdown(L.world)
     compute = m * (fwd + bwd) + optim
+    if job.shards:  # FSDP2's copies into and out of its buffers, on the thread that computes
+        compute += m * profile.shard_s * target.slowdown(L.world)
     comm = _sequence_comm(profile, job, net) if L.sp > 1 else 0.0
     if sharded:
         end = _gathered_step(profile, job, net, k, ways, overlapped=not target.cores)

@@ -141,6 +141,31 @@ def test_fsdp_overlaps_its_gathers_on_a_cluster_and_nothing_on_this_machines_cpu
     assert cluster.comm_s < 0.6 * calls  # the gathers after the first of each pass hidden, and the scatters
 
 
+def test_fsdp2s_own_copies_count_once_per_micro_batch_and_only_where_it_shards():
+    """``shard_s`` (FSDP2's copies in and out of its buffers, measured at world 2) is
+    compute on the thread that computes: once per micro-batch, slowed like compute by
+    shared cores; ddp and zero3 (DeepSpeed's) do not pay it."""
+    from dataclasses import replace
+
+    plain = _profile(2, f=0.1, b=0.1, w=0.1, param_bytes=1024)
+    prof = replace(plain, shard_s=0.05)
+    here = Target(cores=2)  # 4 ranks on 2 cores: twice as slow
+    jobs = {"fsdp": Job(strategy="fsdp", layout=Layout(fsdp=4), microbatches=3, shards=True),
+            "ddp": Job(strategy="ddp", layout=Layout(dp=4), microbatches=3),
+            "zero3": Job(strategy="zero3", layout=Layout(dp=4), microbatches=3, zero=3)}
+    extra = {s: predict(prof, j, here).compute_s - predict(plain, j, here).compute_s for s, j in jobs.items()}
+    assert extra == {"fsdp": pytest.approx(3 * 0.05 * 2), "ddp": 0.0, "zero3": 0.0}
+
+
+def test_fsdp2s_own_cost_is_measured_on_a_fake_group_that_is_gone_after():
+    import torch.distributed as dist
+
+    from orchestrator.project_profile import _shard_seconds
+
+    assert _shard_seconds(WORKLOADS.get("mlp-wide")(), 0, 1) >= 0.0
+    assert not dist.is_initialized()
+
+
 def test_a_methods_own_step_compute_is_counted_once():
     """DeMo's step (DCT, top-k, sign) replaces AdamW's; PowerSGD's products come on top of
     AdamW's. (DeMo's counted twice over-predicted its 2-worker rows by 25-47 %.)"""
