@@ -83,6 +83,18 @@ def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tup
             max(0.0, one - per_mb - optim_s))
 
 
+def _trainer(workload: Workload, strategy: str, world: int, *, seed: int, steps: int, accum: int = 1):
+    """Rank 0 of ``strategy`` on ``world`` ranks, the workload's micro-batch x ``accum`` per replica."""
+    import torch
+
+    from orchestrator.config import JobSpec
+    from orchestrator.trainer import RankTrainer
+
+    spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy=strategy, workers=world,
+                   steps=steps, seed=seed, batch_size=workload.micro_batch * accum * world, grad_accum=accum)
+    return RankTrainer(spec, rank=0, world=world, device=torch.device("cpu"), workload=workload)
+
+
 def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[float, float]:
     """Real training steps of ``single`` (the job's own loop, data, loss and clipping)
     on 1 and on 2 micro-batches, alternated after a warm-up step of each: (the median
@@ -91,16 +103,7 @@ def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[flo
     within minutes, and the difference of two medians taken apart varied 3-fold."""
     import statistics
 
-    import torch
-
-    from orchestrator.config import JobSpec
-    from orchestrator.trainer import RankTrainer
-
-    trainers = []
-    for g in (1, 2):
-        spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy="single", workers=1,
-                       steps=repeats + 1, seed=seed, batch_size=workload.micro_batch * g, grad_accum=g)
-        trainers.append(RankTrainer(spec, rank=0, world=1, device=torch.device("cpu"), workload=workload))
+    trainers = [_trainer(workload, "single", 1, seed=seed, steps=repeats + 1, accum=g) for g in (1, 2)]
     ones, diffs = [], []
     for i in range(repeats + 1):
         one, two = (t.train_step()["step_time_s"] for t in trainers)
@@ -120,11 +123,7 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     fake one would replace it) or the workload does not run under fsdp."""
     import statistics
 
-    import torch
     import torch.distributed as dist
-
-    from orchestrator.config import JobSpec
-    from orchestrator.trainer import RankTrainer
 
     if dist.is_initialized():
         return 0.0
@@ -133,15 +132,10 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     except ImportError:
         return 0.0
 
-    def trainer(strategy: str, world: int) -> RankTrainer:
-        spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy=strategy, workers=world,
-                       steps=repeats + 1, seed=seed, batch_size=workload.micro_batch * world, grad_accum=1)
-        return RankTrainer(spec, rank=0, world=world, device=torch.device("cpu"), workload=workload)
-
-    single = trainer("single", 1)  # before the fake group: its world is 1
+    single = _trainer(workload, "single", 1, seed=seed, steps=repeats + 1)  # before the fake group: world 1
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        sharded = trainer("fsdp", 2)
+        sharded = _trainer(workload, "fsdp", 2, seed=seed, steps=repeats + 1)
         diffs = []
         for i in range(repeats + 1):
             one, two = (t.train_step()["step_time_s"] for t in (single, sharded))
