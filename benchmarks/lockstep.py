@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from orchestrator.project_profile import median_seconds
+
 
 def _matrix_for(chunk_s: float) -> torch.Tensor:
     """A square matrix whose product with itself takes about ``chunk_s`` here."""
@@ -39,15 +41,6 @@ def _matrix_for(chunk_s: float) -> torch.Tensor:
         if took >= chunk_s or n >= 4096:
             return a
         n = int(n * max(1.1, min(2.0, (chunk_s / took) ** (1 / 3))))
-
-
-def _alone(a: torch.Tensor, repeats: int = 20) -> float:
-    took = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ a
-        took.append(time.perf_counter() - t)
-    return statistics.median(took)
 
 
 def _pass_loop(rank: int, n: int, pipes: list, a: torch.Tensor, passes: int, start: float, ring: bool) -> float:
@@ -103,7 +96,7 @@ def main() -> None:
     ideal_of: dict = {r: [] for r in rows}
     for _ in range(a.repeats):
         for n, c, ring in rows:
-            alone = _alone(mats[c])
+            alone = median_seconds(lambda: mats[c] @ mats[c], 20)
             ideal = alone * max(1.0, n / cores)
             passes = max(5, int(a.seconds / ideal))
             extra[(n, c, ring)].append(per_pass(mats[c], n, passes, ring=ring) - ideal)

@@ -148,10 +148,11 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     return max(0.0, statistics.median(diffs))
 
 
-def _median_of(fn, repeats: int = 5) -> float:
+def median_seconds(fn, repeats: int = 5) -> float:
+    """The median of ``repeats`` timed calls of ``fn``, after one untimed (state allocation)."""
     import statistics
 
-    fn()  # warm-up: state allocation
+    fn()
     took = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -183,8 +184,8 @@ def _outer_seconds(model, seed: int) -> dict[str, float]:
                               min_compression_rate=2.0, seed=seed)
     grads = lambda: [(n, p.grad.clone()) for n, p in zip(names, params)]
     with torch.no_grad():
-        out = {"adamw": _median_of(opt.step), "demo": _median_of(lambda: demo.step(1e-3, 0.0)),
-               "powersgd": _median_of(lambda: psgd.reduce(grads(), 100))}
+        out = {"adamw": median_seconds(opt.step), "demo": median_seconds(lambda: demo.step(1e-3, 0.0)),
+               "powersgd": median_seconds(lambda: psgd.reduce(grads(), 100))}
     for p in params:
         p.grad = None
     return out
