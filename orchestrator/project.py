@@ -48,6 +48,9 @@ def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]
                 notes.append(str(e))
                 continue
             rows.append(predict(prof, job, target))
+            own = f"{name}: {job.microbatches} micro-batches a replica a step (its own option), not {microbatches}"
+            if job.microbatches != microbatches and own not in notes:
+                notes.append(own)
     return rows, notes
 
 

@@ -6,7 +6,10 @@
 - sequence: the sequence degree = the largest divisor of N the workload's heads
   and sequence length allow (Ulysses as the options say, the rest ring); the
   rest data parallel;
-- zero1/2/3: N data-parallel ranks; every other strategy: its own plan at N.
+- zero1/2/3: N data-parallel ranks; every other strategy: its own plan at N;
+- micro-batches a replica takes a step: the projection's (``--microbatches``), so
+  that every row does the same work a step, unless the strategy's options set
+  their own (``pipeline:microbatches=8``).
 
 A row a rule cannot make (a pipeline on one worker) raises ``Skip`` with a
 one-line note; a strategy the projection has no model for is a ``Skip`` too.
@@ -56,6 +59,10 @@ def job_for(name: str, options: dict, workers: int, workload: Workload, *, micro
         from cluster.mesh import Layout
 
         return Job(strategy=name, layout=Layout(dp=workers), microbatches=microbatches, zero=int(name[-1]))
+    if "microbatches" in options:  # the strategy's own: its rows say so (``project``)
+        microbatches = opts.microbatches
+    elif "microbatches" in type(opts).model_fields:  # a mesh's pipeline: the same work a step as every row
+        opts = opts.model_copy(update={"microbatches": microbatches})
     if name == "pipeline":
         opts = _pipeline_options(opts, workers, microbatches, n_blocks)
     elif name == "sequence":

@@ -11,6 +11,7 @@ from orchestrator.project import (
     crossovers,
     default_target,
     loss_curve,
+    project,
     steps_to_target,
     table,
 )
@@ -111,6 +112,21 @@ def test_layout_rules(gpt):
     with pytest.raises(ValueError, match="strategy='nosuch'"):
         job_for("nosuch", {}, 2, gpt, microbatches=4, n_blocks=6)
 
+
+
+def test_every_row_takes_the_projections_micro_batches_unless_its_options_set_them(gpt):
+    """A mesh's pipeline takes --microbatches like the pipeline does (not its option's default), so rows
+    compare the same work a step; a strategy's own ``microbatches`` wins, and ``project`` notes it."""
+    for m in (2, 4, 6):
+        mesh = job_for("mesh", {"dp": 2, "pp": 2}, 4, gpt, microbatches=m, n_blocks=6)
+        pipe = job_for("pipeline", {}, 4, gpt, microbatches=m, n_blocks=6)
+        flat = job_for("ddp", {}, 4, gpt, microbatches=m, n_blocks=6)
+        assert mesh.layout.pp == 2 and mesh.microbatches == pipe.microbatches == flat.microbatches == m
+    own = job_for("pipeline", {"microbatches": 8}, 4, gpt, microbatches=4, n_blocks=6)
+    assert own.microbatches == 8 and own.options["microbatches"] == 8
+    assert job_for("mesh", {"dp": 2, "pp": 2, "microbatches": 6}, 4, gpt, microbatches=4, n_blocks=6).microbatches == 6
+    _, notes = project(_profile(6), gpt, [("pipeline", {"microbatches": 8}), ("ddp", {})], [4], Target(cores=2))
+    assert notes == ["pipeline: 8 micro-batches a replica a step (its own option), not 4"]
 
 def test_sharded_memory_and_bytes_against_the_formulas():
     """FSDP holds 1/N of the parameters; it gathers each block twice per micro-batch and reduce-scatters once."""
