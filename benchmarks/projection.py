@@ -122,7 +122,7 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
                 after = profile(workload)
                 pred = bracketed([predict(p, job, here(sc)) for p in (before, after)])
                 out.append({"method": name, "workers": n, "scenario": sc, "layout": pred["layout"],
-                            **{k: pred[k] for k in ("predicted", "compute", "comm", "bubble")},
+                            **{k: pred[k] for k in ("predicted", "compute", "comm", "bubble", "low", "high")},
                             "measured": summarize(result.metrics)["median_step_s"],
                             "profile_s": after.seconds, "uptime": load,
                             "profiles": [base64.b64encode(pickle.dumps(p)).decode() for p in (before, after)]})
@@ -138,7 +138,8 @@ def bracketed(preds: list) -> dict:
     """A row's prediction: the mean of those from the profiles around its run."""
     mean = lambda key: statistics.fmean(getattr(p, key) for p in preds)
     return {"layout": preds[0].layout, "predicted": mean("step_s"), "compute": mean("compute_s"),
-            "comm": mean("comm_s"), "bubble": mean("bubble_s")}
+            "comm": mean("comm_s"), "bubble": mean("bubble_s"),
+            "low": min(p.low_s for p in preds), "high": max(p.high_s for p in preds)}  # either profile's range
 
 
 def repredict(r: dict, microbatches: int) -> dict:
@@ -152,25 +153,33 @@ def repredict(r: dict, microbatches: int) -> dict:
 
 def table(records: list[dict]) -> str:
     """Predicted (median of the repeats' predictions) against measured (median of the
-    repeats' runs) per row, |error|, and the verdict against 15 %."""
+    repeats' runs) per row, |error|, the verdict against 15 %, and whether the measured
+    median lies in the predicted range (the medians of the repeats' ends; records made
+    before the range existed show none)."""
     rows: dict[tuple, list[dict]] = {}
     for r in records:
         rows.setdefault((r["scenario"], r["method"], r["workers"]), []).append(r)
     lines = [(f"{'method':<9} {'N':>2} {'scenario':<12} {'layout':<12} {'predicted':>9} {'(comp':>7} {'comm':>7} "
-              f"{'bubble)':>7} {'measured':>9} {'(min':>6} {'max)':>6} {'repeats':>7} {'|error|':>8}")]
-    errors = []
+              f"{'bubble)':>7} {'range':>13} {'measured':>9} {'(min':>6} {'max)':>6} {'repeats':>7} {'|error|':>8}")]
+    errors, inside = [], []
     for (sc, name, n), rs in rows.items():
         med = {key: statistics.median(r[key] for r in rs) for key in ("measured", "predicted", "compute", "comm",
                                                                           "bubble")}
         got, pred = med["measured"], med["predicted"]
         err = abs(pred - got) / got
         errors.append(err)
+        span = "-"
+        if all("low" in r for r in rs):
+            low, high = (statistics.median(r[k] for r in rs) for k in ("low", "high"))
+            inside.append(low <= got <= high)
+            span = f"{low:.3f}-{high:.3f}{'' if inside[-1] else '*'}"
         lines.append(f"{name:<9} {n:>2} {sc:<12} {rs[0]['layout']:<12} {pred:>9.3f} {med['compute']:>7.3f} "
-                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {got:>9.3f} {min(r['measured'] for r in rs):>6.3f} "
+                     f"{med['comm']:>7.3f} {med['bubble']:>7.3f} {span:>13} {got:>9.3f} {min(r['measured'] for r in rs):>6.3f} "
                      f"{max(r['measured'] for r in rs):>6.3f} {len(rs):>7} {err:>7.1%}"
                      f"{'' if err <= 0.15 else '  miss'}")
     lines.append(f"median |error| {statistics.median(errors):.1%}; within 15 %: "
-                 f"{sum(e <= 0.15 for e in errors)}/{len(errors)}")
+                 f"{sum(e <= 0.15 for e in errors)}/{len(errors)}"
+                 + (f"; measured within the predicted range (* outside): {sum(inside)}/{len(inside)}" if inside else ""))
     return "\n".join(lines)
 
 

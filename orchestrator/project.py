@@ -22,8 +22,8 @@ from orchestrator.project_plot import crossovers, plot  # noqa: F401  (the pictu
 from orchestrator.project_profile import calibrate, profile  # noqa: F401  (the measured inputs; re-exported)
 
 SWEEP = tuple(2 ** i for i in range(11))  # the picture's N: 1 .. 1024
-COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "predicted_compute_s", "predicted_comm_s",
-           "predicted_bubble_s", "bytes_intra", "bytes_inter", "param_bytes_per_rank", "state_bytes_per_rank",
+COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "predicted_step_low_s",
+           "predicted_step_high_s", "predicted_compute_s", "predicted_comm_s", "predicted_bubble_s", "bytes_intra", "bytes_inter", "param_bytes_per_rank", "state_bytes_per_rank",
            "steps_to_target", "time_to_target_s")
 
 
@@ -95,8 +95,9 @@ def table(rows: list[Prediction], curves: dict[str, list[tuple[int, float]]] | N
 
     out = []
     for r in rows:
-        d = {k: v for k, v in asdict(r).items() if k not in ("compute_s", "comm_s", "bubble_s")}
-        d.update(predicted_step_s=r.step_s, predicted_compute_s=r.compute_s, predicted_comm_s=r.comm_s,
+        d = {k: v for k, v in asdict(r).items() if k not in ("compute_s", "comm_s", "bubble_s", "low_s", "high_s")}
+        d.update(predicted_step_s=r.step_s, predicted_step_low_s=r.low_s, predicted_step_high_s=r.high_s,
+                 predicted_compute_s=r.compute_s, predicted_comm_s=r.comm_s,
                  predicted_bubble_s=r.bubble_s, steps_to_target=math.nan, time_to_target_s=math.nan)
         if curves and r.strategy in curves and target_loss is not None:
             steps = steps_to_target(curves[r.strategy], target_loss)
@@ -115,11 +116,15 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
                                             f"runnable threads, as profiled)" if target.cores else ""),
              (f"the batch grows with N: each replica {microbatches} x {prof.micro_batch} samples a step "
              f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + optimizer state"),
-             (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'compute':>9} {'comm':>9} {'bubble':>9} "
+             (f"range: the step again with compute as fast and as slow as the profile's fastest and slowest real step "
+              f"(x{prof.drift[0]:.2f} and x{prof.drift[1]:.2f} of their median: how far this machine's speed moved "
+              f"while profiling); the model's own error is not in it (docs/projection.md, Validation)"),
+             (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'range s':>15} {'compute':>9} {'comm':>9} {'bubble':>9} "
              f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
-        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} "
+        span = f"{r.predicted_step_low_s:.4f}-{r.predicted_step_high_s:.4f}"
+        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} {span:>15} "
                      f"{r.predicted_compute_s:>9.4f} {r.predicted_comm_s:>9.4f} {r.predicted_bubble_s:>9.4f} "
                      f"{r.bytes_intra / 1e6:>9.2f} {r.bytes_inter / 1e6:>9.2f} {r.param_bytes_per_rank / 1e6:>9.2f} "
                      f"{r.state_bytes_per_rank / 1e6:>9.2f} {ttt:>11}")
@@ -130,13 +135,16 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
 
 
 def sweep(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], target: Target, *,
-          microbatches: int = 4) -> dict[str, list[tuple[int, float]]]:
-    """Predicted step time per strategy at N = 1, 2, 4 .. 1024 (rows the rules skip are left out)."""
+          microbatches: int = 4) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float, float]]]]:
+    """Predicted step time per strategy at N = 1, 2, 4 .. 1024 (rows the rules skip are
+    left out), and its range at each N (``Prediction.low_s``, ``high_s``)."""
     rows, _ = project(prof, workload, strategies, list(SWEEP), target, microbatches=microbatches)
     series: dict[str, list[tuple[int, float]]] = {}
+    ranges: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
         series.setdefault(r.strategy, []).append((r.workers, r.step_s))
-    return series
+        ranges.setdefault(r.strategy, []).append((r.workers, r.low_s, r.high_s))
+    return series, ranges
 
 
 def write(out: str, df, png: bytes) -> tuple[str, str]:
@@ -234,7 +242,7 @@ def run_cli(args) -> int:
     df = table(rows, curves, target_loss)
     print(render(df, notes, prof, target, target_loss, microbatches=args.microbatches))
     if args.out:
-        png = plot(sweep(prof, workload, strategies, target, microbatches=args.microbatches),
+        png = plot(*sweep(prof, workload, strategies, target, microbatches=args.microbatches),
                    f"{prof.workload} on {target.name} (speed x{target.speed:g})")
         for url in write(args.out, df, png):
             print(f"wrote {url}")
@@ -301,21 +309,23 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
     rows, notes = project(prof, workload, chosen, ns, target)
     target_loss = default_target(curves)
     df = table(rows, curves, target_loss)
-    png = plot(sweep(prof, workload, chosen, target), f"{prof.workload} on {target.name} (speed x{target.speed:g})")
+    png = plot(*sweep(prof, workload, chosen, target), f"{prof.workload} on {target.name} (speed x{target.speed:g})")
     rows = []
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
-        rows.append([r.strategy, str(r.workers), r.layout, f"{r.predicted_step_s:.4f}", f"{r.predicted_compute_s:.4f}",
+        rows.append([r.strategy, str(r.workers), r.layout, f"{r.predicted_step_s:.4f}",
+                     f"{r.predicted_step_low_s:.4f}-{r.predicted_step_high_s:.4f}", f"{r.predicted_compute_s:.4f}",
                      f"{r.predicted_comm_s:.4f}", f"{r.predicted_bubble_s:.4f}", f"{r.bytes_inter / 1e6:.2f}",
                      f"{r.state_bytes_per_rank / 1e6:.2f}", ttt])
     intro = (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile ({prof.seconds:.1f} s); "
-             f"time to loss {target_loss:.4f} = the run's steps to it x the predicted step. See docs/projection.md "
-             f"for what is modelled.")
+             f"time to loss {target_loss:.4f} = the run's steps to it x the predicted step. The range: compute as "
+             f"fast and as slow as the profile's fastest and slowest step (x{prof.drift[0]:.2f}, x{prof.drift[1]:.2f} "
+             f"of their median). See docs/projection.md for what is modelled.")
     return Section(intro=intro, header=list(SECTION_HEADER), rows=rows, notes=list(notes),
                    plots=[(f"Predicted step time against N on {target.name}", base64.b64encode(png).decode())])
 
 
-SECTION_HEADER = ("strategy", "N", "layout", "step s", "compute s", "exposed comm s", "bubble s", "MB inter",
+SECTION_HEADER = ("strategy", "N", "layout", "step s", "range s", "compute s", "exposed comm s", "bubble s", "MB inter",
                   "MB/rank state", "to target s")
 
 

@@ -1,5 +1,5 @@
 """The projection's picture: predicted step time against N per strategy, log axes,
-with the crossovers (where one strategy overtakes another) marked."""
+its range shaded, with the crossovers (where one strategy overtakes another) marked."""
 from __future__ import annotations
 
 import io
@@ -25,8 +25,9 @@ def crossovers(series: dict[str, list[tuple[int, float]]]) -> list[tuple[float, 
     return out
 
 
-def plot(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
-    """PNG: predicted step time against N (log axes), crossovers marked."""
+def plot(series: dict[str, list[tuple[int, float]]], ranges: dict[str, list[tuple[int, float, float]]],
+         title: str) -> bytes:
+    """PNG: predicted step time against N (log axes), each strategy's range shaded, crossovers marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +35,10 @@ def plot(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in sorted(series.items()):
-        ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", ms=3, label=name)
+        (line,) = ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", ms=3, label=name)
+        band = ranges.get(name, [])
+        ax.fill_between([n for n, _, _ in band], [lo for _, lo, _ in band], [hi for _, _, hi in band],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
     for n, t, winner, loser in crossovers(series):
         ax.plot([n], [t], "kx", ms=8)
         ax.annotate(f"{winner}<{loser}", (n, t), fontsize=6, xytext=(3, -9), textcoords="offset points")

@@ -54,7 +54,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         model = nn.Sequential(*blocks)
         attention = {id(m) for m in (workload.attention_layers(blocks) or [])}
         outer = _outer_seconds(model, seed)
-        one, per_mb = _real_step_seconds(workload, seed, repeats)
+        one, per_mb, drift = _real_step_seconds(workload, seed, repeats)
         shard = _shard_seconds(workload, seed, repeats)
         gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
@@ -65,7 +65,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, shard_s=shard, gloo=gloo, others=others.mean,
+        fixed_s=fixed, shard_s=shard, gloo=gloo, others=others.mean, drift=drift,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1))
 
 
@@ -95,10 +95,11 @@ def _trainer(workload: Workload, strategy: str, world: int, *, seed: int, steps:
     return RankTrainer(spec, rank=0, world=world, device=torch.device("cpu"), workload=workload)
 
 
-def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[float, float]:
+def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[float, float, tuple[float, float]]:
     """Real training steps of ``single`` (the job's own loop, data, loss and clipping)
     on 1 and on 2 micro-batches, alternated after a warm-up step of each: (the median
-    step on 1, the median of the paired differences 2 - 1, one micro-batch's cost).
+    step on 1, the median of the paired differences 2 - 1, one micro-batch's cost, and
+    the fastest and slowest step on 1 over their median: ``Profile.drift``).
     Paired neighbours see the same machine speed; this machine's drifts
     within minutes, and the difference of two medians taken apart varied 3-fold."""
     import statistics
@@ -110,7 +111,8 @@ def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[flo
         if i:
             ones.append(one)
             diffs.append(two - one)
-    return statistics.median(ones), statistics.median(diffs)
+    mid = statistics.median(ones)
+    return mid, statistics.median(diffs), (min(ones) / mid, max(ones) / mid)
 
 
 def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:

@@ -78,6 +78,9 @@ class Profile:
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
     others: float = 0.0  # other jobs' runnable threads on this machine while it was profiled (mean)
+    # the fastest and the slowest of the profile's real steps over their median: how far this
+    # machine's compute speed moved while it was measured (the predicted range, ``predict``)
+    drift: tuple[float, float] = (1.0, 1.0)
     seconds: float = 0.0  # the profiling run's cost
     steps: int = 0
 
@@ -124,6 +127,8 @@ class Prediction:
     bytes_inter: int
     param_bytes_per_rank: int
     state_bytes_per_rank: int  # parameters + gradients + optimizer state
+    low_s: float = math.nan  # the step with compute as fast as the profile's fastest step (``Profile.drift``)
+    high_s: float = math.nan  # and as slow as its slowest
 
     @property
     def step_s(self) -> float:
@@ -231,7 +236,28 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 
 
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
-    """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest rank)."""
+    """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest
+    rank), with its range: the same job predicted again with every measured compute
+    time at the profile's fastest and at its slowest step (``Profile.drift``), so what
+    hides under compute or waits for it moves as it would."""
+    p = _predict(profile, job, target)
+    lo, hi = profile.drift
+    low = p.step_s if lo == 1 else _predict(at_speed(profile, lo), job, target).step_s
+    high = p.step_s if hi == 1 else _predict(at_speed(profile, hi), job, target).step_s
+    return replace(p, low_s=low, high_s=high)
+
+
+def at_speed(profile: Profile, factor: float) -> Profile:
+    """``profile`` with its measured compute (blocks, optimizer, fixed, FSDP2's own, the
+    methods' own) ``factor`` times as long; gloo's call times as they are."""
+    return replace(profile, blocks=tuple(BlockProfile(b.f * factor, b.b * factor, b.w * factor, b.params)
+                                         for b in profile.blocks),
+                   optim_s=profile.optim_s * factor, fixed_s=profile.fixed_s * factor,
+                   shard_s=profile.shard_s * factor, outer_s={k: v * factor for k, v in profile.outer_s.items()},
+                   drift=(1.0, 1.0))
+
+
+def _predict(profile: Profile, job: Job, target: Target) -> Prediction:
     if target.cores and profile.others:  # this machine: as loaded as when it was profiled
         target = replace(target, others=profile.others)
     net = Net(target, job.layout, profile.gloo)

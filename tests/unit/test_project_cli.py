@@ -82,4 +82,6 @@ def test_prints_without_writing_and_writes_with_out(tmp_path, capsys, monkeypatc
         assert col in df, col
     assert len(df) == 5 and set(df.scenario) == {"internet-1g"}
     assert (df.predicted_step_s == df.predicted_compute_s + df.predicted_comm_s + df.predicted_bubble_s).all()
+    assert (df.predicted_step_low_s <= df.predicted_step_s).all() and (df.predicted_step_s <= df.predicted_step_high_s).all()
+    assert "range: the step again with compute as fast and as slow" in out
     assert (tmp_path / "p" / "projection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -385,3 +385,24 @@ def test_this_machine_is_as_loaded_as_when_it_was_profiled():
     with RunQueue(every=0.005) as queue:
         sum(range(2_000_000))
     assert queue.samples and queue.mean >= 0.0
+
+
+def test_the_range_is_the_step_predicted_again_at_the_profiles_fastest_and_slowest_compute():
+    """Compute (blocks, optimizer, fixed, FSDP2's own) scales by the drift; the network's time does not; what
+    compute hid is exposed as compute speeds up. No drift measured: the range is the point."""
+    import dataclasses
+
+    prof = dataclasses.replace(_profile(3, f=0.01, b=0.01, w=0.01, param_bytes=4 * 2**20), optim_s=0.004,
+                               fixed_s=0.002, shard_s=0.003)
+    for job in (Job(strategy="ddp", layout=Layout(dp=8), microbatches=2),
+                Job(strategy="fsdp", layout=Layout(fsdp=8), microbatches=2, shards=True),
+                Job(strategy="pipeline", layout=Layout(pp=3), microbatches=4)):
+        point = predict(prof, job, _flat(1.0, 1e-3))
+        assert point.low_s == point.high_s == point.step_s
+        p = predict(dataclasses.replace(prof, drift=(0.8, 1.5)), job, _flat(1.0, 1e-3))
+        assert p.step_s == point.step_s and p.low_s < p.step_s < p.high_s
+        slow = predict(dataclasses.replace(prof, blocks=tuple(dataclasses.replace(b, f=b.f * 1.5, b=b.b * 1.5,
+                                                                                      w=b.w * 1.5) for b in prof.blocks),
+                                           optim_s=0.006, fixed_s=0.003, shard_s=0.0045), job, _flat(1.0, 1e-3))
+        assert math.isclose(p.high_s, slow.step_s, rel_tol=1e-12)
+        assert p.comm_s == point.comm_s  # the range is reported apart; the split is the median's
