@@ -23,8 +23,8 @@ from orchestrator.project_profile import calibrate, profile  # noqa: F401  (the 
 
 SWEEP = tuple(2 ** i for i in range(11))  # the picture's N: 1 .. 1024
 COLUMNS = ("strategy", "workers", "scenario", "layout", "predicted_step_s", "predicted_step_low_s",
-           "predicted_step_high_s", "predicted_compute_s", "predicted_comm_s", "predicted_bubble_s", "bytes_intra", "bytes_inter", "param_bytes_per_rank", "state_bytes_per_rank",
-           "steps_to_target", "time_to_target_s")
+           "predicted_step_high_s", "predicted_compute_s", "predicted_comm_s", "predicted_bubble_s", "bytes_intra",
+           "bytes_inter", "param_bytes_per_rank", "state_bytes_per_rank", "steps_to_target", "time_to_target_s")
 
 
 def parse_strategies(text: str) -> list[tuple[str, dict]]:
