@@ -123,8 +123,7 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
              f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
-        span = f"{r.predicted_step_low_s:.4f}-{r.predicted_step_high_s:.4f}"
-        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} {span:>15} "
+        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} {_span(r):>15} "
                      f"{r.predicted_compute_s:>9.4f} {r.predicted_comm_s:>9.4f} {r.predicted_bubble_s:>9.4f} "
                      f"{r.bytes_intra / 1e6:>9.2f} {r.bytes_inter / 1e6:>9.2f} {r.param_bytes_per_rank / 1e6:>9.2f} "
                      f"{r.state_bytes_per_rank / 1e6:>9.2f} {ttt:>11}")
@@ -132,6 +131,11 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
         lines.append(f"time to target: loss {target_loss:.4f} at the measured run's step count x predicted step time")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _span(r) -> str:
+    """A table row's predicted range, low-high seconds."""
+    return f"{r.predicted_step_low_s:.4f}-{r.predicted_step_high_s:.4f}"
 
 
 def sweep(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], target: Target, *,
@@ -314,7 +318,7 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
         rows.append([r.strategy, str(r.workers), r.layout, f"{r.predicted_step_s:.4f}",
-                     f"{r.predicted_step_low_s:.4f}-{r.predicted_step_high_s:.4f}", f"{r.predicted_compute_s:.4f}",
+                     _span(r), f"{r.predicted_compute_s:.4f}",
                      f"{r.predicted_comm_s:.4f}", f"{r.predicted_bubble_s:.4f}", f"{r.bytes_inter / 1e6:.2f}",
                      f"{r.state_bytes_per_rank / 1e6:.2f}", ttt])
     intro = (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile ({prof.seconds:.1f} s); "
