@@ -238,23 +238,14 @@ def allreduce_tail(net: Net, profile: Profile, blocks: list[int], ranks: tuple[i
 def predict(profile: Profile, job: Job, target: Target) -> Prediction:
     """The projected step of ``job`` on ``target`` (one rank's view; a pipeline's slowest
     rank), with its range: the same job predicted again with every measured compute
-    time at the profile's fastest and at its slowest step (``Profile.drift``), so what
-    hides under compute or waits for it moves as it would."""
+    time at the profile's fastest and at its slowest step (``Profile.drift``: the
+    target's speed divided by it), so what hides under compute or waits for it moves
+    as it would; gloo's own call times stay as measured."""
     p = _predict(profile, job, target)
     lo, hi = profile.drift
-    low = p.step_s if lo == 1 else _predict(at_speed(profile, lo), job, target).step_s
-    high = p.step_s if hi == 1 else _predict(at_speed(profile, hi), job, target).step_s
+    low = p.step_s if lo == 1 else _predict(profile, job, replace(target, speed=target.speed / lo)).step_s
+    high = p.step_s if hi == 1 else _predict(profile, job, replace(target, speed=target.speed / hi)).step_s
     return replace(p, low_s=low, high_s=high)
-
-
-def at_speed(profile: Profile, factor: float) -> Profile:
-    """``profile`` with its measured compute (blocks, optimizer, fixed, FSDP2's own, the
-    methods' own) ``factor`` times as long; gloo's call times as they are."""
-    return replace(profile, blocks=tuple(BlockProfile(b.f * factor, b.b * factor, b.w * factor, b.params)
-                                         for b in profile.blocks),
-                   optim_s=profile.optim_s * factor, fixed_s=profile.fixed_s * factor,
-                   shard_s=profile.shard_s * factor, outer_s={k: v * factor for k, v in profile.outer_s.items()},
-                   drift=(1.0, 1.0))
 
 
 def _predict(profile: Profile, job: Job, target: Target) -> Prediction:
