@@ -104,15 +104,22 @@ def _real_step_seconds(workload: Workload, seed: int, repeats: int) -> tuple[flo
     within minutes, and the difference of two medians taken apart varied 3-fold."""
     import statistics
 
-    trainers = [_trainer(workload, "single", 1, seed=seed, steps=repeats + 1, accum=g) for g in (1, 2)]
-    ones, diffs = [], []
-    for i in range(repeats + 1):
-        one, two = (t.train_step()["step_time_s"] for t in trainers)
-        if i:
-            ones.append(one)
-            diffs.append(two - one)
+    ones, diffs = _paired_steps(*(_trainer(workload, "single", 1, seed=seed, steps=repeats + 1, accum=g)
+                                  for g in (1, 2)), repeats)
     mid = statistics.median(ones)
     return mid, statistics.median(diffs), (min(ones) / mid, max(ones) / mid)
+
+
+def _paired_steps(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """``repeats`` real steps of each trainer, alternated after an untimed warm-up step of
+    each: the first's step times and the paired differences second - first."""
+    firsts, diffs = [], []
+    for i in range(repeats + 1):
+        one, two = (t.train_step()["step_time_s"] for t in (first, second))
+        if i:
+            firsts.append(one)
+            diffs.append(two - one)
+    return firsts, diffs
 
 
 def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
@@ -138,11 +145,7 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         sharded = _trainer(workload, "fsdp", 2, seed=seed, steps=repeats + 1)
-        diffs = []
-        for i in range(repeats + 1):
-            one, two = (t.train_step()["step_time_s"] for t in (single, sharded))
-            if i:
-                diffs.append(two - one)
+        _, diffs = _paired_steps(single, sharded, repeats)
     except Exception:  # noqa: BLE001 (a workload fsdp cannot shard: nothing to measure)
         return 0.0
     finally:
