@@ -426,8 +426,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    import os
+
     from orchestrator.config import ConfigError
+    from orchestrator.storage import check_writable
     from strategies.pipeline.show import show, show_run
+
+    if args.out:  # a local PNG (matplotlib writes it): its folder must take it
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", shown=args.out)
 
     if args.run:  # a measured timeline has no text form: it is drawn, and only where --out says
         if not args.out:

@@ -379,8 +379,11 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     from orchestrator.driver import check_before_ray
     from orchestrator.report import report_from_urls
 
+    from orchestrator.storage import check_writable
+
     for spec in specs + tune_specs:
         check_before_ray(spec)
+    check_writable(out, "--out")
     runtime = ray_runtime.start(address=address)
     chosen: dict[str, list[str]] = {}  # strategy label -> its best grid point
     try:

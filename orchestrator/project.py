@@ -240,6 +240,10 @@ def run_cli(args) -> int:
     workload = spec.build_workload()
     _check_runnable(strategies, workers, workload, args.microbatches)
     curves = curves_from([args.from_]) if args.from_ else None
+    if args.out:
+        from orchestrator.storage import check_writable
+
+        check_writable(args.out, "--out")
     prof = profile(workload, seed=spec.seed)
     rows, notes = project(prof, workload, strategies, workers, target, microbatches=args.microbatches)
     target_loss = args.target_loss if args.target_loss is not None or not curves else default_target(curves)

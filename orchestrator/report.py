@@ -22,7 +22,7 @@ from orchestrator.compare import strategy_label
 from orchestrator.config import ConfigError, ProjectOn
 from orchestrator.metrics import (DEFINITIONS, declared_warmup, final_attempt, quality, quality_curve, read_log,
                                   summarize)
-from orchestrator.storage import RunFolder
+from orchestrator.storage import RunFolder, check_writable
 
 
 @dataclass
@@ -495,5 +495,6 @@ def report_from_urls(urls: list[str], out: str, *, target_loss: float | None = N
     if not urls:
         raise ConfigError("report: give at least one run folder")
     report = build_report(expand_urls(urls), target_loss=target_loss)
+    check_writable(out, "--out")  # before the projection's profiling
     project_runs(report, urls, project_on or ProjectOn())
     return write_report(report, out)

@@ -24,6 +24,25 @@ PARTS = "parts"
 _HELD = b"polytrain.parts"  # metadata key of a compacted log: the part names it holds
 
 
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def check_writable(folder: str, flag: str, shown: str | None = None) -> None:
+    """Bad input found before the work it would lose: make ``folder`` (a path or
+    fsspec URL the user named) and write and remove a probe file in it; a one-line
+    ConfigError naming ``flag`` and ``shown`` (default: the folder) if it cannot."""
+    url = folder if "://" in folder else os.path.abspath(os.path.expanduser(folder))
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        probe = f"{path.rstrip('/')}/.polytrain-probe-{os.getpid()}"
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"{flag} {shown or folder!r}: not writable ({_reason(e)})") from None
+
+
 class RunFolder:
     def __init__(self, storage: str, run_id: str):
         if "://" not in storage:  # JobSpec already made it absolute; from_url passes URLs through
@@ -43,9 +62,8 @@ class RunFolder:
         try:
             self.fs.makedirs(self.path, exist_ok=True)
             self.write_bytes("spec.yaml", spec_yaml.encode())
-        except (OSError, PermissionError, ValueError) as e:
-            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise ConfigError(f"storage={self.url.rsplit('/', 1)[0]!r}: not writable ({reason})") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"storage={self.url.rsplit('/', 1)[0]!r}: not writable ({_reason(e)})") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write whole-or-nothing: to a temporary name, then move into place, so a

@@ -106,6 +106,10 @@ CASES = [
     ("submit-run-id-dotdot", ["submit", "--dashboard", "http://127.0.0.1:1", "--workload", "gpt-tiny", "--strategy",
                               "ddp", "--storage", "{tmp}", "--run-id", ".."], "run_id='..'"),
     ("report-bad-out-protocol", ["report", "{tmp}", "--out", "nosuchproto://r"], "nosuchproto://r"),
+    ("compare-out-not-writable", [*CMP, "--strategies", "ddp", "--out", "/proc/polytrain-cannot-write-here"],
+     "--out '/proc/polytrain-cannot-write-here': not writable"),
+    ("pipeline-chart-not-writable", ["pipeline", "show", "--schedule", "1f1b", "--stages", "2", "--microbatches", "4",
+                                     "--out", "/proc/polytrain-cannot-write-here/1f1b.png"], "--out '/proc/polytrain-cannot-write-here/1f1b.png': not writable"),
 ]
 
 

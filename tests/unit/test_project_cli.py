@@ -34,6 +34,8 @@ CASES = [
     ("bad-workers", [*PJ, "--strategies", "ddp", "--workers", "2,zero"], "--workers '2,zero'"),
     ("target-loss-nan", [*PJ, "--strategies", "ddp", "--target-loss", "nan"], "--target-loss nan"),
     ("bad-workload-option", [*PJ, "--strategies", "ddp", "--set", "workload.n_layers=-1"], "workload.n_layers"),
+    ("out-not-writable", [*PJ, "--strategies", "ddp", "--out", "/proc/polytrain-cannot-write-here"],
+     "--out '/proc/polytrain-cannot-write-here': not writable"),
 ]
 
 

@@ -151,6 +151,16 @@ def test_report_cli_from_memory_urls(storage, capsys):
     assert "report.md" in capsys.readouterr().out
 
 
+def test_an_out_that_cannot_be_written_is_one_line_before_the_projection(storage, capsys, monkeypatch):
+    import orchestrator.report as report_module
+
+    monkeypatch.setattr(report_module, "project_runs", lambda *a: pytest.fail("profiled before --out was checked"))
+    urls = [fake_run(storage, "ddp", strategy={"name": "ddp"}, scenario="local")]
+    assert main(["report", *urls, "--out", "/proc/polytrain-cannot-write-here"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out '/proc/polytrain-cannot-write-here': not writable" in err
+
+
 def test_run_folder_without_metrics_is_one_line_error(storage, capsys):
     with fsspec.open(f"{storage}/empty/spec.yaml", "w") as f:
         f.write("workload: gpt-tiny\n")
