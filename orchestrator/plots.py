@@ -11,7 +11,7 @@ import tempfile
 import pandas as pd
 
 from orchestrator.metrics import quality_curve, run_start
-from orchestrator.report import Report, Run, display_label, fmt_bytes, fmt_num, scenario_table
+from orchestrator.report import Report, Run, display_label, fmt_bytes, fmt_num, scenario_table, throughput
 
 # event kinds drawn on the failure timeline (prefix match)
 TIMELINE_KINDS = ("failure", "restart", "recovered", "straggler", "evict", "inject", "decision", "resume")
@@ -180,10 +180,11 @@ def make_plots(report: Report) -> dict[str, list[tuple[str, str]]]:
         if not runs:
             continue
         df = scenario_table(report, sc)
+        key, unit = throughput(df)
         out[sc] = [
             ("loss vs step", plot_loss(runs, "step", f"{sc}: loss vs step")),
             ("loss vs training time", plot_loss(runs, "time_s", f"{sc}: loss vs training time")),
-            ("throughput", _barh(df, "tokens_per_s", "throughput (tokens/s, steady state)", f"{sc}: throughput",
+            ("throughput", _barh(df, key, f"throughput ({unit}, steady state)", f"{sc}: throughput",
                                  lambda v: fmt_num(v, 0))),
             ("step-time breakdown", plot_breakdown(df, f"{sc}: where a step's time goes")),
             ("bytes per step", _barh(df.assign(b=df.bytes_per_step.clip(lower=1)), "b",

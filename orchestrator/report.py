@@ -169,7 +169,8 @@ def build_report(src: Sources, *, target_loss: float | None = None) -> Report:
 # -- numbers ---------------------------------------------------------------
 
 # figures whose spread over repeats is shown (medians of the repeats, min-max beside)
-SPREAD = ("time_to_target_s", "tokens_per_s", "step_s", "compute_s", "comm_s", "idle_s", "train_s", "load_avg")
+SPREAD = ("time_to_target_s", "tokens_per_s", "samples_per_s", "step_s", "compute_s", "comm_s", "idle_s", "train_s",
+          "load_avg")
 QUALITY_NAME = {"val_loss": "held-out loss", "loss": "training loss"}
 
 
@@ -233,8 +234,8 @@ def scenario_table(report: Report, scenario: str) -> pd.DataFrame:
         middle = g.sort_values("step_s").iloc[[(len(g) - 1) // 2, len(g) // 2]]
         row.update({k: float(middle[k].mean()) for k in ("step_s", "compute_s", "idle_s", "comm_s")})
         rows.append(row)
-    df = pd.DataFrame(rows).sort_values(["time_to_target_s", "tokens_per_s"], ascending=[True, False],
-                                        na_position="last").reset_index(drop=True)
+    df = pd.DataFrame(rows).sort_values(["time_to_target_s", "tokens_per_s", "samples_per_s"],
+                                        ascending=[True, False, False], na_position="last").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     df["target_loss"] = runs.attrs["target"]
     df["noise"] = [noise(df, i) for i in range(len(df))]
@@ -314,8 +315,20 @@ def _cell(row, key: str, fmt) -> str:
     return text
 
 
+def throughput(df: pd.DataFrame) -> tuple[str, str]:
+    """(key, unit) of a ranking's throughput: tokens/s where a run counts tokens, else
+    samples/s (an image model)."""
+    return ("tokens_per_s", "tokens/s") if (df.tokens_per_s.fillna(0) > 0).any() else ("samples_per_s", "samples/s")
+
+
+def columns(df: pd.DataFrame) -> list[tuple]:
+    key, unit = throughput(df)
+    return [(key, unit, f) if k == "tokens_per_s" else (k, h, f) for k, h, f in COLUMNS]
+
+
 def table_cells(df: pd.DataFrame) -> list[list[str]]:
-    return [[_cell(row, k, f) for k, _, f in COLUMNS] for _, row in df.iterrows()]
+    cols = columns(df)
+    return [[_cell(row, k, f) for k, _, f in cols] for _, row in df.iterrows()]
 
 
 def scenario_notes(df: pd.DataFrame) -> list[str]:
@@ -385,7 +398,7 @@ def render_markdown(report: Report) -> str:
         lines += [f"## Scenario `{sc}`", ""]
         if len(df):
             lines += [ln for note in scenario_notes(df) for ln in (note, "")]
-            lines += _md_table([h for _, h, _ in COLUMNS], table_cells(df))
+            lines += _md_table([h for _, h, _ in columns(df)], table_cells(df))
         for f in report.failures:
             if f.scenario == sc:
                 lines.append(f"- **{f.label} failed**: {f.error}" + (f" ({f.url})" if f.url else ""))
@@ -432,7 +445,7 @@ def render_html(report: Report, plots: dict[str, list[tuple[str, str]]]) -> str:
         df = scenario_table(report, sc)
         if len(df):
             parts += [f"<p>{_html_text(note)}</p>" for note in scenario_notes(df)]
-            parts.append(_html_table([h for _, h, _ in COLUMNS], table_cells(df), "ranking"))
+            parts.append(_html_table([h for _, h, _ in columns(df)], table_cells(df), "ranking"))
         for f in report.failures:
             if f.scenario == sc:
                 parts.append(f"<p class='fail'><b>{e(f.label)} failed</b>: {e(f.error)}</p>")

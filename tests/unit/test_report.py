@@ -30,11 +30,12 @@ def _write(url: str, name: str, table: pa.Table) -> None:
 
 def fake_run(storage: str, run_id: str, *, strategy: dict, scenario: str, steps: int = 8, workers: int = 2,
              step_s: float = 0.1, seed: int = 0, events=(), timeline: bool = False, val=None, eval_s: float = 0.0,
-             load: float | None = None, nbytes=None) -> str:
+             load: float | None = None, nbytes=None, tokens: bool = True) -> str:
     """A run folder as the driver writes it: spec.yaml, metrics.parquet, events.parquet.
     ``val(step)``: the held-out loss after that step (None: no evaluation), evaluated in
     ``eval_s`` seconds after the step (in the wall-clock gap, not in step_time_s);
-    ``load``: load_avg of every row (None: no column); ``nbytes(step, rank)``: bytes_sent."""
+    ``load``: load_avg of every row (None: no column); ``nbytes(step, rank)``: bytes_sent;
+    ``tokens``: False for an image model (0 tokens)."""
     url = f"{storage}/{run_id}"
     rng = np.random.default_rng(seed)
     rows, clock = [], T0
@@ -48,7 +49,7 @@ def fake_run(storage: str, run_id: str, *, strategy: dict, scenario: str, steps:
                              step=step, rank=rank, loss=5.0 - 0.1 * step + rng.normal(0, 0.01), step_time_s=t,
                              compute_s=t - idle, comm_s=t * 0.3, idle_s=idle,
                              bytes_sent=nbytes(step, rank) if nbytes else 1000 * (rank + 1) * step,
-                             bytes_received=1000, samples=4 * (rank + 1), tokens=4 * 32 * (rank + 1),
+                             bytes_received=1000, samples=4 * (rank + 1), tokens=4 * 32 * (rank + 1) * tokens,
                              peak_mem_bytes=(100 + 10 * rank) * 2**20 + step, wall_time=clock,
                              **({"val_loss": float("nan") if v is None else v,
                                  "eval_s": 0.0 if v is None else eval_s} if val else {}),
@@ -77,9 +78,9 @@ def expected_row(url: str, warmup: int = 3) -> dict:
     steady = m[m.step > warmup] if m.step.max() > warmup else m
     slow = pd.DataFrame([g.sort_values("step_time_s").iloc[-1] for _, g in steady.groupby("step")])
     step = float(np.median(slow.step_time_s))
-    tokens = steady.groupby("step").tokens.sum()
     last = m[m.step == m.step.max()]
-    return {"tokens_per_s": tokens.sum() / slow.step_time_s.sum(),
+    return {"tokens_per_s": steady.tokens.sum() / slow.step_time_s.sum(),
+            "samples_per_s": steady.samples.sum() / slow.step_time_s.sum(),
             "final_loss": (last.loss * last.samples).sum() / last.samples.sum(),
             "step_s": step, "comm_s": step * slow.comm_s.sum() / slow.step_time_s.sum(),
             "idle_s": step * slow.idle_s.sum() / slow.step_time_s.sum(),
@@ -141,6 +142,17 @@ def test_time_to_target_is_measured_from_the_first_step(storage):
     # the run began when step 1's slowest rank started (1.65 s before step 1 ended at T0 + 1.5);
     # step 4 ended 3 x 0.5 s after step 1
     assert _md_rows(md, "local")["ddp"][2] == f"{0.15 + 1.5 + 3 * 0.5:,.3f}"
+
+
+def test_a_model_without_tokens_is_ranked_by_samples_per_second(storage):
+    urls = [fake_run(storage, n, strategy={"name": n}, scenario="local", tokens=False, step_s=s)
+            for n, s in (("ddp", 0.1), ("fsdp", 0.2))]
+    report = report_from_urls(urls, f"{storage}/rep", project_on=ProjectOn(scenario="none"))
+    md = fsspec.open(report[1], "r").open().read()
+    header = next(ln for ln in md.split("## Scenario `local`")[1].splitlines() if ln.startswith("| #"))
+    assert "samples/s" in header and "tokens/s" not in header
+    for name, url in zip(("ddp", "fsdp"), urls):
+        assert _md_rows(md, "local")[name][3] == f"{expected_row(url)['samples_per_s']:,.0f}"
 
 
 def test_report_cli_from_memory_urls(storage, capsys):
