@@ -45,7 +45,8 @@ def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]
             try:
                 job = job_for(name, options, n, workload, microbatches=microbatches, n_blocks=len(prof.blocks))
             except Skip as e:
-                notes.append(str(e))
+                if str(e) not in notes:  # a strategy with no model says so once, not once per N
+                    notes.append(str(e))
                 continue
             rows.append(predict(prof, job, target))
             own = f"{name}: {job.microbatches} micro-batches a replica a step (its own option), not {microbatches}"

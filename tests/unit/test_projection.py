@@ -128,6 +128,16 @@ def test_every_row_takes_the_projections_micro_batches_unless_its_options_set_th
     _, notes = project(_profile(6), gpt, [("pipeline", {"microbatches": 8}), ("ddp", {})], [4], Target(cores=2))
     assert notes == ["pipeline: 8 micro-batches a replica a step (its own option), not 4"]
 
+
+def test_a_row_that_cannot_exist_is_noted_once_per_reason(gpt):
+    rows, notes = project(_profile(6), gpt, [("terngrad", {}), ("pipeline", {}), ("ddp", {})], [1, 2, 8],
+                          Target(cores=2))
+    assert [(r.strategy, r.workers) for r in rows] == [("pipeline", 2), ("pipeline", 8), ("ddp", 1), ("ddp", 2),
+                                                       ("ddp", 8)]
+    assert len(notes) == 2 and notes[0].startswith("terngrad: no projection model yet") and \
+        notes[1].startswith("pipeline on 1 workers")
+
+
 def test_sharded_memory_and_bytes_against_the_formulas():
     """FSDP holds 1/N of the parameters; it gathers each block twice per micro-batch and reduce-scatters once."""
     n, size, m = 4, 4 * 2**20, 2
