@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the parser is built on every `polytrain` call: torch is imported only to project
@@ -36,11 +36,15 @@ def parse_strategies(text: str) -> list[tuple[str, dict]]:
 
 def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]], workers: list[int],
             target: Target, *, microbatches: int = 4) -> tuple[list[Prediction], list[str]]:
-    """Every (strategy, N) row the layout rules allow, and a note for each that they do not."""
+    """Every (strategy, N) row the layout rules allow, and a note for each that they do not.
+    A row's ``strategy`` is its label with options (``powersgd:rank=4``, as compare spells
+    it), so two settings of one strategy stay two rows, series and curves."""
+    from orchestrator.compare import strategy_label
     from strategies.projection import Skip, job_for, predict
 
     rows, notes = [], []
     for name, options in strategies:
+        label = strategy_label({"name": name, **options})
         for n in workers:
             try:
                 job = job_for(name, options, n, workload, microbatches=microbatches, n_blocks=len(prof.blocks))
@@ -48,8 +52,8 @@ def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]
                 if str(e) not in notes:  # a strategy with no model says so once, not once per N
                     notes.append(str(e))
                 continue
-            rows.append(predict(prof, job, target))
-            own = f"{name}: {job.microbatches} micro-batches a replica a step (its own option), not {microbatches}"
+            rows.append(replace(predict(prof, job, target), strategy=label))
+            own = f"{label}: {job.microbatches} micro-batches a replica a step (its own option), not {microbatches}"
             if job.microbatches != microbatches and own not in notes:
                 notes.append(own)
     return rows, notes
@@ -68,14 +72,15 @@ def loss_curve(metrics) -> list[tuple[int, float]]:
 
 
 def curves_from(urls: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """Each strategy's measured curve from run folders or comparison folders (its first run's)."""
+    """Each strategy's measured curve from run folders or comparison folders (its first
+    run's), by its label with options (``powersgd:rank=4``)."""
     from orchestrator.report import expand_urls, load_run
 
     found = [url for url, _, _ in expand_urls(urls).runs]
     curves: dict[str, list[tuple[int, float]]] = {}
     for url in found:
         run = load_run(url)
-        curves.setdefault(str(run.metrics.strategy.iloc[0]), loss_curve(run.metrics))
+        curves.setdefault(run.label, loss_curve(run.metrics))
     return curves
 
 
@@ -111,6 +116,8 @@ def table(rows: list[Prediction], curves: dict[str, list[tuple[int, float]]] | N
 def render(df, notes: list[str], prof: Profile, target: Target, target_loss: float | None, *,
            microbatches: int = 4) -> str:
     """The printed answer: the profiling cost, one line per row, the notes."""
+    sw = max([10, *map(len, df.strategy)])  # labels with options, mesh layouts: columns as wide as they need
+    lw = max([16, *map(len, df.layout)])
     lines = [f"profiled {prof.workload} on one rank in {prof.seconds:.1f} s ({prof.steps} timed block passes and "
              f"real steps; {len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared (and with {prof.others:.1f} other jobs' "
@@ -120,11 +127,11 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
              (f"range: the step again with compute as fast and as slow as the profile's fastest and slowest real step "
               f"(x{prof.drift[0]:.2f} and x{prof.drift[1]:.2f} of their median: how far this machine's speed moved "
               f"while profiling); the model's own error is not in it (docs/projection.md, Validation)"),
-             (f"{'strategy':<10} {'N':>5} {'layout':<16} {'step s':>9} {'range s':>15} {'compute':>9} {'comm':>9} {'bubble':>9} "
+             (f"{'strategy':<{sw}} {'N':>5} {'layout':<{lw}} {'step s':>9} {'range s':>15} {'compute':>9} {'comm':>9} {'bubble':>9} "
              f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
-        lines.append(f"{r.strategy:<10} {r.workers:>5} {r.layout:<16} {r.predicted_step_s:>9.4f} {_span(r):>15} "
+        lines.append(f"{r.strategy:<{sw}} {r.workers:>5} {r.layout:<{lw}} {r.predicted_step_s:>9.4f} {_span(r):>15} "
                      f"{r.predicted_compute_s:>9.4f} {r.predicted_comm_s:>9.4f} {r.predicted_bubble_s:>9.4f} "
                      f"{r.bytes_intra / 1e6:>9.2f} {r.bytes_inter / 1e6:>9.2f} {r.param_bytes_per_rank / 1e6:>9.2f} "
                      f"{r.state_bytes_per_rank / 1e6:>9.2f} {ttt:>11}")
@@ -296,17 +303,18 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
     their options) projected on ``scenario``/``speed`` (neither: this machine), time to
     the loss every run reached from their measured curves. ConfigError for a target
     that cannot be parsed."""
+    from orchestrator.compare import strategy_label
     from orchestrator.config import ConfigError, JobSpec
     from orchestrator.report import expand_urls, load_run
 
     found = [url for url, _, _ in expand_urls(runs).runs]
     specs = [_run_spec(u) for u in found]
-    strategies: dict[str, dict] = {}
+    strategies: dict[str, tuple[str, dict]] = {}  # by label: two settings of one strategy are two rows
     curves: dict[str, list[tuple[int, float]]] = {}
     for url, spec in zip(found, specs):
         s = spec["strategy"] if isinstance(spec["strategy"], dict) else {"name": spec["strategy"]}
-        strategies.setdefault(s["name"], {k: v for k, v in s.items() if k != "name"})
-        curves.setdefault(s["name"], loss_curve(load_run(url).metrics))
+        strategies.setdefault(strategy_label(s), (s["name"], {k: v for k, v in s.items() if k != "name"}))
+        curves.setdefault(strategy_label(s), loss_curve(load_run(url).metrics))
     ns = sorted({int(s["workers"]) for s in specs} | set(workers))
     try:
         target = parse_target(scenario, speed, ns)
@@ -314,7 +322,7 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
         raise ConfigError(str(e)) from None
     workload = JobSpec(**specs[0]).build_workload()
     prof = profile(workload)
-    chosen = list(strategies.items())
+    chosen = list(strategies.values())
     rows, notes = project(prof, workload, chosen, ns, target)
     target_loss = default_target(curves)
     df = table(rows, curves, target_loss)

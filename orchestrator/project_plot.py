@@ -39,9 +39,12 @@ def plot(series: dict[str, list[tuple[int, float]]], ranges: dict[str, list[tupl
         band = ranges.get(name, [])
         ax.fill_between([n for n, _, _ in band], [lo for _, lo, _ in band], [hi for _, _, hi in band],
                         color=line.get_color(), alpha=0.15, linewidth=0)
+    placed: list[tuple[float, float]] = []
     for n, t, winner, loser in crossovers(series):
         ax.plot([n], [t], "kx", ms=8)
-        ax.annotate(f"{winner}<{loser}", (n, t), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        near = sum(1 for m, u in placed if max(n / m, m / n) < 2 and max(t / u, u / t) < 1.5)
+        placed.append((n, t))  # labels of crossovers close together stack downwards instead of overprinting
+        ax.annotate(f"{winner}<{loser}", (n, t), fontsize=6, xytext=(3, -9 - 8 * near), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workers N")

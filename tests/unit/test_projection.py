@@ -126,7 +126,7 @@ def test_every_row_takes_the_projections_micro_batches_unless_its_options_set_th
     assert own.microbatches == 8 and own.options["microbatches"] == 8
     assert job_for("mesh", {"dp": 2, "pp": 2, "microbatches": 6}, 4, gpt, microbatches=4, n_blocks=6).microbatches == 6
     _, notes = project(_profile(6), gpt, [("pipeline", {"microbatches": 8}), ("ddp", {})], [4], Target(cores=2))
-    assert notes == ["pipeline: 8 micro-batches a replica a step (its own option), not 4"]
+    assert notes == ["pipeline:microbatches=8: 8 micro-batches a replica a step (its own option), not 4"]
 
 
 def test_a_row_that_cannot_exist_is_noted_once_per_reason(gpt):
@@ -228,16 +228,18 @@ def test_time_to_target_uses_held_out_loss_where_evaluated():
     assert df.time_to_target_s.iloc[0] == pytest.approx(4 * rows[0].step_s) and math.isnan(df.time_to_target_s.iloc[1])
 
 
-def _fake_run(tmp_path, strategy: str, losses: list[float]) -> str:
+def _fake_run(tmp_path, strategy: str | dict, losses: list[float], run_id: str | None = None) -> str:
     from orchestrator.config import JobSpec
     from orchestrator.metrics import metrics_table
     from orchestrator.storage import RunFolder
 
-    spec = JobSpec(workload={"name": "gpt-tiny", "d_model": 64, "seq_len": 32}, strategy=strategy, workers=2, steps=len(losses), storage=str(tmp_path),
-                   run_id=strategy)
-    folder = RunFolder(str(tmp_path), strategy)
+    name = strategy if isinstance(strategy, str) else strategy["name"]
+    run_id = run_id or name
+    spec = JobSpec(workload={"name": "gpt-tiny", "d_model": 64, "seq_len": 32}, strategy=strategy, workers=2,
+                   steps=len(losses), storage=str(tmp_path), run_id=run_id)
+    folder = RunFolder(str(tmp_path), run_id)
     folder.create(spec.to_yaml())
-    rows = [{"run_id": strategy, "workload": "gpt-tiny", "strategy": strategy, "scenario": "local", "step": s + 1,
+    rows = [{"run_id": run_id, "workload": "gpt-tiny", "strategy": name, "scenario": "local", "step": s + 1,
              "rank": r, "loss": loss, "step_time_s": 0.1, "samples": 8} for s, loss in enumerate(losses) for r in (0, 1)]
     folder.compact("metrics", metrics_table(rows))
     return folder.url
@@ -257,6 +259,23 @@ def test_report_section_projects_the_reports_own_runs(tmp_path):
     assert all(line.rstrip(" |").split(" | ")[-1] != "-" for line in lines)  # both runs reach the target
     (title, png), = plots
     assert "internet-1g" in title and base64.b64decode(png)[:4] == b"\x89PNG"
+
+
+def test_two_settings_of_one_strategy_are_two_rows_each_with_its_own_curve(tmp_path, gpt):
+    from orchestrator.project import curves_from, report_section
+
+    low, high = {"name": "powersgd", "rank": 1}, {"name": "powersgd", "rank": 4}
+    runs = [_fake_run(tmp_path, low, [3.0, 2.0, 1.9, 1.8], "r1"), _fake_run(tmp_path, high, [3.0, 1.8, 1.5, 1.2], "r4")]
+    assert curves_from(runs) == {"powersgd:rank=1": [(1, 3.0), (2, 2.0), (3, 1.9), (4, 1.8)],
+                                 "powersgd:rank=4": [(1, 3.0), (2, 1.8), (3, 1.5), (4, 1.2)]}
+    md = report_section(runs, "internet-1g", workers=(8,)).markdown()
+    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln.strip("|").split("|")[-1].strip()
+             for ln in md.splitlines() if ln.startswith("| powersgd")}
+    assert set(cells) == {("powersgd:rank=1", "2"), ("powersgd:rank=1", "8"), ("powersgd:rank=4", "2"),
+                          ("powersgd:rank=4", "8")}
+    assert all(v != "-" for v in cells.values())  # each reaches 1.8 (the default target), on its own curve
+    rows, _ = project(_profile(6), gpt, [("powersgd", {"rank": 1}), ("powersgd", {"rank": 4})], [4], Target(cores=2))
+    assert [r.strategy for r in rows] == ["powersgd:rank=1", "powersgd:rank=4"]
 
 
 def test_blocks_are_calibrated_to_the_real_step_and_its_fixed_cost_counts():
