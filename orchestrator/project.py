@@ -254,6 +254,9 @@ def run_cli(args) -> int:
         check_writable(args.out, "--out")
     prof = profile(workload, seed=spec.seed)
     rows, notes = project(prof, workload, strategies, workers, target, microbatches=args.microbatches)
+    if curves:  # a curve is a strategy's with its options: say which have none, and what --from holds
+        notes += [f"{label}: no run of it in --from (which has {', '.join(sorted(curves))}): no time to target"
+                  for label in dict.fromkeys(r.strategy for r in rows) if label not in curves]
     target_loss = args.target_loss if args.target_loss is not None or not curves else default_target(curves)
     df = table(rows, curves, target_loss)
     print(render(df, notes, prof, target, target_loss, microbatches=args.microbatches))

@@ -299,10 +299,13 @@ def test_from_a_run_gives_time_to_target_in_the_printed_table(tmp_path, capsys):
             "--strategies", "ddp,fsdp", "--workers", "2", "--scenario", "internet-1g", "--from", run,
             "--target-loss", "1.5"]
     assert main(argv) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(("ddp", "fsdp"))}
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("ddp", "fsdp"))}
     step = float(lines["ddp"].split()[3])
     assert float(lines["ddp"].split()[-1]) == pytest.approx(3 * step, abs=0.1)  # step 3 reaches 1.5
-    assert lines["fsdp"].split()[-1] == "-"  # no measured curve
+    assert lines["fsdp"].split()[-1] == "-"  # no measured curve, and a note says so
+    assert "note: fsdp: no run of it in --from (which has ddp): no time to target" in out
+    assert "note: ddp:" not in out
 
 
 def test_hsdp_all_reduces_the_shards_across_nodes():
