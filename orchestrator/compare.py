@@ -218,6 +218,19 @@ def matrix_specs(base: dict, strategies: list[dict], scenarios: list[str], stora
     return out
 
 
+def common_batch(base: dict, specs: list[JobSpec]) -> int | None:
+    """The global batch every run of a matrix takes when the user set none: each
+    strategy's own default is the micro-batch x its data-parallel replicas, so a
+    pipeline or sequence-parallel job on N workers would take 1/stages or 1/sp of
+    ddp's samples a step and its loss and time per step would not compare. The
+    least common multiple of the defaults (ddp's, micro-batch x N, where any
+    strategy has N replicas) divides by every strategy's replicas. None: the user
+    set ``batch_size``, or the runs already agree."""
+    if "batch_size" in base or len({s.batch_size for s in specs}) <= 1:
+        return None
+    return math.lcm(*{s.batch_size for s in specs})
+
+
 def matrix_job(combo: Combination, fields: dict, address: str | None) -> JobSpec:
     """The validated spec of one combination; bad input names the combination and stops the whole matrix."""
     from orchestrator.config import ConfigError
@@ -366,6 +379,11 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     root = out.rstrip("/")
     combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat)
     specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+    common = common_batch(base, specs)
+    if common is not None:  # every run on the same samples a step, whatever its replicas
+        base = {**base, "batch_size": common}
+        combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat)
+        specs = [matrix_job(combo, fields, address) for combo, fields in combos]
     tunes, tune_specs, budget = [], [], 0
     if tuning is not None and any(tuning.grids):
         check_grids(base, strategies, scenarios, tuning, f"{root}/runs", address)

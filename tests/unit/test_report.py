@@ -193,6 +193,25 @@ def test_parse_strategies_and_matrix():
     assert {f["seed"] for _, f in combos} == {7} and len({c.run_id for c, _ in combos}) == 4
 
 
+def test_a_matrix_takes_one_global_batch_whatever_each_strategys_replicas():
+    """ddp on 4 workers takes 4 micro-batches a step, a 4-stage pipeline one, sp=2 two: the
+    matrix runs all of them on ddp's (their least common multiple) unless the user set one."""
+    from orchestrator.compare import common_batch, matrix_job
+
+    strategies = [{"name": "ddp"}, {"name": "pipeline"}, {"name": "sequence", "ring": 2}]
+    base = {"workload": {"name": "gpt-tiny", "n_layers": 4}, "workers": 4, "steps": 2}
+
+    def specs(b):
+        return [matrix_job(c, f, None) for c, f in matrix_specs(b, strategies, ["local"], "/tmp/s")]
+
+    own = specs(base)
+    assert [s.batch_size for s in own] == [32, 8, 16]
+    assert common_batch(base, own) == 32
+    assert {s.batch_size for s in specs({**base, "batch_size": 32})} == {32}  # every strategy takes it
+    assert common_batch({**base, "batch_size": 16}, specs({**base, "batch_size": 16})) is None  # the user's stays
+    assert common_batch(base, own[:1]) is None
+
+
 @pytest.mark.parametrize("text", ["", " , ", "k=v"])
 def test_bad_strategy_lists(text):
     with pytest.raises(ConfigError, match="--strategies"):
