@@ -210,6 +210,7 @@ def run_rows(report: Report, scenario: str) -> pd.DataFrame:
             "final_val_loss": s["final_val_loss"], "final_val_spread": s["final_val_spread"],
             "train_s": s["train_s"], "eval_s": s["eval_s"],
             "load_avg": s["load_avg"], "load_avg_max": s["load_avg_max"],
+            "batch": float(r.metrics.groupby("step").samples.sum().median()),  # global samples a step
         })
     df = pd.DataFrame(rows)
     df.attrs.update(by=by, target=target, unevaluated=unevaluated)
@@ -344,6 +345,9 @@ def scenario_notes(df: pd.DataFrame) -> list[str]:
               "One run per strategy: rankings are unchecked for noise (--repeat N checks them)")
     warm = ", ".join(f"{r.strategy} {int(r.warmup_steps)}" for _, r in df.iterrows())
     notes = [f"Verdict: {verdict(df)}.", f"{target}. {spread}. Warm-up steps left out of steady figures: {warm}."]
+    if df.batch.nunique() > 1:  # runs made apart (a compare takes one batch): say per-step figures do not compare
+        notes.append("The runs' global batches differ (" + ", ".join(f"{r.strategy} {r.batch:.0f}" for _, r in
+                     df.iterrows()) + " samples a step): loss and time per step do not compare between them.")
     replicas = df[df.final_val_spread.notna()]
     if len(replicas):  # gossip: the held-out loss is the replicas' average model's; how far apart they ended
         notes.append("Replicas differ: the held-out loss is that of their average; their own final held-out losses "

@@ -17,8 +17,8 @@ from orchestrator.cli import EXIT_INVALID, main
 from orchestrator.compare import matrix_specs, parse_strategies
 from orchestrator.config import ConfigError
 from orchestrator.metrics import EVENT_SCHEMA, TIMELINE_SCHEMA, metrics_table
-from orchestrator.report import (Failure, ProjectOn, Report, load_run, render_markdown, report_from_urls,
-                                 write_report)
+from orchestrator.report import (Failure, ProjectOn, Report, build_report, expand_urls, load_run, render_markdown,
+                                 report_from_urls, write_report)
 
 T0 = 1_700_000_000.0
 
@@ -153,6 +153,14 @@ def test_a_model_without_tokens_is_ranked_by_samples_per_second(storage):
     assert "samples/s" in header and "tokens/s" not in header
     for name, url in zip(("ddp", "fsdp"), urls):
         assert _md_rows(md, "local")[name][3] == f"{expected_row(url)['samples_per_s']:,.0f}"
+    assert "global batches differ" not in md  # both took 12 samples a step
+
+
+def test_runs_on_different_global_batches_are_flagged(storage):
+    urls = [fake_run(storage, "ddp", strategy={"name": "ddp"}, scenario="local", workers=2),
+            fake_run(storage, "pipeline", strategy={"name": "pipeline"}, scenario="local", workers=3)]
+    md = render_markdown(build_report(expand_urls(urls)))
+    assert "The runs' global batches differ (" in md and "ddp 12" in md and "pipeline 24 samples a step" in md
 
 
 def test_report_cli_from_memory_urls(storage, capsys):
