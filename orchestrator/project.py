@@ -54,7 +54,7 @@ def project(prof: Profile, workload: Workload, strategies: list[tuple[str, dict]
                 continue
             rows.append(replace(predict(prof, job, target), strategy=label))
             own = f"{label}: {job.microbatches} micro-batches a replica a step (its own option), not {microbatches}"
-            if job.microbatches != microbatches and own not in notes:
+            if "microbatches" in options and job.microbatches != microbatches and own not in notes:
                 notes.append(own)
     return rows, notes
 
@@ -122,8 +122,10 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
              f"real steps; {len(prof.blocks)} blocks, micro-batch {prof.micro_batch}); target {target.name}, "
              f"speed x{target.speed:g}" + (f", {target.cores} cores shared (and with {prof.others:.1f} other jobs' "
                                             f"runnable threads, as profiled)" if target.cores else ""),
-             (f"the batch grows with N: each replica {microbatches} x {prof.micro_batch} samples a step "
-             f"(the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + optimizer state"),
+             (f"the global batch grows with N: N x {microbatches} x {prof.micro_batch} samples a step at every row (a "
+              f"replica of r ranks, a pipeline's stages or a sequence's shards, takes r x {microbatches} micro-batches; "
+              f"the dataset-size check is skipped); bytes are one rank's sent per step, state = params + grads + "
+              f"optimizer state"),
              (f"range: the step again with compute as fast and as slow as the profile's fastest and slowest real step "
               f"(x{prof.drift[0]:.2f} and x{prof.drift[1]:.2f} of their median: how far this machine's speed moved "
               f"while profiling); the model's own error is not in it (docs/projection.md, Validation)"),

@@ -7,9 +7,11 @@
   and sequence length allow (Ulysses as the options say, the rest ring); the
   rest data parallel;
 - zero1/2/3: N data-parallel ranks; every other strategy: its own plan at N;
-- micro-batches a replica takes a step: the projection's (``--microbatches``), so
-  that every row does the same work a step, unless the strategy's options set
-  their own (``pipeline:microbatches=8``).
+- the global batch: N x the projection's micro-batches (``--microbatches``) x the
+  workload's micro-batch at every row alike, so that rows compare the same work
+  a step: a data-parallel replica of r ranks (a pipeline's stages, a sequence's
+  shards) takes r x ``--microbatches`` micro-batches, unless the strategy's
+  options set their own (``pipeline:microbatches=8``, per replica).
 
 A row a rule cannot make (a pipeline on one worker) raises ``Skip`` with a
 one-line note; a strategy the projection has no model for is a ``Skip`` too.
@@ -59,18 +61,22 @@ def job_for(name: str, options: dict, workers: int, workload: Workload, *, micro
         from cluster.mesh import Layout
 
         return Job(strategy=name, layout=Layout(dp=workers), microbatches=microbatches, zero=int(name[-1]))
-    if "microbatches" in options:  # the strategy's own: its rows say so (``project``)
+    own = "microbatches" in options  # the strategy's own, per replica: its rows say so (``project``)
+    if own:
         microbatches = opts.microbatches
     elif "microbatches" in type(opts).model_fields:  # a mesh's pipeline: the same work a step as every row
         opts = opts.model_copy(update={"microbatches": microbatches})
     if name == "pipeline":
-        opts = _pipeline_options(opts, workers, microbatches, n_blocks)
+        opts = _pipeline_options(opts, workers, microbatches, n_blocks, per_stage=not own)
     elif name == "sequence":
         opts = _sequence_options(opts, workers, workload)
-    try:
-        plan = cls.plan(opts, workers)
-    except ValueError as e:
-        raise Skip(f"{name} on {workers} workers: {e}") from None
+    plan = _plan(cls, opts, name, workers)
+    share = plan.layout.world // (plan.layout.dp * plan.layout.fsdp)  # ranks of one data-parallel replica
+    if share > 1 and not own and name != "pipeline":  # the global batch of every row (the pipeline's: above)
+        microbatches *= share
+        if "microbatches" in type(opts).model_fields:
+            opts = opts.model_copy(update={"microbatches": microbatches})
+            plan = _plan(cls, opts, name, workers)
     if plan.layout.world != workers or (plan.layout.pp > 1 and plan.layout.sp > 1):
         raise Skip(f"{name} on {workers} workers: layout {plan.layout} is not modelled")
     if plan.outer not in ("none", "demo", "gossip") or (plan.outer != "none" and plan.inner_axes):
@@ -85,19 +91,29 @@ def job_for(name: str, options: dict, workers: int, workload: Workload, *, micro
                options={**plan.outer_options, **opts.model_dump()})
 
 
-def _pipeline_options(opts, workers: int, microbatches: int, n_blocks: int):
+def _plan(cls, opts, name: str, workers: int):
+    try:
+        return cls.plan(opts, workers)
+    except ValueError as e:
+        raise Skip(f"{name} on {workers} workers: {e}") from None
+
+
+def _pipeline_options(opts, workers: int, microbatches: int, n_blocks: int, *, per_stage: bool = True):
+    """The most stages that fit; with ``per_stage`` a replica of p stages takes p x
+    ``microbatches`` (the global batch of a data-parallel row), else ``microbatches``."""
     from strategies.pipeline.generators import chunks_per_rank, min_microbatches
 
     if opts.schedule == "auto":
         raise Skip("pipeline: schedule 'auto' searches with a run's own costs; project a named schedule")
     chunks = chunks_per_rank(opts.schedule, opts.chunks)
+    m = (lambda p: p * microbatches) if per_stage else (lambda p: microbatches)
     fits = [p for p in range(2, workers + 1) if workers % p == 0 and p * chunks <= n_blocks
-            and microbatches >= min_microbatches(opts.schedule, p)
-            and (opts.schedule != "interleaved-1f1b" or microbatches % p == 0)]
+            and m(p) >= min_microbatches(opts.schedule, p)
+            and (opts.schedule != "interleaved-1f1b" or m(p) % p == 0)]
     if not fits:
         raise Skip(f"pipeline on {workers} workers: no stage count p >= 2 divides {workers} with {chunks} x p stages "
                    f"within the workload's {n_blocks} blocks and {microbatches} micro-batches")
-    return opts.model_copy(update={"stages": max(fits), "microbatches": microbatches})
+    return opts.model_copy(update={"stages": max(fits), "microbatches": m(max(fits))})
 
 
 def _sequence_options(opts, workers: int, workload: Workload):

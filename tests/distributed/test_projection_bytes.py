@@ -10,17 +10,19 @@ from strategies.projection import Target, job_for, predict
 from tests.ranks import run_ranks
 
 GPT = {"name": "gpt-tiny", "d_model": 64, "n_layers": 2, "seq_len": 32, "micro_batch": 4}
-M = 2  # micro-batches per replica per step (the pipeline's, else gradient accumulation)
+M = 2  # micro-batches per rank's share of the global batch (N x M micro-batches a step, as the projection takes)
 OPTIONS = {"powersgd": {"warmup_steps": 0}, "sequence": {"ulysses": 2}}
 
 
 def _spec(strategy: str, world: int) -> JobSpec:
     name = strategy.split("-")[0]
     options = {"name": name, **OPTIONS.get(strategy, {})}
-    if name == "pipeline":
-        return JobSpec(workload=GPT, strategy={**options, "microbatches": M}, workers=world, steps=3, batch_size=4 * M)
-    replicas = 1 if name == "sequence" else world
-    return JobSpec(workload=GPT, strategy=options, workers=world, steps=3, batch_size=4 * M * replicas, grad_accum=M)
+    batch = 4 * M * world  # the same global batch at every row
+    if name == "pipeline":  # one replica of `world` stages: world x M micro-batches
+        return JobSpec(workload=GPT, strategy={**options, "microbatches": M * world}, workers=world, steps=3,
+                       batch_size=batch)
+    share = world if name == "sequence" else 1  # ranks of one replica
+    return JobSpec(workload=GPT, strategy=options, workers=world, steps=3, batch_size=batch, grad_accum=M * share)
 
 
 def step_rows(rank, world, strategy):

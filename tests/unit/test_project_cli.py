@@ -75,7 +75,7 @@ def test_prints_without_writing_and_writes_with_out(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
     assert "profiled gpt-tiny on one rank in" in out and "note: pipeline on 1 workers" in out
-    assert "the batch grows with N" in out and "dataset-size check is skipped" in out
+    assert "the global batch grows with N" in out and "dataset-size check is skipped" in out
     assert len([line for line in out.splitlines() if line.startswith(("ddp ", "pipeline "))]) == 5
     assert main([*argv, "--out", str(tmp_path / "p")]) == 0
     df = pd.read_parquet(tmp_path / "p" / "projection.parquet")

@@ -114,14 +114,22 @@ def test_layout_rules(gpt):
 
 
 
-def test_every_row_takes_the_projections_micro_batches_unless_its_options_set_them(gpt):
-    """A mesh's pipeline takes --microbatches like the pipeline does (not its option's default), so rows
-    compare the same work a step; a strategy's own ``microbatches`` wins, and ``project`` notes it."""
+def test_every_row_takes_the_same_global_batch_unless_its_options_set_micro_batches(gpt):
+    """N x --microbatches micro-batches a step at every row: a data-parallel rank takes m, a replica of r
+    ranks (a pipeline's stages, a sequence's shards, a mesh's pp x sp) r x m, so rows compare the same
+    work a step; a strategy's own ``microbatches`` (per replica) wins, and ``project`` notes it."""
     for m in (2, 4, 6):
-        mesh = job_for("mesh", {"dp": 2, "pp": 2}, 4, gpt, microbatches=m, n_blocks=6)
-        pipe = job_for("pipeline", {}, 4, gpt, microbatches=m, n_blocks=6)
-        flat = job_for("ddp", {}, 4, gpt, microbatches=m, n_blocks=6)
-        assert mesh.layout.pp == 2 and mesh.microbatches == pipe.microbatches == flat.microbatches == m
+        jobs = {"mesh": job_for("mesh", {"dp": 2, "pp": 2}, 4, gpt, microbatches=m, n_blocks=6),
+                "mesh-sp": job_for("mesh", {"fsdp": 2, "sp": 2}, 4, gpt, microbatches=m, n_blocks=6),
+                "pipeline": job_for("pipeline", {}, 4, gpt, microbatches=m, n_blocks=6),
+                "sequence": job_for("sequence", {}, 4, gpt, microbatches=m, n_blocks=6),
+                "ddp": job_for("ddp", {}, 4, gpt, microbatches=m, n_blocks=6),
+                "fsdp": job_for("fsdp", {}, 4, gpt, microbatches=m, n_blocks=6),
+                "zero2": job_for("zero2", {}, 4, gpt, microbatches=m, n_blocks=6)}
+        assert jobs["mesh"].layout.pp == 2 and jobs["pipeline"].layout.pp == 4 and jobs["sequence"].layout.sp == 4
+        for name, job in jobs.items():
+            replicas = job.layout.dp * job.layout.fsdp
+            assert job.microbatches * replicas == 4 * m, name
     own = job_for("pipeline", {"microbatches": 8}, 4, gpt, microbatches=4, n_blocks=6)
     assert own.microbatches == 8 and own.options["microbatches"] == 8
     assert job_for("mesh", {"dp": 2, "pp": 2, "microbatches": 6}, 4, gpt, microbatches=4, n_blocks=6).microbatches == 6
