@@ -325,13 +325,17 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
         target = parse_target(scenario, speed, ns)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    workload = JobSpec(**specs[0]).build_workload()
+    first = JobSpec(**specs[0])
+    workload = first.build_workload()
+    # each worker's share of the runs' global batch, in micro-batches: the rows at the runs' N take their batch
+    m = max(1, round(first.batch_size / (workload.micro_batch * first.workers)))
     prof = profile(workload)
     chosen = list(strategies.values())
-    rows, notes = project(prof, workload, chosen, ns, target)
+    rows, notes = project(prof, workload, chosen, ns, target, microbatches=m)
     target_loss = default_target(curves)
     df = table(rows, curves, target_loss)
-    png = plot(*sweep(prof, workload, chosen, target), f"{prof.workload} on {target.name} (speed x{target.speed:g})")
+    png = plot(*sweep(prof, workload, chosen, target, microbatches=m),
+               f"{prof.workload} on {target.name} (speed x{target.speed:g})")
     rows = []
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
@@ -340,6 +344,7 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
                      f"{r.predicted_comm_s:.4f}", f"{r.predicted_bubble_s:.4f}", f"{r.bytes_inter / 1e6:.2f}",
                      f"{r.state_bytes_per_rank / 1e6:.2f}", ttt])
     intro = (f"Predicted on `{target.name}` (speed x{target.speed:g}) from a one-rank profile ({prof.seconds:.1f} s); "
+             f"global batch N x {m} x {prof.micro_batch} samples a step (the runs' at their N); "
              f"time to loss {target_loss:.4f} = the run's steps to it x the predicted step. The range: compute as "
              f"fast and as slow as the profile's fastest and slowest step (x{prof.drift[0]:.2f}, x{prof.drift[1]:.2f} "
              f"of their median). See docs/projection.md for what is modelled.")

@@ -262,6 +262,7 @@ def test_report_section_projects_the_reports_own_runs(tmp_path):
     section = report_section(runs, "internet-1g", workers=(64,))
     md, plots = section.markdown(), section.plots
     assert md.startswith("## Projection") and "internet-1g" in md and "time to loss 1.4000" in md
+    assert "global batch N x 1 x 8 samples a step" in md  # the runs': 16 samples on 2 workers
     lines = [line for line in md.splitlines() if line.startswith(("| ddp |", "| fsdp |"))]
     assert [line.split(" | ")[1] for line in lines] == ["2", "64", "2", "64"]
     assert all(line.rstrip(" |").split(" | ")[-1] != "-" for line in lines)  # both runs reach the target
