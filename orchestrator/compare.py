@@ -377,13 +377,16 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     stream = stream or sys.stderr
     out = out if "://" in out else os.path.abspath(out)
     root = out.rstrip("/")
-    combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat)
-    specs = [matrix_job(combo, fields, address) for combo, fields in combos]  # all valid before the first run
+
+    def jobs(base: dict, settings=None):  # the matrix's combinations and their validated specs
+        combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat, settings=settings)
+        return combos, [matrix_job(combo, fields, address) for combo, fields in combos]
+
+    combos, specs = jobs(base)  # all valid before the first run
     common = common_batch(base, specs)
     if common is not None:  # every run on the same samples a step, whatever its replicas
         base = {**base, "batch_size": common}
-        combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat)
-        specs = [matrix_job(combo, fields, address) for combo, fields in combos]
+        combos, specs = jobs(base)
     tunes, tune_specs, budget = [], [], 0
     if tuning is not None and any(tuning.grids):
         check_grids(base, strategies, scenarios, tuning, f"{root}/runs", address)
@@ -396,7 +399,6 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
     from cluster import runtime as ray_runtime  # Ray, torch, pandas: only once the matrix is valid
     from orchestrator.driver import check_before_ray
     from orchestrator.report import report_from_urls
-
     from orchestrator.storage import check_writable
 
     for spec in specs + tune_specs:
@@ -408,8 +410,7 @@ def run_matrix(base: dict, strategies: list[dict], scenarios: list[str], out: st
         if tunes:
             chosen = _tune(tunes, tune_specs, progress=progress, stream=stream)
             settings = [chosen.get(strategy_label(s), []) for s in strategies]
-            combos = matrix_specs(base, strategies, scenarios, f"{root}/runs", repeat=repeat, settings=settings)
-            specs = [matrix_job(combo, fields, address) for combo, fields in combos]
+            combos, specs = jobs(base, settings)
         _run_all([c for c, _ in combos], specs, what="", progress=progress, stream=stream)
     finally:
         runtime.shutdown()

@@ -243,7 +243,8 @@ WARMUP_STEPS = 3  # first steps carry one-off costs (allocation, DDP bucket rebu
 # Every figure a summary or report shows, defined once (the report's header and docs/reports.md show this text).
 DEFINITIONS = (
     "step = the slowest rank's step_time_s of each step; step, tokens/s (samples/s for a model without tokens) "
-    "and the compute / idle / comm parts are over the steady steps (after the warm-up: max(3, the strategy's declared warm-up) steps; a run no longer "
+    "and the compute / idle / comm parts are over the steady steps (after the warm-up: max(3, the strategy's "
+    "declared warm-up) steps; a run no longer "
     "than that: all its steps); step is the median of those steps; compute + idle = step, each part its share "
     "of the slowest rank's steady time (idle: blocked in communication no compute hid, or waiting for data); "
     "comm = collectives in flight, the same share of step (it overlaps compute); time to target = training "

@@ -129,8 +129,8 @@ def render(df, notes: list[str], prof: Profile, target: Target, target_loss: flo
              (f"range: the step again with compute as fast and as slow as the profile's fastest and slowest real step "
               f"(x{prof.drift[0]:.2f} and x{prof.drift[1]:.2f} of their median: how far this machine's speed moved "
               f"while profiling); the model's own error is not in it (docs/projection.md, Validation)"),
-             (f"{'strategy':<{sw}} {'N':>5} {'layout':<{lw}} {'step s':>9} {'range s':>15} {'compute':>9} {'comm':>9} {'bubble':>9} "
-             f"{'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
+             (f"{'strategy':<{sw}} {'N':>5} {'layout':<{lw}} {'step s':>9} {'range s':>15} {'compute':>9} {'comm':>9} "
+              f"{'bubble':>9} {'MB intra':>9} {'MB inter':>9} {'MB params':>9} {'MB state':>9} {'to target s':>11}")]
     for r in df.itertuples():
         ttt = "-" if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.1f}"
         lines.append(f"{r.strategy:<{sw}} {r.workers:>5} {r.layout:<{lw}} {r.predicted_step_s:>9.4f} {_span(r):>15} "
