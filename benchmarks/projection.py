@@ -187,8 +187,8 @@ SCALE = {"name": "gpt-tiny", "d_model": 2048, "n_heads": 16, "n_layers": 2, "seq
 LAYERS = 20  # blocks of width 2048 (12 d^2 parameters each): 1.0 B parameters
 CLUSTERS = ("nodes=8,per_node=8,intra=400gbit,inter=25gbit,latency=10us",
             "nodes=2,per_node=32,intra=400gbit,inter=1gbit,latency=10ms")
-AT_SCALE = "ddp;fsdp;zero1;zero2;zero3;pipeline;pipeline:schedule=zb-h1;sequence;powersgd;demo;gossip"
-MICROBATCHES = 8  # per replica per step (a pipeline's m: 8 stages at most on 64 workers)
+AT_SCALE = "ddp,fsdp,zero1,zero2,zero3,pipeline,pipeline:schedule=zb-h1,sequence,powersgd,demo,gossip"
+MICROBATCHES = 8  # per data-parallel rank per step (a replica of r ranks takes r x 8: the same global batch)
 GPU_FLOPS = 150e12  # an accelerator's sustained rate the projection assumes (H100-class bf16 at ~40 % of peak)
 
 
@@ -227,8 +227,7 @@ def at_scale() -> None:
     """gpt-tiny at 1 B parameters on 8 nodes x 8 and on 2 islands x 32: every strategy's
     predicted step (``polytrain project``'s model, the table it prints) and who wins."""
     from cluster.network import parse_scenario
-    from orchestrator.project import parse_strategies, project, render
-    from orchestrator.project import table as frame
+    from orchestrator.project import parse_strategies, project, render, table
 
     workload = JobSpec(workload=SCALE, strategy="single", workers=1, steps=1).build_workload()
     prof = deepen(profile(workload), LAYERS)
@@ -236,16 +235,11 @@ def at_scale() -> None:
     speed = GPU_FLOPS / flops
     print(f"{sum(prof.param_bytes) / 4e9:.2f} B parameters; one core here {flops / 1e9:.1f} GFLOP/s fp32: "
           f"--speed {speed:.0f} for {GPU_FLOPS / 1e12:g} TFLOP/s a worker")
-    import pandas as pd
-
     for sc in CLUSTERS:
         target = Target(scenario=parse_scenario(sc), speed=speed)
-        frames, notes = [], []
-        for spelled in AT_SCALE.split(";"):  # one at a time: a pipeline row is named by its schedule
-            rows, skipped = project(prof, workload, parse_strategies(spelled), [64], target, microbatches=MICROBATCHES)
-            frames.append(frame(rows).assign(strategy=spelled.replace("pipeline:schedule=", "")))
-            notes += skipped
-        df = pd.concat(frames, ignore_index=True).sort_values("predicted_step_s")
+        rows, notes = project(prof, workload, parse_strategies(AT_SCALE), [64], target, microbatches=MICROBATCHES)
+        df = table(rows)  # a row is named by its label; a pipeline by its schedule
+        df = df.assign(strategy=df.strategy.str.replace("pipeline:schedule=", "")).sort_values("predicted_step_s")
         print(render(df, notes, prof, target, None, microbatches=MICROBATCHES))
         best, second = df.iloc[0], df.iloc[1]
         print(f"wins: {best.strategy} ({best.layout}) {best.predicted_step_s:.3f} s, "
