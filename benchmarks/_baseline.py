@@ -65,7 +65,8 @@ def ray_train_main(steps: int, out: str, launched: float, workers: int) -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     TorchTrainer(loop, train_loop_config={"steps": steps, "out": out, "launched": launched},
-                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=False)).fit()
+                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,  # more workers than cores fit
+                                              resources_per_worker={"CPU": min(1.0, os.cpu_count() / workers)})).fit()
     ray.shutdown()
 
 

@@ -56,6 +56,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         outer = _outer_seconds(model, seed)
         one, per_mb, drift = _real_step_seconds(workload, seed, repeats)
         shard = _shard_seconds(workload, seed, repeats)
+        sequence = _sequence_shares(workload, seed, repeats, per_mb) if attention else ()
         gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
     return Profile(
@@ -65,7 +66,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, shard_s=shard, gloo=gloo, others=others.mean, drift=drift,
+        fixed_s=fixed, shard_s=shard, sequence=sequence, gloo=gloo, others=others.mean, drift=drift,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1))
 
 
@@ -83,15 +84,18 @@ def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tup
             max(0.0, one - per_mb - optim_s))
 
 
-def _trainer(workload: Workload, strategy: str, world: int, *, seed: int, steps: int, accum: int = 1):
-    """Rank 0 of ``strategy`` on ``world`` ranks, the workload's micro-batch x ``accum`` per replica."""
+def _trainer(workload: Workload, strategy: str, world: int, *, seed: int, steps: int, accum: int = 1,
+             replicas: int | None = None):
+    """Rank 0 of ``strategy`` on ``world`` ranks, the workload's micro-batch x ``accum`` per replica
+    (``world`` replicas unless said: a sequence group of ``world`` ranks is one)."""
     import torch
 
     from orchestrator.config import JobSpec
     from orchestrator.trainer import RankTrainer
 
     spec = JobSpec(workload={"name": workload.name, **workload.model_dump()}, strategy=strategy, workers=world,
-                   steps=steps, seed=seed, batch_size=workload.micro_batch * accum * world, grad_accum=accum)
+                   steps=steps, seed=seed, batch_size=workload.micro_batch * accum * (replicas or world),
+                   grad_accum=accum)
     return RankTrainer(spec, rank=0, world=world, device=torch.device("cpu"), workload=workload)
 
 
@@ -151,6 +155,74 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     finally:
         dist.destroy_process_group()
     return max(0.0, statistics.median(diffs))
+
+
+SEQUENCE_DEGREES = (2, 4, 8)  # the ring degrees whose compute the profile measures (fitted for the others)
+
+
+def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float) -> tuple[float, float, float]:
+    """A sequence rank's compute per micro-batch at ring degree s, as (a, b, c) in
+    ``per_mb x (a + b / s + c x s)`` (``per_mb``: single's micro-batch): not ``1 / s``,
+    because a rank's blocks on L / s tokens keep every operator's fixed cost (a), and
+    the ring's s steps per attention layer each cost their own (c). Measured as
+    ``_shard_seconds`` measures FSDP2's copies: sequence on a fake group of s ranks
+    (its point-to-point calls return at once; their time is the network model's and
+    gloo's), the median of paired differences of real steps on 2 and 1 micro-batches,
+    at each s of ``SEQUENCE_DEGREES`` the workload's length allows, then the
+    non-negative least-squares fit. () where the workload has no sequence
+    parallelism (the caller asks only for one with attention layers), this process
+    already has a process group, or nothing was measured."""
+    import statistics
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() or per_mb <= 0:
+        return ()
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError:
+        return ()
+    points = []
+    for s in SEQUENCE_DEGREES:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=s)
+        try:
+            one, two = (_trainer(workload, "sequence", s, seed=seed, steps=repeats + 1, accum=g, replicas=1)
+                        for g in (1, 2))
+            _, diffs = _paired_steps(one, two, repeats)
+            points.append((s, statistics.median(diffs) / per_mb))
+        except Exception:  # noqa: BLE001 (a length that s does not divide: the other degrees still fit)
+            continue
+        finally:
+            dist.destroy_process_group()
+    return fit_shares(points)
+
+
+def fit_shares(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """(a, b, c) >= 0 of ``y = a + b / s + c x s`` through ``points`` (s, y), least squares
+    over the terms the points can fix (three points for all three; fewer: b alone, then
+    a and b), the best fit whose terms are all non-negative. () without points."""
+    import itertools
+
+    import numpy as np
+
+    if not points:
+        return ()
+    s = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    columns = {"a": np.ones_like(s), "b": 1 / s, "c": s}
+    best, best_err = (0.0, float(np.mean(y * s)), 0.0), math.inf
+    for k in range(1, min(3, len(points)) + 1):
+        for terms in itertools.combinations("abc", k):
+            if "b" not in terms:
+                continue
+            coef = np.linalg.lstsq(np.stack([columns[t] for t in terms], axis=1), y, rcond=None)[0]
+            if (coef < 0).any():
+                continue
+            err = float(np.sum((np.stack([columns[t] for t in terms], axis=1) @ coef - y) ** 2))
+            if err < best_err - 1e-15:
+                got = dict(zip(terms, coef.tolist()))
+                best, best_err = (got.get("a", 0.0), got.get("b", 0.0), got.get("c", 0.0)), err
+    return best
 
 
 def median_seconds(fn, repeats: int = 5) -> float:

@@ -22,7 +22,9 @@ would be floored at) and each strategy's own structure:
   the point-to-point time of each boundary (the exposed transfers), then the dp
   all-reduce of each stage from the moment its last W ends;
 - sequence: Ulysses' four all-to-alls per attention layer forward and backward,
-  the ring's k/v passes (and dk/dv back), on the block activations' bytes;
+  the ring's k/v passes (and dk/dv back), on the block activations' bytes; a
+  rank's compute is the share of a micro-batch the profile measured at a few
+  ring degrees (``Profile.sequence``), not 1 / sp;
 - powersgd: the dense and P all-reduce then the Q all-reduce after backward;
   demo: one all-gather of the packed top-k payload (``demo_bytes_per_step``);
   gossip: one exchange of the parameters with each neighbour (hidden under
@@ -75,6 +77,9 @@ class Profile:
     optim_s: float = 0.0  # one AdamW step over the whole model
     fixed_s: float = 0.0  # the real step's cost beyond its micro-batches and the optimizer (loss, clipping, metrics)
     shard_s: float = 0.0  # FSDP2's own compute per micro-batch when it shards (its copies, DTensor bookkeeping)
+    # a sequence rank's compute per micro-batch at ring degree s over the blocks' total: a + b / s + c x s
+    # (measured at a few s on a fake group, ``project_profile._sequence_shares``); () is 1 / s
+    sequence: tuple[float, ...] = ()
     outer_s: dict[str, float] = field(default_factory=dict)  # a method's own per-step compute (demo's DCT, ...)
     gloo: dict[str, Link] = field(default_factory=dict)  # gloo's own time per call kind here (2 ranks; alpha-beta)
     others: float = 0.0  # other jobs' runnable threads on this machine while it was profiled (mean)
@@ -297,7 +302,7 @@ def _memory(job: Job, held: int) -> dict[str, int]:
 
 def _flat(profile: Profile, job: Job, target: Target, net: Net) -> tuple[float, float, int]:
     """A step without pipeline stages: (compute, exposed communication, parameter bytes held)."""
-    L, m, k = job.layout, job.microbatches, target.slowdown(job.layout.world) / job.layout.sp
+    L, m, k = job.layout, job.microbatches, target.slowdown(job.layout.world) * sequence_share(profile, job)
     blocks = list(range(len(profile.blocks)))
     fwd = sum(b.f for b in profile.blocks) * k
     bwd = sum(b.b + b.w for b in profile.blocks) * k
@@ -427,10 +432,26 @@ def _gathered_step(profile: Profile, job: Job, net: Net, k: float, ways: int, *,
     return max(t, comm_free)
 
 
+def sequence_share(profile: Profile, job: Job) -> float:
+    """A rank's share of a micro-batch's compute at the job's sequence degree sp (ring
+    r = sp / ulysses): ``a + b / sp + c x r`` as the profile measured it
+    (``Profile.sequence``), 1 / sp where it measured none, 1 without sequence parallelism."""
+    sp = job.layout.sp
+    if sp == 1:
+        return 1.0
+    if not profile.sequence:
+        return 1.0 / sp
+    a, b, c = profile.sequence
+    return a + b / sp + c * (sp // job.ulysses)
+
+
 def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
     """Ulysses' all-to-alls (q, k, v and the output; again backward) and the ring's
-    k/v passes (r-1 forward; r-1 backward and dk/dv's r) per attention layer and micro-batch:
-    blocking, inside the layer's compute."""
+    passes per attention layer and micro-batch, blocking inside the layer's compute:
+    k/v r-1 times forward; backward, k/v r-1 times and the dK/dV accumulators r times,
+    each accumulator posted while the next k/v is in flight, so a rank waits r + 1
+    transfers there (2r a layer; every one of the 3r - 2 sends is tallied and costs
+    gloo's CPU)."""
     sp, u = job.layout.sp, job.ulysses
     ring = sp // u
     group = net.group("sp")
@@ -440,6 +461,7 @@ def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
         if u > 1:
             t += net.call("all_to_all", all_to_all_bytes(local, u), group[:u], times=8 * job.microbatches)
         if ring > 1:
-            # k/v forward r-1 passes, again backward, and dk/dv all r passes home
-            t += net.call("send", 2 * local, group[::u][:2], times=(3 * ring - 2) * job.microbatches)
+            pair = group[::u][:2]
+            t += net.call("send", 2 * local, pair, times=2 * ring * job.microbatches)
+            net.call("send", 2 * local, pair, times=(ring - 2) * job.microbatches)  # in flight beside another
     return t

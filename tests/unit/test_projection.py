@@ -200,6 +200,76 @@ def test_fsdp2s_own_cost_is_measured_on_a_fake_group_that_is_gone_after():
     assert not dist.is_initialized()
 
 
+def test_a_sequence_ranks_compute_is_the_measured_share_not_one_over_its_degree():
+    """``Profile.sequence`` (a, b, c): a rank of a sequence group of sp shards (ring r = sp / u)
+    computes a + b / sp + c x r of a micro-batch; without it 1 / sp; other strategies all of it."""
+    from dataclasses import replace
+
+    plain = _profile(2, f=0.1, b=0.1, w=0.1, param_bytes=1024, act_bytes=4096)
+    measured = replace(plain, sequence=(0.1, 0.8, 0.02))
+    here = Target(cores=8)  # 4 ranks, 8 cores: no sharing
+    ring = Job(strategy="sequence", layout=Layout(sp=4), microbatches=3)
+    ulysses = Job(strategy="sequence", layout=Layout(sp=4), microbatches=3, ulysses=2)
+    blocks = 3 * 0.6  # three micro-batches of the blocks' F + B + W
+    compute = lambda prof, job: predict(prof, job, here).compute_s
+    assert compute(plain, ring) == pytest.approx(blocks / 4)
+    assert compute(measured, ring) == pytest.approx(blocks * (0.1 + 0.8 / 4 + 0.02 * 4))
+    assert compute(measured, ulysses) == pytest.approx(blocks * (0.1 + 0.8 / 4 + 0.02 * 2))
+    ddp = Job(strategy="ddp", layout=Layout(dp=4), microbatches=3)
+    assert compute(measured, ddp) == compute(plain, ddp) == pytest.approx(blocks)
+
+
+@pytest.mark.parametrize("points,expected", [
+    ([(2, 0.1 + 0.8 / 2 + 0.02 * 2), (4, 0.1 + 0.8 / 4 + 0.02 * 4), (8, 0.1 + 0.8 / 8 + 0.02 * 8)], (0.1, 0.8, 0.02)),
+    ([(2, 0.5), (4, 0.25), (8, 0.125)], (0.0, 1.0, 0.0)),  # linear: 1 / s
+    ([(4, 0.3)], (0.0, 1.2, 0.0)),  # one degree: b alone
+    ([], ()),
+])
+def test_the_sequence_share_is_fitted_with_non_negative_terms(points, expected):
+    from orchestrator.project_profile import fit_shares
+
+    got = fit_shares(points)
+    assert got == pytest.approx(expected, abs=1e-9) if expected else got == ()
+    # noise that would make a term negative: the best fit without it
+    a, b, c = fit_shares([(2, 0.6), (4, 0.2), (8, 0.1)])
+    assert min(a, b, c) >= 0 and b > 0
+
+
+def test_the_ring_waits_for_2r_passes_a_layer_but_sends_3r_minus_2():
+    """Forward, k/v r - 1 times; backward, k/v r - 1 times with each dK/dV accumulator
+    in flight beside the next k/v (r of them): a rank waits r - 1 + r + 1 = 2r transfers
+    a layer and micro-batch, and sends 3r - 2 (the bytes)."""
+    r, act, m = 4, 2**20, 3
+    prof = replace_attention(_profile(3, param_bytes=0, act_bytes=act))
+    link = Link(gbit_s=1.0, latency_s=1e-2)
+    target = Target(scenario=Scenario(name="t", description="", per_node=1, intra=link, inter=link))
+    pred = predict(prof, Job(strategy="sequence", layout=Layout(sp=r), microbatches=m), target)
+    one = link.seconds(2 * act // r, 1)
+    ranks, net = tuple(range(r)), target.network(r)
+    loss_share = net.seconds("all_reduce", ring_allreduce_bytes(8, r), ring_allreduce_bytes(8, r), ranks)
+    grads = net.seconds("all_reduce", 0, 0, ranks)  # the (empty) gradient bucket's latencies
+    assert pred.comm_s == pytest.approx(2 * r * m * one + grads + loss_share, rel=1e-6)
+    assert pred.bytes_inter == (3 * r - 2) * m * 2 * act // r + ring_allreduce_bytes(8, r)
+
+
+def replace_attention(prof: Profile) -> Profile:
+    """``prof`` with its middle block an attention layer."""
+    from dataclasses import replace
+
+    return replace(prof, attention=(1,))
+
+
+def test_a_sequence_ranks_compute_is_measured_on_fake_groups_that_are_gone_after():
+    import torch.distributed as dist
+
+    from orchestrator.project_profile import _sequence_shares
+
+    gpt = WORKLOADS.get("gpt-tiny")(seq_len=32, micro_batch=2, d_model=32, n_heads=2)
+    a, b, c = _sequence_shares(gpt, 0, 1, per_mb=0.01)
+    assert min(a, b, c) >= 0 and a + b + c > 0
+    assert not dist.is_initialized()
+
+
 def test_a_methods_own_step_compute_is_counted_once():
     """DeMo's step (DCT, top-k, sign) replaces AdamW's; PowerSGD's products come on top of
     AdamW's. (DeMo's counted twice over-predicted its 2-worker rows by 25-47 %.)"""
