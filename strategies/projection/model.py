@@ -447,11 +447,15 @@ def sequence_share(profile: Profile, job: Job) -> float:
 
 def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
     """Ulysses' all-to-alls (q, k, v and the output; again backward) and the ring's
-    passes per attention layer and micro-batch, blocking inside the layer's compute:
-    k/v r-1 times forward; backward, k/v r-1 times and the dK/dV accumulators r times,
-    each accumulator posted while the next k/v is in flight, so a rank waits r + 1
-    transfers there (2r a layer; every one of the 3r - 2 sends is tallied and costs
-    gloo's CPU)."""
+    passes per attention layer and micro-batch, inside the layer's compute: k/v r - 1
+    times forward; backward, k/v r - 1 times and the dK/dV accumulators r times. Each
+    pass is posted before the block it overlaps is computed (``_rotate``), and
+    backward's accumulator of step t leaves one block's compute after step t's k/v
+    and arrives while step t + 1 computes, so a rank waits r - 1 transfers forward
+    and r backward: 2r - 1 a layer, where a transfer outlasts a block's compute.
+    Every one of the 3r - 2 sends is tallied and costs gloo's CPU. The blocks'
+    compute under the transfers is not subtracted: where it outlasts them (a fast
+    network) the waits counted here are what is over-predicted, at most."""
     sp, u = job.layout.sp, job.ulysses
     ring = sp // u
     group = net.group("sp")
@@ -462,6 +466,6 @@ def _sequence_comm(profile: Profile, job: Job, net: Net) -> float:
             t += net.call("all_to_all", all_to_all_bytes(local, u), group[:u], times=8 * job.microbatches)
         if ring > 1:
             pair = group[::u][:2]
-            t += net.call("send", 2 * local, pair, times=2 * ring * job.microbatches)
-            net.call("send", 2 * local, pair, times=(ring - 2) * job.microbatches)  # in flight beside another
+            t += net.call("send", 2 * local, pair, times=(2 * ring - 1) * job.microbatches)
+            net.call("send", 2 * local, pair, times=(ring - 1) * job.microbatches)  # arrive under compute
     return t

@@ -235,11 +235,12 @@ def test_the_sequence_share_is_fitted_with_non_negative_terms(points, expected):
     assert min(a, b, c) >= 0 and b > 0
 
 
-def test_the_ring_waits_for_2r_passes_a_layer_but_sends_3r_minus_2():
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_the_ring_waits_for_2r_minus_1_passes_a_layer_but_sends_3r_minus_2(r):
     """Forward, k/v r - 1 times; backward, k/v r - 1 times with each dK/dV accumulator
-    in flight beside the next k/v (r of them): a rank waits r - 1 + r + 1 = 2r transfers
-    a layer and micro-batch, and sends 3r - 2 (the bytes)."""
-    r, act, m = 4, 2**20, 3
+    arriving while the next block computes (r of them): a rank waits r - 1 + r = 2r - 1
+    transfers a layer and micro-batch, and sends 3r - 2 (the bytes)."""
+    act, m = 2**20, 3
     prof = replace_attention(_profile(3, param_bytes=0, act_bytes=act))
     link = Link(gbit_s=1.0, latency_s=1e-2)
     target = Target(scenario=Scenario(name="t", description="", per_node=1, intra=link, inter=link))
@@ -248,7 +249,7 @@ def test_the_ring_waits_for_2r_passes_a_layer_but_sends_3r_minus_2():
     ranks, net = tuple(range(r)), target.network(r)
     loss_share = net.seconds("all_reduce", ring_allreduce_bytes(8, r), ring_allreduce_bytes(8, r), ranks)
     grads = net.seconds("all_reduce", 0, 0, ranks)  # the (empty) gradient bucket's latencies
-    assert pred.comm_s == pytest.approx(2 * r * m * one + grads + loss_share, rel=1e-6)
+    assert pred.comm_s == pytest.approx((2 * r - 1) * m * one + grads + loss_share, rel=1e-6)
     assert pred.bytes_inter == (3 * r - 2) * m * 2 * act // r + ring_allreduce_bytes(8, r)
 
 
