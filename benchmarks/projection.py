@@ -12,6 +12,17 @@ within 15 % for every row.
         [--scenarios local internet-1g] [--repeats 3] [--steps 10] [--record FILE]
     python benchmarks/projection.py --table FILE
     python benchmarks/projection.py --at-scale
+    python benchmarks/projection.py --without-ray [--methods ddp sequence] [--scenarios local]
+
+``--without-ray`` runs every row twice, interleaved: as ``polytrain`` runs it
+(Ray actors) and as N forked processes over gloo running the same
+``RankTrainer`` steps (no Ray, no driver), and prints, per row, the prediction
+(from a profile taken just before), a forked rank's median step (what the model
+describes: one plain process), the forked slowest-rank statistic (the measured
+figure's definition, ``summarize``'s ``slowest_ranks`` over ``steady`` steps)
+and the polytrain run's: what of a row's miss is the model's, what the
+statistic's (the slowest of N ranks each step) and what the ranks' being Ray
+worker processes.
 
 ``--at-scale`` projects gpt-tiny widened to 1 B parameters on 64 workers
 (8 nodes x 8, 400 Gbit/s in a node, 25 Gbit/s between) and on 2 islands x 32
@@ -132,6 +143,86 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
     finally:
         runtime.shutdown()
     return out
+
+
+def _forked_rank(rank: int, world: int, store: str, spec, queue) -> None:
+    """One rank of ``spec`` in a plain process: its rows, or its error, on ``queue``."""
+    import torch
+
+    torch.set_num_threads(1)
+    from cluster.dist import destroy_process_group, init_process_group
+    from orchestrator.trainer import RankTrainer
+
+    try:
+        init_process_group(rank=rank, world=world, init_method=f"file://{store}", device=torch.device("cpu"),
+                           timeout_s=120)
+        trainer = RankTrainer(spec, rank=rank, world=world, device=torch.device("cpu"))
+        rows = [trainer.train_step() for _ in range(spec.steps)]
+        queue.put([{k: r[k] for k in ("step", "rank", "step_time_s")} for r in rows])
+    except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        queue.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        destroy_process_group()
+
+
+def forked(spec) -> dict:
+    """``spec`` on its workers as forked processes over gloo, no Ray: a rank's median
+    steady step (the median over ranks) and the slowest-rank statistic."""
+    import pandas as pd
+    import torch.multiprocessing as mp
+
+    from orchestrator.metrics import slowest_ranks, steady
+
+    ctx = mp.get_context("forkserver")  # a clean process to fork from: this one runs Ray's threads
+    ctx.set_forkserver_preload(["torch", "orchestrator.trainer"])
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_forked_rank, args=(r, spec.workers, store, spec, queue))
+                 for r in range(spec.workers)]
+        for proc in procs:
+            proc.start()
+        got = [queue.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+    errors = [g for g in got if isinstance(g, str)]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    rows = steady(pd.DataFrame([r for g in got for r in g]))
+    return {"rank_median": float(rows.groupby("rank").step_time_s.median().median()),
+            "slowest": float(slowest_ranks(rows).step_time_s.median())}
+
+
+def without_ray(workload, a) -> None:
+    """Every row as polytrain runs it and as forked processes, interleaved, ``a.repeats`` times."""
+    from cluster import runtime as ray_runtime
+    from orchestrator import run
+
+    got: dict[tuple, list[tuple[dict, float]]] = {}
+    runtime = ray_runtime.start(address=None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = plan(workload, a.methods, a.workers, a.scenarios, a.microbatches)
+            for _ in range(a.repeats):
+                for name, n, sc, job in rows:
+                    spec = spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
+                    alone = {"predicted": predict(profile(workload), job, here(sc)).step_s, **forked(spec)}
+                    ray_s = summarize(run(spec, progress=False).metrics)["median_step_s"]
+                    got.setdefault((name, n, sc), []).append((alone, ray_s))
+                    print(f"{name} {n} {sc}: predicted {alone['predicted']:.3f}; forked rank {alone['rank_median']:.3f} "
+                          f"slowest {alone['slowest']:.3f}; "
+                          f"polytrain {ray_s:.3f}", flush=True)
+    finally:
+        runtime.shutdown()
+    med = statistics.median
+    print(f"\n{'method':<9} {'N':>2} {'scenario':<12} {'predicted':>9} {'forked rank':>11} {'forked slowest':>14} "
+          f"{'polytrain':>9} {'rank/predicted':>14} {'slowest/rank':>12} {'polytrain/slowest':>17}  "
+          f"(medians of {a.repeats})")
+    for (name, n, sc), rs in got.items():
+        pred, rank, slow, ray_s = (med(r[0]["predicted"] for r in rs), med(r[0]["rank_median"] for r in rs),
+                                   med(r[0]["slowest"] for r in rs), med(r[1] for r in rs))
+        print(f"{name:<9} {n:>2} {sc:<12} {pred:>9.3f} {rank:>11.3f} {slow:>14.3f} {ray_s:>9.3f} "
+              f"{rank / pred:>13.3f}x {slow / rank:>11.3f}x {ray_s / slow:>16.3f}x")
 
 
 def bracketed(preds: list) -> dict:
@@ -259,7 +350,11 @@ def main() -> None:
     p.add_argument("--repredict", action="store_true", help="with --table: predict every row again from the "
                    "profile its repeat recorded (the model as it is now; the measurements stay)")
     p.add_argument("--at-scale", action="store_true", help="project gpt-tiny at 1 B parameters on 64 workers")
+    p.add_argument("--without-ray", action="store_true", help="each row as polytrain runs it and as forked "
+                   "processes without Ray: what of a miss is the slowest-rank statistic, what Ray's processes")
     a = p.parse_args()
+    if a.without_ray:
+        return without_ray(JobSpec(workload=WORKLOAD, strategy="single", workers=1, steps=1).build_workload(), a)
     if a.at_scale:
         return at_scale()
     if a.table:

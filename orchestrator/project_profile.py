@@ -157,7 +157,7 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     return max(0.0, statistics.median(diffs))
 
 
-SEQUENCE_DEGREES = (2, 4, 8)  # the ring degrees whose compute the profile measures (fitted for the others)
+SEQUENCE_DEGREES = (2, 4, 8, 16, 32)  # the ring degrees the profile measures (those the length allows; fitted between)
 
 
 def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float) -> tuple[float, float, float]:
