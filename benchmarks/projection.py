@@ -122,7 +122,8 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
             # a throwaway run first: Ray's own start-up (its workers, dashboard) takes the cores for a while
             run(spec_of(rows[0][3], steps=3, scenario=rows[0][2], storage=tmp, micro_batch=workload.micro_batch),
                 progress=False)
-            after = profile(workload)
+            sequence = any(job.layout.sp > 1 for *_, job in rows)
+            after = profile(workload, sequence=sequence)
             for name, n, sc, job in rows:
                 # profiled just before and just after the run (the one after is the next row's before):
                 # the machine's speed drifts within minutes, and the run lies between the two
@@ -130,7 +131,7 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
                 load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
                 result = run(spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch),
                              progress=False)
-                after = profile(workload)
+                after = profile(workload, sequence=sequence)
                 pred = bracketed([predict(p, job, here(sc)) for p in (before, after)])
                 out.append({"method": name, "workers": n, "scenario": sc, "layout": pred["layout"],
                             **{k: pred[k] for k in ("predicted", "compute", "comm", "bubble", "low", "high")},
@@ -206,7 +207,8 @@ def without_ray(workload, a) -> None:
             for _ in range(a.repeats):
                 for name, n, sc, job in rows:
                     spec = spec_of(job, steps=a.steps, scenario=sc, storage=tmp, micro_batch=workload.micro_batch)
-                    alone = {"predicted": predict(profile(workload), job, here(sc)).step_s, **forked(spec)}
+                    alone = {"predicted": predict(profile(workload, sequence=job.layout.sp > 1), job, here(sc)).step_s,
+                             **forked(spec)}
                     ray_s = summarize(run(spec, progress=False).metrics)["median_step_s"]
                     got.setdefault((name, n, sc), []).append((alone, ray_s))
                     print(f"{name} {n} {sc}: predicted {alone['predicted']:.3f}; forked rank {alone['rank_median']:.3f} "

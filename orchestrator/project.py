@@ -254,7 +254,8 @@ def run_cli(args) -> int:
         from orchestrator.storage import check_writable
 
         check_writable(args.out, "--out")
-    prof = profile(workload, seed=spec.seed)
+    prof = profile(workload, seed=spec.seed,
+                   sequence=splits_sequence(strategies, workload, workers, args.microbatches))
     rows, notes = project(prof, workload, strategies, workers, target, microbatches=args.microbatches)
     if curves:  # a curve is a strategy's with its options: say which have none, and what --from holds
         notes += [f"{label}: no run of it in --from (which has {', '.join(sorted(curves))}): no time to target"
@@ -289,6 +290,24 @@ def _check_runnable(strategies: list[tuple[str, dict]], workers: list[int], work
         if len(skips) == len(workers):
             raise ConfigError(f"strategy={name!r} cannot run workload={workload.name!r} at any of "
                               f"--workers {','.join(map(str, workers))}: {skips[0]}")
+
+
+def splits_sequence(strategies: list[tuple[str, dict]], workload: Workload, workers, m: int) -> bool:
+    """Whether a row of ``strategies`` at ``workers`` or on the picture's N shards the
+    sequence: only then does the profile measure a sequence rank's compute (seconds
+    of fake-group steps, minutes for a wide model)."""
+    from strategies.pipeline.part import count_blocks
+    from strategies.projection import Skip, job_for
+
+    n_blocks = count_blocks(workload)
+    for name, options in strategies:
+        for n in sorted({*workers, *SWEEP}):
+            try:
+                if job_for(name, options, n, workload, microbatches=m, n_blocks=n_blocks).layout.sp > 1:
+                    return True
+            except (Skip, ValueError):
+                continue
+    return False
 
 
 # -- the comparison report's section -----------------------------------------------------------
@@ -329,8 +348,8 @@ def report_section(runs: list[str], scenario: str | None = None, *, speed: float
     workload = first.build_workload()
     # each worker's share of the runs' global batch, in micro-batches: the rows at the runs' N take their batch
     m = max(1, round(first.batch_size / (workload.micro_batch * first.workers)))
-    prof = profile(workload)
     chosen = list(strategies.values())
+    prof = profile(workload, sequence=splits_sequence(chosen, workload, ns, m))
     rows, notes = project(prof, workload, chosen, ns, target, microbatches=m)
     target_loss = default_target(curves)
     df = table(rows, curves, target_loss)

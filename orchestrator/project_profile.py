@@ -25,7 +25,7 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
+def profile(workload: Workload, *, seed: int = 0, repeats: int = 5, sequence: bool = True) -> Profile:
     """Measure ``workload`` on this rank (seconds and steps of the run are in the result).
 
     The blocks' F/B/W, timed apart, are scaled so that they add up to what one
@@ -34,7 +34,8 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
     fixed cost). Real steps and the methods' own compute are the median of their
     repeats, the statistic of the measured step time a projection is checked against:
     this machine's speed drifts between identical steps, whose fastest of 4 was
-    10-33 % below their median."""
+    10-33 % below their median. ``sequence``: also a sequence rank's compute
+    (``_sequence_shares``), which only a projection that shards the sequence needs."""
     import numpy as np
     import torch
     from torch import nn
@@ -56,7 +57,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         outer = _outer_seconds(model, seed)
         one, per_mb, drift = _real_step_seconds(workload, seed, repeats)
         shard = _shard_seconds(workload, seed, repeats)
-        sequence = _sequence_shares(workload, seed, repeats, per_mb) if attention else ()
+        shares = _sequence_shares(workload, seed, repeats, per_mb) if sequence and attention else ()
         gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
     return Profile(
@@ -66,7 +67,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5) -> Profile:
         act_bytes=tuple(k * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes),
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
-        fixed_s=fixed, shard_s=shard, sequence=sequence, gloo=gloo, others=others.mean, drift=drift,
+        fixed_s=fixed, shard_s=shard, sequence=shares, gloo=gloo, others=others.mean, drift=drift,
         seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1))
 
 

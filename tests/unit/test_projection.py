@@ -271,6 +271,14 @@ def test_a_sequence_ranks_compute_is_measured_on_fake_groups_that_are_gone_after
     assert not dist.is_initialized()
 
 
+def test_only_a_projection_that_shards_the_sequence_measures_a_sequence_rank(gpt):
+    from orchestrator.project import splits_sequence
+
+    assert splits_sequence([("ddp", {}), ("sequence", {})], gpt, [2], 4)
+    assert not splits_sequence([("ddp", {}), ("fsdp", {}), ("pipeline", {})], gpt, [2, 64], 4)
+    assert splits_sequence([("mesh", {"sp": 2})], gpt, [4], 4)
+
+
 def test_a_methods_own_step_compute_is_counted_once():
     """DeMo's step (DCT, top-k, sign) replaces AdamW's; PowerSGD's products come on top of
     AdamW's. (DeMo's counted twice over-predicted its 2-worker rows by 25-47 %.)"""
