@@ -20,9 +20,9 @@ within 15 % for every row.
 (from a profile taken just before), a forked rank's median step (what the model
 describes: one plain process), the forked slowest-rank statistic (the measured
 figure's definition, ``summarize``'s ``slowest_ranks`` over ``steady`` steps)
-and the polytrain run's: what of a row's miss is the model's, what the
-statistic's (the slowest of N ranks each step) and what the ranks' being Ray
-worker processes.
+and the polytrain run's, and a forked rank's CPU seconds a step (its median):
+what of a row's miss is the model's, what the statistic's (the slowest of N
+ranks each step) and what the ranks' being Ray worker processes.
 
 ``--at-scale`` projects gpt-tiny widened to 1 B parameters on 64 workers
 (8 nodes x 8, 400 Gbit/s in a node, 25 Gbit/s between) and on 2 islands x 32
@@ -56,6 +56,7 @@ import pickle
 import statistics
 import subprocess
 import tempfile
+import time
 
 from orchestrator import JobSpec
 from orchestrator.metrics import summarize
@@ -158,8 +159,11 @@ def _forked_rank(rank: int, world: int, store: str, spec, queue) -> None:
         init_process_group(rank=rank, world=world, init_method=f"file://{store}", device=torch.device("cpu"),
                            timeout_s=120)
         trainer = RankTrainer(spec, rank=rank, world=world, device=torch.device("cpu"))
-        rows = [trainer.train_step() for _ in range(spec.steps)]
-        queue.put([{k: r[k] for k in ("step", "rank", "step_time_s")} for r in rows])
+        rows = []
+        for _ in range(spec.steps):
+            cpu = time.process_time()  # the process's CPU, gloo's threads included
+            rows.append({**trainer.train_step(), "cpu_s": time.process_time() - cpu})
+        queue.put([{k: r[k] for k in ("step", "rank", "step_time_s", "cpu_s")} for r in rows])
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
         queue.put(f"rank {rank}: {type(e).__name__}: {e}")
     finally:
@@ -191,7 +195,8 @@ def forked(spec) -> dict:
         raise RuntimeError("; ".join(errors))
     rows = steady(pd.DataFrame([r for g in got for r in g]))
     return {"rank_median": float(rows.groupby("rank").step_time_s.median().median()),
-            "slowest": float(slowest_ranks(rows).step_time_s.median())}
+            "slowest": float(slowest_ranks(rows).step_time_s.median()),
+            "cpu": float(rows.groupby("rank").cpu_s.median().median())}
 
 
 def without_ray(workload, a) -> None:
@@ -218,13 +223,14 @@ def without_ray(workload, a) -> None:
         runtime.shutdown()
     med = statistics.median
     print(f"\n{'method':<9} {'N':>2} {'scenario':<12} {'predicted':>9} {'forked rank':>11} {'forked slowest':>14} "
-          f"{'polytrain':>9} {'rank/predicted':>14} {'slowest/rank':>12} {'polytrain/slowest':>17}  "
-          f"(medians of {a.repeats})")
+          f"{'polytrain':>9} {'rank/predicted':>14} {'slowest/rank':>12} {'polytrain/slowest':>17} "
+          f"{'rank CPU':>8}  (medians of {a.repeats})")
     for (name, n, sc), rs in got.items():
-        pred, rank, slow, ray_s = (med(r[0]["predicted"] for r in rs), med(r[0]["rank_median"] for r in rs),
-                                   med(r[0]["slowest"] for r in rs), med(r[1] for r in rs))
+        pred, rank, slow, ray_s, cpu = (med(r[0]["predicted"] for r in rs), med(r[0]["rank_median"] for r in rs),
+                                        med(r[0]["slowest"] for r in rs), med(r[1] for r in rs),
+                                        med(r[0]["cpu"] for r in rs))
         print(f"{name:<9} {n:>2} {sc:<12} {pred:>9.3f} {rank:>11.3f} {slow:>14.3f} {ray_s:>9.3f} "
-              f"{rank / pred:>13.3f}x {slow / rank:>11.3f}x {ray_s / slow:>16.3f}x")
+              f"{rank / pred:>13.3f}x {slow / rank:>11.3f}x {ray_s / slow:>16.3f}x {cpu:>8.3f}")
 
 
 def bracketed(preds: list) -> dict:
