@@ -57,7 +57,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5, sequence: bo
         outer = _outer_seconds(model, seed)
         one, per_mb, drift = _real_step_seconds(workload, seed, repeats)
         shard = _shard_seconds(workload, seed, repeats)
-        shares = _sequence_shares(workload, seed, repeats, per_mb) if sequence and attention else ()
+        shares, shares_steps = _sequence_shares(workload, seed, repeats, per_mb) if sequence and attention else ((), 0)
         gloo = gloo_links()
     calibrated, fixed = calibrate(measured, one, one + per_mb, outer["adamw"])
     return Profile(
@@ -68,7 +68,7 @@ def profile(workload: Workload, *, seed: int = 0, repeats: int = 5, sequence: bo
         attention=tuple(i for i, b in enumerate(blocks) if any(id(m) in attention for m in b.modules())),
         optim_s=outer["adamw"], outer_s={n: outer[n] for n in ("demo", "powersgd")},
         fixed_s=fixed, shard_s=shard, sequence=shares, gloo=gloo, others=others.mean, drift=drift,
-        seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1))
+        seconds=time.perf_counter() - t0, steps=repeats + 1 + 4 * (repeats + 1) + shares_steps)
 
 
 def calibrate(blocks: list, one: float, two: float, optim_s: float) -> tuple[tuple, float]:
@@ -161,7 +161,7 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
 SEQUENCE_DEGREES = (2, 4, 8, 16, 32)  # the ring degrees the profile measures (those the length allows; fitted between)
 
 
-def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float) -> tuple[float, float, float]:
+def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float) -> tuple[tuple, int]:
     """A sequence rank's compute per micro-batch at ring degree s, as (a, b, c) in
     ``per_mb x (a + b / s + c x s)`` (``per_mb``: single's micro-batch): not ``1 / s``,
     because a rank's blocks on L / s tokens keep every operator's fixed cost (a), and
@@ -170,19 +170,20 @@ def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float)
     (its point-to-point calls return at once; their time is the network model's and
     gloo's), the median of paired differences of real steps on 2 and 1 micro-batches,
     at each s of ``SEQUENCE_DEGREES`` the workload's length allows, then the
-    non-negative least-squares fit. () where the workload has no sequence
-    parallelism (the caller asks only for one with attention layers), this process
-    already has a process group, or nothing was measured."""
+    non-negative least-squares fit, and the real steps that took. () where the
+    workload has no sequence parallelism (the caller asks only for one with
+    attention layers), this process already has a process group, or nothing was
+    measured."""
     import statistics
 
     import torch.distributed as dist
 
     if dist.is_initialized() or per_mb <= 0:
-        return ()
+        return (), 0
     try:
         from torch.testing._internal.distributed.fake_pg import FakeStore
     except ImportError:
-        return ()
+        return (), 0
     points = []
     for s in SEQUENCE_DEGREES:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=s)
@@ -195,7 +196,7 @@ def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float)
             continue
         finally:
             dist.destroy_process_group()
-    return fit_shares(points)
+    return fit_shares(points), 2 * (repeats + 1) * len(points)
 
 
 def fit_shares(points: list[tuple[int, float]]) -> tuple[float, float, float]:
