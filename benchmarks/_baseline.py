@@ -106,3 +106,22 @@ def ray_actors_main(steps: int, out: str, launched: float, workers: int, child: 
 
 if __name__ == "__main__":
     torchrun_main()
+
+
+def trainer_steps(rank: int, world: int, spec) -> list[dict]:
+    """``spec``'s steps on this rank of a process group already formed (``tests.ranks``):
+    each step's time and the process's CPU seconds in it (gloo's threads included)."""
+    import time
+
+    import torch
+
+    from orchestrator.trainer import RankTrainer
+
+    trainer = RankTrainer(spec, rank=rank, world=world, device=torch.device("cpu"))
+    rows = []
+    for _ in range(spec.steps):
+        cpu = time.process_time()
+        row = trainer.train_step()
+        rows.append({"step": row["step"], "rank": rank, "step_time_s": row["step_time_s"],
+                     "cpu_s": time.process_time() - cpu})
+    return rows

@@ -55,13 +55,16 @@ import os
 import pickle
 import statistics
 import subprocess
+import sys
 import tempfile
-import time
 
-from orchestrator import JobSpec
-from orchestrator.metrics import summarize
-from orchestrator.project import profile
-from strategies.projection import Skip, Target, job_for, predict
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks._baseline and tests.ranks (--without-ray)
+
+from orchestrator import JobSpec  # noqa: E402
+from orchestrator.metrics import summarize  # noqa: E402
+from orchestrator.project import profile  # noqa: E402
+from strategies.projection import Skip, Target, job_for, predict  # noqa: E402
 
 WORKLOAD = {"name": "gpt-tiny", "seq_len": 64, "micro_batch": 4}
 METHODS = ("ddp", "fsdp", "zero2", "pipeline", "sequence", "powersgd", "demo")
@@ -147,52 +150,18 @@ def repeat(workload, a, record=lambda r: None) -> list[dict]:
     return out
 
 
-def _forked_rank(rank: int, world: int, store: str, spec, queue) -> None:
-    """One rank of ``spec`` in a plain process: its rows, or its error, on ``queue``."""
-    import torch
-
-    torch.set_num_threads(1)
-    from cluster.dist import destroy_process_group, init_process_group
-    from orchestrator.trainer import RankTrainer
-
-    try:
-        init_process_group(rank=rank, world=world, init_method=f"file://{store}", device=torch.device("cpu"),
-                           timeout_s=120)
-        trainer = RankTrainer(spec, rank=rank, world=world, device=torch.device("cpu"))
-        rows = []
-        for _ in range(spec.steps):
-            cpu = time.process_time()  # the process's CPU, gloo's threads included
-            rows.append({**trainer.train_step(), "cpu_s": time.process_time() - cpu})
-        queue.put([{k: r[k] for k in ("step", "rank", "step_time_s", "cpu_s")} for r in rows])
-    except BaseException as e:  # noqa: BLE001 (reported by the parent)
-        queue.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        destroy_process_group()
-
-
 def forked(spec) -> dict:
-    """``spec`` on its workers as forked processes over gloo, no Ray: a rank's median
-    steady step (the median over ranks) and the slowest-rank statistic."""
+    """``spec`` on its workers as forked processes over gloo, no Ray (``tests.ranks``, the
+    distributed tests' launcher): a rank's median steady step (the median over ranks),
+    the slowest-rank statistic and a rank's median CPU seconds a step."""
     import pandas as pd
-    import torch.multiprocessing as mp
 
+    from benchmarks._baseline import trainer_steps
     from orchestrator.metrics import slowest_ranks, steady
+    from tests.ranks import run_ranks
 
-    ctx = mp.get_context("forkserver")  # a clean process to fork from: this one runs Ray's threads
-    ctx.set_forkserver_preload(["torch", "orchestrator.trainer"])
-    queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_forked_rank, args=(r, spec.workers, store, spec, queue))
-                 for r in range(spec.workers)]
-        for proc in procs:
-            proc.start()
-        got = [queue.get() for _ in procs]
-        for proc in procs:
-            proc.join()
-    errors = [g for g in got if isinstance(g, str)]
-    if errors:
-        raise RuntimeError("; ".join(errors))
+        got = run_ranks(trainer_steps, spec.workers, tmp, spec)
     rows = steady(pd.DataFrame([r for g in got for r in g]))
     return {"rank_median": float(rows.groupby("rank").step_time_s.median().median()),
             "slowest": float(slowest_ranks(rows).step_time_s.median()),
