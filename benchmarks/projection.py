@@ -185,9 +185,8 @@ def without_ray(workload, a) -> None:
                              **forked(spec)}
                     ray_s = summarize(run(spec, progress=False).metrics)["median_step_s"]
                     got.setdefault((name, n, sc), []).append((alone, ray_s))
-                    print(f"{name} {n} {sc}: predicted {alone['predicted']:.3f}; forked rank {alone['rank_median']:.3f} "
-                          f"slowest {alone['slowest']:.3f}; "
-                          f"polytrain {ray_s:.3f}", flush=True)
+                    print(f"{name} {n} {sc}: predicted {alone['predicted']:.3f}; forked rank "
+                          f"{alone['rank_median']:.3f} slowest {alone['slowest']:.3f}; polytrain {ray_s:.3f}", flush=True)
     finally:
         runtime.shutdown()
     med = statistics.median

@@ -127,6 +127,31 @@ def _paired_steps(first, second, repeats: int) -> tuple[list[float], list[float]
     return firsts, diffs
 
 
+def _can_fake() -> bool:
+    """Whether this process may take a fake process group (``_fake_group``): not while it
+    has a real one, which the fake one would replace."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    fake = importlib.util.find_spec("torch.testing._internal.distributed.fake_pg")
+    return fake is not None and not dist.is_initialized()
+
+
+@contextmanager
+def _fake_group(world: int):
+    """This process as rank 0 of a fake group of ``world`` ranks (torch's ``fake`` backend:
+    every collective and point-to-point call returns at once), gone after."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     """FSDP2's own compute per micro-batch when it shards (copies into and out of its
     gather and reduce-scatter buffers, DTensor bookkeeping) beyond ``single``'s step:
@@ -137,24 +162,15 @@ def _shard_seconds(workload: Workload, seed: int, repeats: int) -> float:
     fake one would replace it) or the workload does not run under fsdp."""
     import statistics
 
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    if not _can_fake():
         return 0.0
-    try:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-    except ImportError:
-        return 0.0
-
     single = _trainer(workload, "single", 1, seed=seed, steps=repeats + 1)  # before the fake group: world 1
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        sharded = _trainer(workload, "fsdp", 2, seed=seed, steps=repeats + 1)
-        _, diffs = _paired_steps(single, sharded, repeats)
+        with _fake_group(2):
+            sharded = _trainer(workload, "fsdp", 2, seed=seed, steps=repeats + 1)
+            _, diffs = _paired_steps(single, sharded, repeats)
     except Exception:  # noqa: BLE001 (a workload fsdp cannot shard: nothing to measure)
         return 0.0
-    finally:
-        dist.destroy_process_group()
     return max(0.0, statistics.median(diffs))
 
 
@@ -176,52 +192,42 @@ def _sequence_shares(workload: Workload, seed: int, repeats: int, per_mb: float)
     measured."""
     import statistics
 
-    import torch.distributed as dist
-
-    if dist.is_initialized() or per_mb <= 0:
-        return (), 0
-    try:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-    except ImportError:
+    if per_mb <= 0 or not _can_fake():
         return (), 0
     points = []
     for s in SEQUENCE_DEGREES:
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=s)
         try:
-            one, two = (_trainer(workload, "sequence", s, seed=seed, steps=repeats + 1, accum=g, replicas=1)
-                        for g in (1, 2))
-            _, diffs = _paired_steps(one, two, repeats)
-            points.append((s, statistics.median(diffs) / per_mb))
+            with _fake_group(s):
+                one, two = (_trainer(workload, "sequence", s, seed=seed, steps=repeats + 1, accum=g, replicas=1)
+                            for g in (1, 2))
+                _, diffs = _paired_steps(one, two, repeats)
         except Exception:  # noqa: BLE001 (a length that s does not divide: the other degrees still fit)
             continue
-        finally:
-            dist.destroy_process_group()
+        points.append((s, statistics.median(diffs) / per_mb))
     return fit_shares(points), 2 * (repeats + 1) * len(points)
 
 
 def fit_shares(points: list[tuple[int, float]]) -> tuple[float, float, float]:
     """(a, b, c) >= 0 of ``y = a + b / s + c x s`` through ``points`` (s, y), least squares
     over the terms the points can fix (three points for all three; fewer: b alone, then
-    a and b), the best fit whose terms are all non-negative. () without points."""
+    a and b), the best fit whose terms are all non-negative. () without points, or where
+    none is (noise that made every measured share negative: the model's 1 / s)."""
     import itertools
 
     import numpy as np
 
-    if not points:
-        return ()
     s = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
     columns = {"a": np.ones_like(s), "b": 1 / s, "c": s}
-    best, best_err = (0.0, float(np.mean(y * s)), 0.0), math.inf
+    best, best_err = (), math.inf
     for k in range(1, min(3, len(points)) + 1):
         for terms in itertools.combinations("abc", k):
             if "b" not in terms:
                 continue
-            coef = np.linalg.lstsq(np.stack([columns[t] for t in terms], axis=1), y, rcond=None)[0]
-            if (coef < 0).any():
-                continue
-            err = float(np.sum((np.stack([columns[t] for t in terms], axis=1) @ coef - y) ** 2))
-            if err < best_err - 1e-15:
+            x = np.stack([columns[t] for t in terms], axis=1)
+            coef = np.linalg.lstsq(x, y, rcond=None)[0]
+            err = float(np.sum((x @ coef - y) ** 2))
+            if (coef >= 0).all() and err < best_err - 1e-15:
                 got = dict(zip(terms, coef.tolist()))
                 best, best_err = (got.get("a", 0.0), got.get("b", 0.0), got.get("c", 0.0)), err
     return best

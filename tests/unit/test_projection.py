@@ -224,6 +224,7 @@ def test_a_sequence_ranks_compute_is_the_measured_share_not_one_over_its_degree(
     ([(2, 0.5), (4, 0.25), (8, 0.125)], (0.0, 1.0, 0.0)),  # linear: 1 / s
     ([(4, 0.3)], (0.0, 1.2, 0.0)),  # one degree: b alone
     ([], ()),
+    ([(2, -0.1), (4, -0.05)], ()),  # no non-negative fit: the model's 1 / s
 ])
 def test_the_sequence_share_is_fitted_with_non_negative_terms(points, expected):
     from orchestrator.project_profile import fit_shares
